@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""Input, baseline, target and model-state helpers shared by every method.
+
+They wrap Captum's own formatting helpers (``captum._utils.common``,
+``captum.attr._utils.common``) and turn Captum's assertions into ``ValueError``/
+``TypeError`` messages that name the offending argument.
+"""
+import contextlib
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import (
+    _expand_additional_forward_args,
+    _expand_target,
+    _format_additional_forward_args,
+    _format_tensor_into_tuples,
+    _run_forward,
+)
+from captum._utils.typing import BaselineType, TargetType
+from captum.attr._utils.common import _format_callable_baseline
+from torch import Tensor
+
+
+def format_inputs(inputs: Any, name: str = "inputs") -> Tuple[Tensor, ...]:
+    """Tensor or tuple of tensors -> tuple of tensors (batch first), validated."""
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, tuple) or len(inputs) == 0:
+        raise TypeError(
+            f"`{name}` must be a tensor or a non-empty tuple of tensors, "
+            f"got {type(inputs).__name__}"
+        )
+    for i, inp in enumerate(inputs):
+        if not isinstance(inp, Tensor):
+            raise TypeError(
+                f"`{name}[{i}]` must be a torch.Tensor, got {type(inp).__name__}"
+            )
+        if inp.dim() < 1:
+            raise ValueError(
+                f"`{name}[{i}]` must have a batch dimension (shape (N, ...)), "
+                f"got a 0-d tensor"
+            )
+        if not inp.is_floating_point():
+            raise TypeError(
+                f"`{name}[{i}]` must be a floating point tensor to be "
+                f"differentiated, got dtype {inp.dtype}"
+            )
+    n = inputs[0].shape[0]
+    for i, inp in enumerate(inputs):
+        if inp.shape[0] != n:
+            raise ValueError(
+                f"every tensor in `{name}` must have the same batch size; "
+                f"`{name}[0]` has {n} examples but `{name}[{i}]` has {inp.shape[0]}"
+            )
+    return inputs
+
+
+def format_baselines(
+    baselines: BaselineType, inputs: Tuple[Tensor, ...]
+) -> Tuple[Tensor, ...]:
+    """Captum ``BaselineType`` -> tuple of tensors of exactly ``inputs``' shapes.
+
+    ``None`` means zeros; scalars, per-example tensors and batch-1 tensors are
+    broadcast as in Captum's IntegratedGradients.
+    """
+    if baselines is None:
+        return tuple(torch.zeros_like(inp) for inp in inputs)
+    if not isinstance(baselines, tuple):
+        baselines = (baselines,)
+    if len(baselines) != len(inputs):
+        raise ValueError(
+            f"`baselines` must have one entry per input tensor: got "
+            f"{len(baselines)} baselines for {len(inputs)} inputs"
+        )
+    formatted = []
+    for i, (base, inp) in enumerate(zip(baselines, inputs)):
+        if isinstance(base, (int, float)) and not isinstance(base, bool):
+            formatted.append(torch.full_like(inp, float(base)))
+            continue
+        if not isinstance(base, Tensor):
+            raise TypeError(
+                f"`baselines[{i}]` must be a tensor or a number, got "
+                f"{type(base).__name__}"
+            )
+        base = base.to(device=inp.device, dtype=inp.dtype)
+        if base.shape == inp.shape[1:]:
+            base = base.unsqueeze(0)
+        if base.dim() != inp.dim() or base.shape[1:] != inp.shape[1:] or (
+            base.shape[0] not in (1, inp.shape[0])
+        ):
+            raise ValueError(
+                f"`baselines[{i}]` has shape {tuple(base.shape)}, expected "
+                f"{tuple(inp.shape)} (per example) or "
+                f"{(1,) + tuple(inp.shape[1:])} (one baseline for the batch) "
+                f"to match `inputs[{i}]`"
+            )
+        formatted.append(base.expand_as(inp))
+    return tuple(formatted)
+
+
+def format_baseline_distribution(
+    baselines: Union[BaselineType, Callable[..., Any]],
+    inputs: Tuple[Tensor, ...],
+    original_inputs: Any,
+) -> Tuple[Tensor, ...]:
+    """Baselines drawn from a distribution (Captum's GradientShap convention).
+
+    ``baselines`` is a tensor (or tuple) of shape (B, *F_i) holding B reference
+    samples, or a callable returning one (called with the inputs if it takes
+    arguments). Scalars give a one-sample distribution.
+    """
+    if baselines is None:
+        raise ValueError(
+            "`baselines` is required: pass a tensor (or tuple of tensors) of "
+            "reference samples of shape (B, *input_shape), or a callable "
+            "returning one"
+        )
+    if callable(baselines) and not isinstance(baselines, Tensor):
+        baselines = _format_callable_baseline(baselines, original_inputs)
+    if not isinstance(baselines, tuple):
+        baselines = (baselines,)
+    if len(baselines) != len(inputs):
+        raise ValueError(
+            f"`baselines` must have one entry per input tensor: got "
+            f"{len(baselines)} baselines for {len(inputs)} inputs"
+        )
+    formatted = []
+    n_refs = None
+    for i, (base, inp) in enumerate(zip(baselines, inputs)):
+        if isinstance(base, (int, float)) and not isinstance(base, bool):
+            base = torch.full_like(inp[:1], float(base))
+        if not isinstance(base, Tensor):
+            raise TypeError(
+                f"`baselines[{i}]` must be a tensor or a number, got "
+                f"{type(base).__name__}"
+            )
+        base = base.to(device=inp.device, dtype=inp.dtype)
+        if base.dim() != inp.dim() or base.shape[1:] != inp.shape[1:]:
+            raise ValueError(
+                f"`baselines[{i}]` has shape {tuple(base.shape)}; a baseline "
+                f"distribution for `inputs[{i}]` must have shape "
+                f"(B, {', '.join(map(str, inp.shape[1:]))})"
+            )
+        if n_refs is not None and base.shape[0] not in (1, n_refs):
+            raise ValueError(
+                "every tensor in `baselines` must hold the same number of "
+                f"reference samples, got {n_refs} and {base.shape[0]}"
+            )
+        n_refs = max(n_refs or 1, base.shape[0])
+        formatted.append(base)
+    assert n_refs is not None
+    return tuple(b.expand((n_refs,) + b.shape[1:]) for b in formatted)
+
+
+def validate_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_internal_batch_size(internal_batch_size: Optional[int]) -> None:
+    if internal_batch_size is not None:
+        validate_positive_int(internal_batch_size, "internal_batch_size")
+
+
+def validate_target(target: TargetType, num_examples: int) -> None:
+    """Captum's target forms; list/tensor targets must have one entry per example."""
+    if target is None or isinstance(target, (int, tuple)):
+        return
+    if isinstance(target, Tensor):
+        if target.numel() > 1 and (target.dim() != 1 or target.numel() != num_examples):
+            raise ValueError(
+                f"`target` as a tensor must be a scalar or have shape "
+                f"({num_examples},), got shape {tuple(target.shape)}"
+            )
+        return
+    if isinstance(target, list):
+        if len(target) != num_examples:
+            raise ValueError(
+                f"`target` as a list must have one entry per example "
+                f"({num_examples}), got {len(target)}"
+            )
+        return
+    raise TypeError(
+        "`target` must be None, an int, a tuple, a tensor or a list, got "
+        f"{type(target).__name__}"
+    )
+
+
+def run_scalar_forward(
+    forward_func: Callable,
+    inputs: Tuple[Tensor, ...],
+    target: TargetType,
+    additional_forward_args: Any,
+) -> Tensor:
+    """Run the model, select ``target`` with Captum's semantics, return shape (rows,).
+
+    Raises a ``ValueError`` when the selected output is not one scalar per example
+    (for instance a multi-output model called without ``target``).
+    """
+    output = _run_forward(forward_func, inputs, target, additional_forward_args)
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"the forward function must return a tensor, got {type(output).__name__}"
+        )
+    rows = inputs[0].shape[0]
+    if output.dim() == 0 and rows == 1:
+        output = output.reshape(1)
+    if output.dim() == 2 and output.shape[1] == 1:
+        output = output[:, 0]
+    if output.dim() != 1 or output.shape[0] != rows:
+        hint = (
+            " Pass `target` to select one output per example."
+            if target is None
+            else f" `target`={target!r} does not select one scalar per example."
+        )
+        raise ValueError(
+            "the forward function must give one scalar per example after "
+            f"target selection; got output of shape {tuple(output.shape)} for "
+            f"{rows} examples.{hint}"
+        )
+    return output
+
+
+class RowExpansion:
+    """``target`` and ``additional_forward_args`` repeated for ``n_copies`` of a batch.
+
+    Rows are ordered copy-major (row = copy * N + example), Captum's ``repeat``
+    expansion, so any contiguous range of whole copies can be sliced out.
+    """
+
+    def __init__(
+        self,
+        target: TargetType,
+        additional_forward_args: Any,
+        num_examples: int,
+        n_copies: int,
+    ) -> None:
+        self.num_examples = num_examples
+        self.target = _expand_target(target, n_copies)
+        self.additional_forward_args = _expand_additional_forward_args(
+            _format_additional_forward_args(additional_forward_args), n_copies
+        )
+
+    def rows(self, start: int, stop: int) -> Tuple[TargetType, Any]:
+        target = self.target
+        if isinstance(target, list) or (
+            isinstance(target, Tensor) and target.numel() > 1
+        ):
+            target = target[start:stop]
+        args = self.additional_forward_args
+        if args is not None:
+            args = tuple(
+                a[start:stop] if isinstance(a, Tensor) and a.dim() > 0 else a
+                for a in args
+            )
+        return target, args
+
+
+def model_modules(forward_func: Callable) -> List[torch.nn.Module]:
+    """The ``nn.Module`` behind ``forward_func`` (a module or its bound method)."""
+    if isinstance(forward_func, torch.nn.Module):
+        return [forward_func]
+    owner = getattr(forward_func, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        return [owner]
+    return []
+
+
+@contextlib.contextmanager
+def preserved_module_state(forward_func: Callable) -> Iterator[None]:
+    """Restore every submodule's train/eval flag, even if the body raises."""
+    modules = [m for root in model_modules(forward_func) for m in root.modules()]
+    flags = [m.training for m in modules]
+    try:
+        yield
+    finally:
+        for module, flag in zip(modules, flags):
+            module.training = flag
+
+
+def normalize_stdevs(
+    stdevs: Union[float, Sequence[float]], num_inputs: int, name: str = "stdevs"
+) -> Tuple[float, ...]:
+    """A positive float, or one per input tensor."""
+    if isinstance(stdevs, (int, float)) and not isinstance(stdevs, bool):
+        stdevs = (float(stdevs),) * num_inputs
+    stdevs = tuple(stdevs)
+    if len(stdevs) != num_inputs:
+        raise ValueError(
+            f"`{name}` must be a float or one value per input tensor "
+            f"({num_inputs}), got {len(stdevs)} values"
+        )
+    for s in stdevs:
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not s > 0:
+            raise ValueError(f"`{name}` must be > 0, got {s!r}")
+    return tuple(float(s) for s in stdevs)
+
+
+__all__ = [
+    "format_inputs",
+    "format_baselines",
+    "format_baseline_distribution",
+    "validate_positive_int",
+    "validate_internal_batch_size",
+    "validate_target",
+    "run_scalar_forward",
+    "RowExpansion",
+    "model_modules",
+    "preserved_module_state",
+    "normalize_stdevs",
+    "_format_tensor_into_tuples",
+]
