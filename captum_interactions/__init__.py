@@ -4,3 +4,6 @@
 __version__ = "0.1.0"
 
 # Public names. Each method module adds its import here.
+from captum_interactions._core.expected_hessians import ExpectedHessians  # noqa: F401
+from captum_interactions._core.integrated_hessians import IntegratedHessians  # noqa: F401
+from captum_interactions._utils.softplus import replace_relu_with_softplus  # noqa: F401

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr._utils.attribution import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_interactions._core.integrated_hessians import InteractionsType, path_rows
+from captum_interactions._utils.common import (
+    RowExpansion,
+    format_baseline_distribution,
+    format_inputs,
+    preserved_module_state,
+    run_scalar_forward,
+    validate_internal_batch_size,
+    validate_positive_int,
+    validate_target,
+)
+from captum_interactions._utils.feature_groups import FeatureGroups
+from captum_interactions._utils.hessian import (
+    CostCounter,
+    accumulate_path_interactions,
+    format_interaction_output,
+)
+
+
+class ExpectedHessians(GradientAttribution):
+    r"""
+    Expected Hessians: Integrated Hessians averaged over a distribution of
+    baselines (Janizek, Sturmfels and Lee), estimated with the paper's *paired*
+    Monte Carlo estimator. Each of ``n_samples`` draws per example takes a
+    reference x' from the baseline samples and alpha, beta ~ U(0, 1), and
+    evaluates the Integrated Hessians integrand once at x' + alpha*beta*(x - x'):
+
+    .. math::
+        \hat\Gamma_{ij} = \frac{1}{S}\sum_{s=1}^S \Big[\alpha_s\beta_s\,
+            \Delta_{s,i}\Delta_{s,j}\,\partial_i\partial_j f(x'_s + \alpha_s\beta_s\Delta_s)
+            + \delta_{ij}\,\Delta_{s,i}\,\partial_i f(x'_s + \alpha_s\beta_s\Delta_s)\Big],
+
+    with :math:`\Delta_s = x - x'_s`. Its expectation is the Integrated Hessians
+    matrix averaged over the baseline distribution, whose total is
+    :math:`f(x) - \mathbb{E}[f(x')]`. Baselines are required, as for Captum's
+    GradientShap.
+
+    Paper: https://jmlr.org/papers/v22/20-1223.html (arXiv:2002.04138)
+    """
+
+    def __init__(self, forward_func: Callable) -> None:
+        r"""
+        Args:
+            forward_func (Callable): the forward function of the model or any
+                modification of it.
+        """
+        GradientAttribution.__init__(self, forward_func)
+        self.last_call_cost = CostCounter()
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: Union[Tensor, Tuple[Tensor, ...], Callable[..., Any]],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_samples: int = 200,
+        internal_batch_size: Optional[int] = None,
+        feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
+        return_convergence_delta: bool = False,
+    ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch first.
+            baselines (Tensor, tuple[Tensor, ...] or Callable): samples of the
+                baseline distribution, shape (B, *F_i) per input (e.g. a
+                background batch of training data), or a callable returning
+                them (called with ``inputs`` if it takes an argument).
+            target (int, tuple, Tensor or list, optional): output indices, with
+                Captum's semantics. Default: None
+            additional_forward_args (Any, optional): further forward arguments.
+                Default: None
+            n_samples (int, optional): paired (x', alpha, beta) draws per
+                example; the error falls like n_samples^(-1/2). Default: 200
+            internal_batch_size (int, optional): the most Hessian-vector products
+                evaluated in one batch. Default: None (all at once)
+            feature_mask (Tensor or tuple[Tensor, ...], optional): group ids;
+                the result is then (N, G, G). Default: None
+            return_convergence_delta (bool, optional): also return
+                sum(Gamma) - (f(x) - mean_s f(x'_s)) over the drawn references.
+                Default: False
+
+        Returns:
+            **interactions** or (**interactions**, **delta**): layout as in
+            :meth:`IntegratedHessians.attribute`.
+
+        Examples::
+
+            >>> import torch
+            >>> from captum_interactions import ExpectedHessians
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Softplus(),
+            ...                             torch.nn.Linear(8, 1))
+            >>> background = torch.randn(100, 3)
+            >>> eh = ExpectedHessians(model)
+            >>> gamma = eh.attribute(torch.randn(2, 3), baselines=background, n_samples=64)
+            >>> gamma.shape
+            torch.Size([2, 3, 3])
+        """
+        is_inputs_tuple = isinstance(inputs, tuple)
+        inputs_t = format_inputs(inputs)
+        validate_positive_int(n_samples, "n_samples")
+        validate_internal_batch_size(internal_batch_size)
+        references = format_baseline_distribution(baselines, inputs_t, inputs)
+        num_examples = inputs_t[0].shape[0]
+        validate_target(target, num_examples)
+        groups = FeatureGroups(feature_mask, inputs_t)
+        dtype, device = inputs_t[0].dtype, inputs_t[0].device
+
+        # paired draws, copy-major rows (row = s * N + n)
+        ref_index = torch.randint(
+            references[0].shape[0], (n_samples * num_examples,), device=device
+        )
+        t = (
+            torch.rand(n_samples, num_examples, device=device, dtype=dtype)
+            * torch.rand(n_samples, num_examples, device=device, dtype=dtype)
+        )
+        drawn = tuple(
+            r[ref_index].reshape((n_samples,) + x.shape) for r, x in zip(references, inputs_t)
+        )
+        points, deltas = path_rows(inputs_t, drawn, t)
+        expansion = RowExpansion(target, additional_forward_args, num_examples, n_samples)
+        t_rows = t.reshape(-1)
+        self.last_call_cost = CostCounter()
+        with preserved_module_state(self.forward_func):
+            interactions = accumulate_path_interactions(
+                self.forward_func,
+                points,
+                deltas,
+                example_index=torch.arange(num_examples, device=device).repeat(n_samples),
+                num_examples=num_examples,
+                first_order_weight=torch.full_like(t_rows, 1.0 / n_samples),
+                second_order_weight=t_rows / n_samples,
+                expansion=expansion,
+                groups=groups,
+                internal_batch_size=internal_batch_size,
+                counter=self.last_call_cost,
+            )
+            result = format_interaction_output(interactions, groups, is_inputs_tuple)
+            if not return_convergence_delta:
+                return result
+            with torch.no_grad():
+                f_x = run_scalar_forward(
+                    self.forward_func, inputs_t, target, additional_forward_args
+                )
+                refs_flat = tuple(r.reshape((-1,) + r.shape[2:]) for r in drawn)
+                f_refs = run_scalar_forward(
+                    self.forward_func,
+                    refs_flat,
+                    expansion.target,
+                    expansion.additional_forward_args,
+                ).view(n_samples, num_examples)
+            delta = interactions.sum(dim=(1, 2)) - (f_x - f_refs.mean(dim=0))
+        return result, delta
