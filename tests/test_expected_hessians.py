@@ -64,7 +64,8 @@ def test_reproducible_under_manual_seed_callable_baselines_and_grouping():
     first = eh.attribute(x, background, target=1, n_samples=16)
     torch.manual_seed(3)
     again = eh.attribute(x, lambda: background, target=1, n_samples=16)
-    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    # identical draws; CUDA's atomic index_add may reorder the float sums
+    torch.testing.assert_close(first, again, rtol=0, atol=1e-15)
     torch.manual_seed(3)
     grouped = eh.attribute(
         x, background, target=1, n_samples=16, feature_mask=torch.tensor([[0, 1, 1, 0]]),
