@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Contextual decomposition: 64 masks on a CNN against the `acd` package, and ACD on 28x28.
+
+- ``captum_interactions``: ``ContextualDecomposition.decompose`` with a batch of
+  64 masks (one forward pass over 64 decompositions);
+- ``acd`` 0.0.2 (``acd.cd(im, model, mask, device)``), called once per mask as its
+  API requires; loaded without its scikit-image-dependent agglomeration module
+  and with ``np.int`` shimmed; skipped if it does not import. The max absolute
+  difference of the relevant scores is reported;
+- ``AgglomerativeContextualDecomposition.attribute`` on one 28x28 image
+  (2x2 blocks -> 196 units, and 1x1 -> 784 units), time per call.
+
+Prints a table and writes ``benchmarks/results/cd.json`` (``cd_<device>.json``
+for a non-CPU device).
+
+    python benchmarks/bench_cd.py [--device cuda] [--quick]
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+from captum_interactions import AgglomerativeContextualDecomposition, ContextualDecomposition
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cnn(device, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+    ).to(device).eval()
+
+
+def load_acd_cd():
+    import numpy as np
+
+    if not hasattr(np, "int"):
+        np.int = int
+    spec = importlib.util.find_spec("acd")
+    if spec is None:
+        return None
+    try:
+        import acd
+
+        return acd.cd
+    except ImportError:
+        package = types.ModuleType("acd")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["acd"] = package
+        try:
+            return importlib.import_module("acd.scores.cd").cd
+        except Exception:
+            return None
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def block_masks(num_masks, device, seed=0):
+    """Random rectangles of 4..14 pixels per side on 28x28."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num_masks, 1, 1, 28, 28)
+    for k in range(num_masks):
+        h, w = torch.randint(4, 15, (2,), generator=gen).tolist()
+        r, c = torch.randint(0, 28 - h, (1,), generator=gen).item(), torch.randint(
+            0, 28 - w, (1,), generator=gen).item()
+        masks[k, ..., r : r + h, c : c + w] = 1
+    return masks.to(device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no 1x1 ACD")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = args.device
+    repeats = 3 if args.quick else 5
+    model = cnn(device)
+    torch.manual_seed(1)
+    x = torch.randn(1, 1, 28, 28, device=device)
+    masks = block_masks(64, device)
+    cd = ContextualDecomposition(model)
+    cd.decompose(x, masks)  # warm-up
+    t_ours, (rel, irr) = timed(lambda: cd.decompose(x, masks), device, repeats)
+    with torch.no_grad():
+        completeness = (rel + irr - model(x)).abs().max().item()
+    rows = [dict(task="CD, 64 masks", method="captum_interactions (batched)", seconds=t_ours,
+                 completeness_max_abs=completeness)]
+    acd_cd = load_acd_cd()
+    if acd_cd is not None:
+        def run_acd():
+            out = [acd_cd(x, model, mask=masks[k, 0], device=device)[0] for k in range(64)]
+            return torch.cat(out)
+
+        t_acd, rel_acd = timed(run_acd, device, 1 if args.quick else 2)
+        rows.append(dict(task="CD, 64 masks", method="acd 0.0.2 (loop)", seconds=t_acd,
+                         max_abs_diff_vs_ours=(rel_acd.detach() - rel[:, 0]).abs().max().item(),
+                         speedup_ours=t_acd / t_ours))
+    acd = AgglomerativeContextualDecomposition(model)
+    for block in ((2,) if args.quick else (2, 1)):
+        acd.attribute(x, target=0, block_size=block)  # warm-up
+        t_h, hierarchy = timed(lambda: acd.attribute(x, target=0, block_size=block), device,
+                               1 if block == 1 else repeats)
+        rows.append(dict(task=f"ACD 28x28, {block}x{block} blocks", method="captum_interactions",
+                         seconds=t_h, units=hierarchy.num_units, levels=len(hierarchy.levels)))
+    print(f"device: {device}  torch {torch.__version__}  ({platform.processor() or platform.machine()})")
+    print(f"{'task':<26} {'method':<32} {'seconds':>10}  notes")
+    for row in rows:
+        notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in row.items() if k not in ("task", "method", "seconds"))
+        print(f"{row['task']:<26} {row['method']:<32} {row['seconds']:>10.4f}  {notes}")
+    name = "cd.json" if device == "cpu" else f"cd_{device.split(':')[0]}.json"
+    out = args.out or os.path.join(HERE, "results", name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(device=device, torch=torch.__version__, quick=args.quick, rows=rows), f,
+                  indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+#!/usr/bin/env python3
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.typing import TargetType
+from captum.attr._utils.attribution import Attribution
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_interactions._core.contextual_decomposition import ContextualDecomposition
+from captum_interactions._utils.common import validate_internal_batch_size, validate_target
+
+
+@dataclass
+class HierarchyLevel:
+    """One level of an ACD hierarchy.
+
+    Attributes:
+        groups (list[Tensor]): unit indices (sorted, int64) of every group.
+        scores (Tensor): CD score of every group, shape (len(groups),).
+        parents (Tensor): index of the group of the next level that contains
+            each group, -1 at the top level (or, at level 0, for a unit not yet
+            selected at level 1).
+    """
+
+    groups: List[Tensor]
+    scores: Tensor
+    parents: Tensor
+
+
+class Hierarchy:
+    """The ACD hierarchy of one example.
+
+    Level 0 holds every unit (a token, or a ``block_size`` x ``block_size``
+    pixel block) as a singleton with its CD score; level k >= 1 holds the
+    connected components (contiguous phrases, 4-connected image regions) after
+    the k-th agglomeration step, with their CD scores. Every group of level k
+    is contained in one group of level k + 1 (its ``parents`` entry). The last
+    level is a single group covering the whole input (when the
+    agglomeration ran to the end), whose score is the full-mask CD score, i.e.
+    the model output.
+
+    Attributes:
+        kind (str): ``"sequence"`` or ``"image"``.
+        levels (list[HierarchyLevel]): level 0 (units) to the top.
+        unit_map (Tensor): unit index of every position, shape (T,) or (H, W).
+        grid_shape (tuple[int, ...]): number of units per axis.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        levels: List[HierarchyLevel],
+        unit_map: Tensor,
+        grid_shape: Tuple[int, ...],
+    ) -> None:
+        self.kind = kind
+        self.levels = levels
+        self.unit_map = unit_map
+        self.grid_shape = grid_shape
+
+    @property
+    def num_units(self) -> int:
+        return len(self.levels[0].groups)
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def __repr__(self) -> str:
+        sizes = [len(level.groups) for level in self.levels]
+        return f"Hierarchy(kind={self.kind!r}, units={self.num_units}, groups per level={sizes})"
+
+    def unit_labels(self, level: int) -> Tensor:
+        """Group index of every unit at ``level`` (-1: not in a group yet), shape (U,)."""
+        labels = torch.full((self.num_units,), -1, dtype=torch.long, device=self.unit_map.device)
+        for index, group in enumerate(self.levels[level].groups):
+            labels[group] = index
+        return labels
+
+    def labels(self, level: int) -> Tensor:
+        """Group index of every position (token or pixel) at ``level``, -1 if none."""
+        return self.unit_labels(level)[self.unit_map]
+
+    def score_map(self, level: int) -> Tensor:
+        """Score of the group holding each position at ``level`` (NaN outside groups)."""
+        scores = self.levels[level].scores
+        labels = self.labels(level)
+        out = torch.full(labels.shape, float("nan"), dtype=scores.dtype, device=scores.device)
+        inside = labels >= 0
+        out[inside] = scores[labels[inside]]
+        return out
+
+    def plot(self, *args: Any, **kwargs: Any):
+        """:meth:`plot_text` for sequences, :meth:`plot_image` for images."""
+        if self.kind == "sequence":
+            return self.plot_text(*args, **kwargs)
+        return self.plot_image(*args, **kwargs)
+
+    def plot_text(
+        self,
+        words: Optional[Sequence[str]] = None,
+        ax: Any = None,
+        cmap: str = "RdBu_r",
+        fmt: str = "{:.2f}",
+    ):
+        """Phrase tree: one row per level (units at the bottom), one box per
+        phrase spanning its words, coloured by score. Returns (figure, axis)."""
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import Normalize
+        from matplotlib.patches import Rectangle
+
+        num_positions = int(self.unit_map.numel())
+        if words is None:
+            words = [str(i) for i in range(num_positions)]
+        if len(words) != num_positions:
+            raise ValueError(f"`words` must have {num_positions} entries, got {len(words)}")
+        if ax is None:
+            fig, ax = plt.subplots(
+                figsize=(max(6.0, 0.9 * num_positions), 0.6 * len(self.levels) + 1.2)
+            )
+        else:
+            fig = ax.figure
+        vmax = max(float(level.scores.abs().max()) for level in self.levels) or 1.0
+        norm = Normalize(-vmax, vmax)
+        colormap = plt.get_cmap(cmap)
+        unit_map = self.unit_map.cpu()
+        for k, level in enumerate(self.levels):
+            for group, score in zip(level.groups, level.scores.tolist()):
+                positions = torch.nonzero(torch.isin(unit_map, group.cpu())).flatten()
+                left, right = int(positions.min()), int(positions.max())
+                ax.add_patch(
+                    Rectangle((left - 0.45, k - 0.4), right - left + 0.9, 0.8,
+                              facecolor=colormap(norm(score)), edgecolor="black", lw=0.5)
+                )
+                label = words[left] if k == 0 and left == right else fmt.format(score)
+                ax.text((left + right) / 2, k, label, ha="center", va="center", fontsize=8)
+        ax.set_xlim(-0.6, num_positions - 0.4)
+        ax.set_ylim(-0.6, len(self.levels) - 0.4)
+        ax.set_xticks(range(num_positions))
+        ax.set_xticklabels(words, rotation=45, ha="right")
+        ax.set_yticks(range(len(self.levels)))
+        ax.set_yticklabels([f"level {k}" for k in range(len(self.levels))])
+        ax.set_title("ACD phrase hierarchy (colour: CD score)")
+        return fig, ax
+
+    def plot_image(
+        self,
+        image: Optional[Tensor] = None,
+        levels: Optional[Sequence[int]] = None,
+        cmap: str = "RdBu_r",
+        ncols: int = 4,
+        alpha: float = 0.7,
+    ):
+        """Component overlays: one panel per level, each group coloured by its CD
+        score over the image (grey). Returns (figure, array of axes)."""
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        if levels is None:
+            levels = list(range(len(self.levels)))
+        ncols = max(1, min(ncols, len(levels)))
+        nrows = math.ceil(len(levels) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
+        vmax = max(float(level.scores.abs().max()) for level in self.levels) or 1.0
+        background = None
+        if image is not None:
+            img = image.detach().cpu().double()
+            while img.dim() > 2:
+                img = img.mean(0)
+            background = img.numpy()
+        for ax, k in zip(axes.flat, levels):
+            if background is not None:
+                ax.imshow(background, cmap="gray")
+            values = self.score_map(k).detach().cpu().double().numpy()
+            ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-vmax, vmax=vmax, alpha=alpha)
+            if k > 0:
+                ax.add_collection(_boundaries(self.labels(k).cpu().numpy()))
+            ax.set_title(f"level {k}: {len(self.levels[k].groups)} groups", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in list(axes.flat)[len(levels):]:
+            ax.axis("off")
+        return fig, axes
+
+
+def _boundaries(labels: Any):
+    """Line segments between pixels of different groups (group edges for the overlay)."""
+    import numpy as np
+    from matplotlib.collections import LineCollection
+
+    segments = []
+    rows, cols = np.nonzero(labels[:, 1:] != labels[:, :-1])
+    for r, c in zip(rows, cols):
+        if labels[r, c] >= 0 or labels[r, c + 1] >= 0:
+            segments.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
+    rows, cols = np.nonzero(labels[1:, :] != labels[:-1, :])
+    for r, c in zip(rows, cols):
+        if labels[r, c] >= 0 or labels[r + 1, c] >= 0:
+            segments.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
+    return LineCollection(segments, colors="black", linewidths=0.8)
+
+
+def _adjacency(kind: str, grid_shape: Tuple[int, ...], device: torch.device) -> Tensor:
+    """(U, U) bool: neighbouring units (sequence: i +- 1; image: 4-neighbourhood)."""
+    if kind == "sequence":
+        (length,) = grid_shape
+        idx = torch.arange(length, device=device)
+        return (idx[:, None] - idx[None, :]).abs() == 1
+    rows, cols = grid_shape
+    r = torch.arange(rows, device=device).repeat_interleave(cols)
+    c = torch.arange(cols, device=device).repeat(rows)
+    return ((r[:, None] - r[None, :]).abs() + (c[:, None] - c[None, :]).abs()) == 1
+
+
+def _components(selected: Tensor, adjacency: Tensor) -> Tensor:
+    """Connected components of the selected units: label per unit (-1 unselected),
+    numbered 0.. in order of their first unit."""
+    units = selected.numel()
+    big = units
+    idx = torch.arange(units, device=selected.device)
+    labels = torch.where(selected, idx, torch.full_like(idx, big))
+    neighbour = adjacency & selected[None, :] & selected[:, None]
+    while True:
+        spread = torch.where(neighbour, labels[None, :], torch.full_like(neighbour, big, dtype=torch.long))
+        new = torch.minimum(labels, spread.min(dim=1).values)
+        new = torch.where(selected, new, torch.full_like(new, big))
+        if torch.equal(new, labels):
+            break
+        labels = new
+    roots = torch.unique(labels[selected])
+    out = torch.full_like(idx, -1)
+    out[selected] = torch.searchsorted(roots, labels[selected])
+    return out
+
+
+class AgglomerativeContextualDecomposition(Attribution):
+    r"""
+    Agglomerative contextual decomposition (ACD; Singh, Murdoch and Yu, ICLR
+    2019) builds a hierarchy of feature groups for one prediction, scoring
+    groups with contextual decomposition (:class:`ContextualDecomposition`).
+
+    The input is split into units (tokens of a sequence, or
+    ``block_size`` x ``block_size`` pixel blocks of an image). Starting from the
+    CD score of every unit, each step
+
+    1. selects the not-yet-selected units whose candidate score is at or above
+       the ``percentile``-th percentile of the remaining candidates (at least
+       one unit);
+    2. forms the connected components of all selected units (contiguous
+       phrases for sequences, 4-connected regions for images): one level of the
+       hierarchy, each component scored by CD;
+    3. rescores every unselected unit u next to a component C by the CD gain of
+       adding it, :math:`CD(C \cup \{u\}) - CD(C)` (the best over neighbouring
+       components); units next to no component keep their previous score.
+
+    It stops when every unit is selected (or after ``max_levels`` levels). The
+    CD scores of all components and all candidate merges of a step are
+    computed in one batched CD pass.
+
+    Paper: https://arxiv.org/abs/1806.05337
+    """
+
+    def __init__(self, forward_func: Callable) -> None:
+        r"""
+        Args:
+            forward_func (Callable): the model or its forward function, with the
+                operations :class:`ContextualDecomposition` supports.
+        """
+        Attribution.__init__(self, forward_func)
+        self.cd = ContextualDecomposition(forward_func)
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        structure: str = "auto",
+        block_size: int = 1,
+        percentile: float = 75.0,
+        absolute: bool = False,
+        max_levels: Optional[int] = None,
+        internal_batch_size: Optional[int] = None,
+    ) -> Union[Hierarchy, List[Hierarchy]]:
+        r"""
+        Args:
+            inputs (Tensor): one input tensor, batch first: token ids (N, T) or
+                sequence features (N, T, E) for ``structure="sequence"`` (units
+                along dimension 1), or images (N, C, H, W) / (N, H, W) for
+                ``structure="image"`` (units over the last two dimensions).
+            target (int, tuple, Tensor or list, optional): output to explain,
+                Captum's semantics. Default: None
+            additional_forward_args (Any, optional): further forward arguments.
+                Default: None
+            structure (str, optional): ``"sequence"``, ``"image"`` or ``"auto"``
+                (integer inputs are sequences, 4-d inputs images).
+                Default: "auto"
+            block_size (int, optional): positions (sequence) or pixels per side
+                (image) of one unit. Default: 1
+            percentile (float, optional): in [0, 100); units at or above this
+                percentile of the remaining candidate scores join at each step
+                (lower = more units per step, fewer levels). Default: 75.0
+            absolute (bool, optional): rank candidates by absolute score instead
+                of by signed score towards the target. Default: False
+            max_levels (int, optional): stop after this many agglomeration
+                levels. Default: None (until every unit is selected)
+            internal_batch_size (int, optional): most masks per CD pass.
+                Default: None
+
+        Returns:
+            **hierarchy** (Hierarchy or list[Hierarchy]): for N = 1 one
+            :class:`Hierarchy`, else a list with one per example.
+
+        Examples::
+
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1),
+            ...     torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 64, 3))
+            >>> acd = AgglomerativeContextualDecomposition(model)
+            >>> hierarchy = acd.attribute(torch.randn(1, 1, 8, 8), target=0, block_size=2)
+            >>> fig, axes = hierarchy.plot(torch.randn(1, 8, 8))
+        """
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"`inputs` must be one tensor, got {type(inputs).__name__}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}")
+        if not isinstance(percentile, (int, float)) or not 0 <= percentile < 100:
+            raise ValueError(f"`percentile` must be in [0, 100), got {percentile!r}")
+        if max_levels is not None and (not isinstance(max_levels, int) or max_levels < 1):
+            raise ValueError(f"`max_levels` must be None or an integer >= 1, got {max_levels!r}")
+        validate_internal_batch_size(internal_batch_size)
+        kind = self._structure(inputs, structure)
+        num_examples = inputs.shape[0]
+        validate_target(target, num_examples)
+        device = inputs.device
+        if kind == "sequence":
+            length = inputs.shape[1]
+            grid: Tuple[int, ...] = (math.ceil(length / block_size),)
+            unit_map = torch.arange(length, device=device) // block_size
+            mask_shape = (1, length) + (1,) * (inputs.dim() - 2)
+        else:
+            height, width = inputs.shape[-2:]
+            grid = (math.ceil(height / block_size), math.ceil(width / block_size))
+            rows = torch.arange(height, device=device) // block_size
+            cols = torch.arange(width, device=device) // block_size
+            unit_map = rows[:, None] * grid[1] + cols[None, :]
+            mask_shape = (1,) * (inputs.dim() - 2) + (height, width)
+        adjacency = _adjacency(kind, grid, device)
+        hierarchies = []
+        for n in range(num_examples):
+            example_target, example_args = _example_slice(
+                target, additional_forward_args, n, num_examples
+            )
+
+            def score(members: Tensor) -> Tensor:
+                masks = members[:, unit_map].reshape((members.shape[0],) + mask_shape)
+                rel, _ = self.cd._decompose_masks(
+                    (inputs[n : n + 1],), (masks,), example_target, example_args,
+                    internal_batch_size, select_target=True,
+                )
+                return rel[:, 0]
+
+            hierarchies.append(
+                _agglomerate(score, kind, grid, unit_map, adjacency, percentile, absolute,
+                             max_levels)
+            )
+        return hierarchies[0] if num_examples == 1 else hierarchies
+
+    @staticmethod
+    def _structure(inputs: Tensor, structure: str) -> str:
+        if structure not in ("auto", "sequence", "image"):
+            raise ValueError(
+                f"`structure` must be 'auto', 'sequence' or 'image', got {structure!r}"
+            )
+        if structure == "auto":
+            if not inputs.is_floating_point() and inputs.dim() == 2:
+                return "sequence"
+            if inputs.dim() == 4:
+                return "image"
+            raise ValueError(
+                f"`structure='auto'` cannot tell a sequence from an image for inputs of "
+                f"shape {tuple(inputs.shape)}; pass structure='sequence' or 'image'"
+            )
+        if structure == "sequence" and inputs.dim() < 2:
+            raise ValueError("`inputs` for a sequence must have shape (N, T) or (N, T, ...)")
+        if structure == "image" and inputs.dim() < 3:
+            raise ValueError("`inputs` for an image must have shape (N, H, W) or (N, C, H, W)")
+        return structure
+
+
+def _example_slice(target: TargetType, args: Any, n: int, num_examples: int):
+    if isinstance(target, list):
+        target = [target[n]]
+    elif isinstance(target, Tensor) and target.numel() > 1:
+        target = target[n : n + 1]
+    if args is not None:
+        args_t = args if isinstance(args, tuple) else (args,)
+        args = tuple(
+            a[n : n + 1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == num_examples
+            else a
+            for a in args_t
+        )
+    return target, args
+
+
+def _agglomerate(
+    score: Callable[[Tensor], Tensor],
+    kind: str,
+    grid: Tuple[int, ...],
+    unit_map: Tensor,
+    adjacency: Tensor,
+    percentile: float,
+    absolute: bool,
+    max_levels: Optional[int],
+) -> Hierarchy:
+    units = adjacency.shape[0]
+    device = adjacency.device
+    eye = torch.eye(units, dtype=torch.bool, device=device)
+    unit_scores = score(eye)
+    groups0 = [torch.tensor([u], device=device) for u in range(units)]
+    levels = [HierarchyLevel(groups0, unit_scores, torch.full((units,), -1, device=device))]
+    candidate = unit_scores.abs() if absolute else unit_scores.clone()
+    selected = torch.zeros(units, dtype=torch.bool, device=device)
+    quantile = torch.tensor(percentile / 100.0, dtype=candidate.dtype, device=device)
+    while not bool(selected.all()) and (max_levels is None or len(levels) <= max_levels):
+        remaining = ~selected
+        threshold = torch.quantile(candidate[remaining], quantile)
+        new = remaining & (candidate >= threshold)
+        if not bool(new.any()):
+            best = torch.where(remaining, candidate, torch.full_like(candidate, -math.inf))
+            new[best.argmax()] = True
+        selected = selected | new
+        labels = _components(selected, adjacency)
+        num_components = int(labels.max()) + 1
+        members = labels[None, :] == torch.arange(num_components, device=device)[:, None]
+        frontier = (members.float() @ adjacency.float() > 0) & ~selected[None, :]
+        comp_index, unit_index = torch.nonzero(frontier, as_tuple=True)
+        merged = members[comp_index].clone()
+        merged[torch.arange(comp_index.numel(), device=device), unit_index] = True
+        scores = score(torch.cat([members, merged]))
+        comp_scores = scores[:num_components]
+        gains = scores[num_components:] - comp_scores[comp_index]
+        key = gains.abs() if absolute else gains
+        best_gain = torch.full_like(candidate, -math.inf).scatter_reduce(
+            0, unit_index, key, reduce="amax"
+        )
+        candidate = torch.where(torch.isfinite(best_gain), best_gain, candidate)
+        groups = [torch.nonzero(row).flatten() for row in members]
+        # parents of the previous level: the component holding its first unit
+        previous = levels[-1]
+        previous.parents = torch.stack([labels[g[0]] for g in previous.groups])
+        levels.append(
+            HierarchyLevel(groups, comp_scores, torch.full((num_components,), -1, device=device))
+        )
+    return Hierarchy(kind, levels, unit_map, grid)

@@ -1,0 +1,764 @@
+#!/usr/bin/env python3
+"""Contextual decomposition (CD) propagation rules and the interception machinery.
+
+Every activation of the forward pass is carried as a :class:`CDTensor`: a tensor
+subclass whose data is the *true* activation (computed by the real operation on
+the true inputs) and which also holds the relevant part ``rel`` (beta) and the
+irrelevant part ``irr`` (gamma), with ``rel + irr == data`` to float precision.
+``__torch_function__`` sees every torch call in *execution order* (module calls
+reach it as ``F.linear``, ``torch.conv2d``, ``F.relu`` ...), so functional calls,
+residual additions, ``x.view`` and modules used out of declaration order all
+propagate correctly. Integer token ids enter as :class:`MaskedIndices`, which
+only an embedding lookup may consume.
+
+Rules (beta = relevant, gamma = irrelevant, x = beta + gamma the true input):
+
+- affine (``linear``, ``conv1d/2d/3d``): ``W beta`` and ``W gamma`` (one call on
+  both parts; the layer's total is ``W beta + W gamma + b``); the bias is
+  shared per element in proportion to ``|W beta|`` and ``|W gamma|``. Where
+  both are exactly 0 (e.g. a convolution window over an all-zero image region)
+  the bias is shared in proportion to the L1 mass of the relevant and
+  irrelevant parts of the layer's whole input for that example (evenly only if
+  that input is all zero). An even split there (the ``acd`` package's choice)
+  would put half of such biases into the irrelevant part of a full mask (and
+  the relevant part of an empty one), breaking full mask -> (output, 0) on
+  images with black backgrounds; every bias-like constant below uses the same
+  tie rule;
+- batch norm (eval, running statistics): ``s * beta``, ``s * gamma`` with
+  ``s = weight / sqrt(running_var + eps)``; the shift
+  ``bias - running_mean * s`` is shared like an affine bias;
+- layer norm: each part is centred with its own mean and scaled by
+  ``weight / std(x)`` (the *total* activation's standard deviation, eps
+  included); the bias is shared like an affine bias. The centred parts add up to
+  ``(x - mean(x)) / std(x)``, so completeness is exact;
+- ReLU family (``relu``, ``leaky_relu``, ``hardtanh``/``relu6``, ``elu``):
+  ``beta' = f(beta)``, ``gamma' = f(x) - f(beta)``;
+- smooth elementwise (``tanh``, ``sigmoid``, ``gelu``, ``silu``, ``softplus``):
+  two-player Shapley linearization of ``g(z) = f(z) - f(0)``:
+  ``b = 1/2 [g(beta) + g(x) - g(gamma)]``, ``c = 1/2 [g(gamma) + g(x) - g(beta)]``
+  (``b + c = f(x) - f(0)``), then the constant ``f(0)`` is shared between the
+  parts in proportion to ``|b|`` and ``|c|`` (tie rule when both are 0),
+  exactly like a bias. Hence ``beta' + gamma' = f(x)``, an all-relevant input keeps
+  ``gamma' = 0`` and an all-irrelevant one keeps ``beta' = 0``;
+- max-pool: both parts gathered at the argmax of the total (``return_indices``);
+- linear bias-free ops (avg-pool, adaptive avg-pool, dropout in eval, view,
+  reshape, flatten, permute, transpose, indexing, sum, mean, pad with zeros,
+  dtype casts, ``matmul``/multiplication/division by a constant): applied to
+  each part; ``cat``/``stack`` concatenate the parts (a plain tensor among them
+  is irrelevant);
+- addition: parts of CD operands are added (residual connections); a constant
+  (tensor or number without parts) is shared like a bias;
+- embedding: rows of the relevant tokens are relevant, the other rows irrelevant;
+- LSTM (``torch.lstm``; batch-first or not, stacked, bidirectional, no
+  projections): the rules of Murdoch, Liu and Yu (ICLR 2018). Gate
+  pre-activations are split into relevant / irrelevant / bias terms;
+  ``i``, ``g`` and ``f`` are linearized by the Shapley rule over the relevant and
+  irrelevant terms with the bias always present; the cell
+  ``c = f c_prev + i g`` gives ``beta_c = (f_r + f_b) beta_prev +
+  i_r (g_r + g_b) + i_b g_r`` (+ ``i_b g_b`` when the step's input is relevant),
+  the rest goes to gamma; ``h = o tanh(c)`` with the output gate ``o`` undivided
+  and ``tanh`` split by the two-player Shapley rule. The bias-only product
+  ``i_b g_b`` is shared in proportion to the L1 mass of the step's relevant and
+  irrelevant input (Murdoch's rule for a binary span: relevant iff the token is
+  in the phrase). A given initial state (h0, c0) is irrelevant.
+
+Anything else that produces a tensor from a CD activation raises
+:class:`UnsupportedOperationError` naming the operation.
+"""
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+_DISABLE = torch._C.DisableTorchFunctionSubclass
+
+
+class UnsupportedOperationError(ValueError):
+    """An operation without a contextual decomposition rule.
+
+    A ValueError, not a TypeError: Python turns a TypeError raised inside
+    ``Tensor.__mul__`` etc. into ``NotImplemented`` and loses the message.
+    """
+
+
+def _row_share(rel: Tensor, irr: Tensor) -> Tensor:
+    """Per example (row): |rel|_1 / (|rel|_1 + |irr|_1), 1/2 when both are 0."""
+    if rel.dim() == 0:
+        a, b = rel.abs(), irr.abs()
+    else:
+        a, b = rel.abs().reshape(rel.shape[0], -1).sum(1), irr.abs().reshape(irr.shape[0], -1).sum(1)
+    total = a + b
+    share = torch.where(total > 0, a / torch.where(total > 0, total, torch.ones_like(total)), 0.5)
+    return share.reshape(share.shape + (1,) * max(rel.dim() - 1, 0))
+
+
+def _split_constant(
+    rel: Tensor, irr: Tensor, const: Any, tie_share: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Add ``const`` to the parts, shared per element in proportion to |rel|, |irr|.
+
+    Where both are exactly 0 the share is ``tie_share`` (the relevant fraction of
+    the L1 mass of the layer's input, per example), 1/2 if not given.
+    """
+    a, b = rel.abs(), irr.abs()
+    total = a + b
+    positive = total > 0
+    tie = 0.5 if tie_share is None else tie_share
+    share = torch.where(positive, a / torch.where(positive, total, torch.ones_like(total)), tie)
+    rel_const = share * const
+    return rel + rel_const, irr + (const - rel_const)
+
+
+class CDTensor(Tensor):
+    """An activation (its data) with its relevant (``rel``) and irrelevant (``irr``) parts."""
+
+    rel: Tensor
+    irr: Tensor
+    total: Tensor
+
+    @staticmethod
+    def wrap(rel: Tensor, irr: Tensor, total: Tensor) -> "CDTensor":
+        obj = Tensor._make_subclass(CDTensor, total)
+        obj.rel, obj.irr, obj.total = rel, irr, total
+        return obj
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return _dispatch(func, args, kwargs or {})
+
+
+class MaskedIndices(Tensor):
+    """Integer token ids with a 0/1 relevance mask of the same shape."""
+
+    mask: Tensor
+    ids: Tensor
+
+    @staticmethod
+    def wrap(ids: Tensor, mask: Tensor) -> "MaskedIndices":
+        obj = Tensor._make_subclass(MaskedIndices, ids)
+        obj.ids, obj.mask = ids, mask
+        return obj
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return _dispatch(func, args, kwargs or {})
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, CDTensor):
+        return x.total
+    if isinstance(x, MaskedIndices):
+        return x.ids
+    return x
+
+
+def _true_result(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+    """The real operation on the true activations."""
+    with _DISABLE():
+        return func(*tree_map(_plain, tuple(args)), **tree_map(_plain, kwargs))
+
+
+def _contains_tensor(value: Any) -> bool:
+    return any(isinstance(v, Tensor) for v in tree_flatten(value)[0])
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", None) or repr(func)
+
+
+def _dispatch(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+    name = _name(func)
+    rule = _RULES.get(name)
+    if rule is not None:
+        if any(isinstance(a, MaskedIndices) for a in tree_flatten((args, kwargs))[0]) and (
+            name not in _INDEX_OK
+        ):
+            raise UnsupportedOperationError(
+                f"contextual decomposition: integer (token id) inputs can only be "
+                f"consumed by an embedding lookup (nn.Embedding / F.embedding); got "
+                f"the operation `{_qualname(func)}` on them"
+            )
+        return rule(func, args, kwargs)
+    result = _true_result(func, args, kwargs)
+    if not _contains_tensor(result):
+        # metadata: shape, size(), dim(), dtype, device, repr ...
+        return result
+    if name in _INDEX_OK and any(isinstance(a, MaskedIndices) for a in args):
+        return result
+    raise UnsupportedOperationError(
+        f"contextual decomposition has no rule for the operation `{_qualname(func)}` "
+        f"applied to a decomposed activation. Supported operations: "
+        f"{supported_operations()}"
+    )
+
+
+def _qualname(func: Callable) -> str:
+    module = getattr(func, "__module__", None) or ""
+    qual = getattr(func, "__qualname__", None) or _name(func)
+    if "boolean_dispatch" in qual:
+        qual = _name(func)
+    return f"{module}.{qual}" if module else qual
+
+
+# ----------------------------------------------------------------------------
+# helpers to rebuild calls on the parts
+
+
+def _with_first(args: Sequence[Any], first: Any) -> Tuple[Any, ...]:
+    return (first,) + tuple(tree_map(_plain, tuple(args[1:])))
+
+
+def _inplace_requested(name: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if name.startswith("__i") and name not in ("__index__", "__int__", "__invert__"):
+        return True
+    position = _INPLACE_POSITION.get(name)
+    if kwargs.get("inplace", False):
+        return True
+    return position is not None and len(args) > position and bool(args[position])
+
+
+def _out_of_place(name: str, args: Sequence[Any], kwargs: Dict[str, Any]):
+    """(args, kwargs) with any ``inplace`` flag switched off."""
+    args, kwargs = list(args), dict(kwargs)
+    if "inplace" in kwargs:
+        kwargs["inplace"] = False
+    position = _INPLACE_POSITION.get(name)
+    if position is not None and len(args) > position:
+        args[position] = False
+    return args, kwargs
+
+
+_INPLACE_POSITION = {
+    "relu": 1, "relu6": 1, "leaky_relu": 2, "hardtanh": 3, "elu": 2, "silu": 1,
+    "dropout": 3, "dropout1d": 3, "dropout2d": 3, "dropout3d": 3,
+}
+
+
+def _finish(
+    name: str, args: Sequence[Any], kwargs: Dict[str, Any], rel: Tensor, irr: Tensor, total: Tensor
+) -> CDTensor:
+    """Wrap the result; for an in-place call write into the input, as the real op does."""
+    target = args[0] if args else None
+    if _inplace_requested(name, args, kwargs) and isinstance(target, CDTensor):
+        if target.rel.shape == rel.shape and target.irr.shape == irr.shape:
+            target.rel.copy_(rel)
+            target.irr.copy_(irr)
+            if target.total.data_ptr() != total.data_ptr():
+                target.total.copy_(total)
+            return target
+    return CDTensor.wrap(rel, irr, total)
+
+
+# ----------------------------------------------------------------------------
+# rules
+
+
+def _rule_linear_op(func, args, kwargs):
+    """Bias-free linear operations: applied to each part."""
+    name = _name(func)
+    x = args[0]
+    if not isinstance(x, CDTensor):
+        return _second_operand_linear(func, args, kwargs)
+    call_args, call_kwargs = _out_of_place(name, args, kwargs)
+    call_kwargs = tree_map(_plain, call_kwargs)
+    total = _true_result(func, args, kwargs)
+    rel = func(*_with_first(call_args, x.rel), **call_kwargs)
+    irr = func(*_with_first(call_args, x.irr), **call_kwargs)
+    if isinstance(total, (tuple, list)):
+        return type(total)(CDTensor.wrap(r, i, t) for r, i, t in zip(rel, irr, total))
+    return _finish(name, args, kwargs, rel, irr, total)
+
+
+def _second_operand_linear(func, args, kwargs):
+    raise UnsupportedOperationError(
+        f"contextual decomposition: `{_qualname(func)}` with a decomposed activation "
+        f"in a position other than the first is not supported"
+    )
+
+
+def _rule_dropout(func, args, kwargs):
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    if training:
+        raise UnsupportedOperationError(
+            f"contextual decomposition explains the model in eval mode: "
+            f"`{_qualname(func)}` was called with training=True"
+        )
+    return args[0]
+
+
+def _rule_pad(func, args, kwargs):
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    if mode == "constant" and value not in (None, 0, 0.0):
+        raise UnsupportedOperationError(
+            "contextual decomposition: F.pad with a non-zero constant is not supported"
+        )
+    return _rule_linear_op(func, args, kwargs)
+
+
+def _rule_affine(func, args, kwargs):
+    """linear / conv: W beta, W gamma, bias shared in proportion to |W beta|, |W gamma|."""
+    x = args[0]
+    if not isinstance(x, CDTensor) or any(isinstance(a, CDTensor) for a in args[1:]):
+        raise UnsupportedOperationError(
+            f"contextual decomposition: `{_qualname(func)}` must take the decomposed "
+            f"activation as its input and plain tensors as weight and bias"
+        )
+    args = list(args)
+    kwargs = dict(kwargs)
+    if "bias" in kwargs:
+        bias = kwargs.pop("bias")
+    elif len(args) > 2:
+        bias = args[2]
+        args[2] = None
+    else:
+        bias = None
+    # both parts in one call; the total is their sum plus the bias (the real
+    # op's value up to round-off), which saves a third of the layer's work
+    batched = x.rel.dim() >= 2 if _name(func) == "linear" else x.rel.dim() == args[1].dim()
+    if batched:
+        rel, irr = func(torch.cat([x.rel, x.irr]), *args[1:], **kwargs).chunk(2)
+    else:
+        rel, irr = func(x.rel, *args[1:], **kwargs), func(x.irr, *args[1:], **kwargs)
+    total = rel + irr
+    if bias is not None:
+        if _name(func) == "linear":
+            shaped = bias
+        else:
+            shaped = bias.reshape((-1,) + (1,) * (args[1].dim() - 2))
+        total = total + shaped
+        rel, irr = _split_constant(rel, irr, shaped, _row_share(x.rel, x.irr))
+    return CDTensor.wrap(rel, irr, total)
+
+
+def _rule_batch_norm(func, args, kwargs):
+    names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    if bound["training"] or bound["running_mean"] is None or bound["running_var"] is None:
+        raise UnsupportedOperationError(
+            "contextual decomposition supports batch norm in eval mode with running "
+            "statistics only (batch statistics would mix the decompositions of the batch)"
+        )
+    total = _true_result(func, args, kwargs)
+    shape = (-1,) + (1,) * (x.total.dim() - 2)
+    scale = torch.rsqrt(bound["running_var"] + bound["eps"])
+    if bound["weight"] is not None:
+        scale = scale * bound["weight"]
+    shift = -bound["running_mean"] * scale
+    if bound["bias"] is not None:
+        shift = shift + bound["bias"]
+    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    rel, irr = _split_constant(
+        x.rel * scale, x.irr * scale, shift, _row_share(x.rel, x.irr)
+    )
+    return CDTensor.wrap(rel, irr, total)
+
+
+def _rule_layer_norm(func, args, kwargs):
+    names = ["input", "normalized_shape", "weight", "bias", "eps"]
+    bound = {"weight": None, "bias": None, "eps": 1e-5}
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    shape = bound["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dims = tuple(range(-len(shape), 0))
+    total = _true_result(func, args, kwargs)
+    var = x.total.var(dim=dims, unbiased=False, keepdim=True)
+    inv_std = torch.rsqrt(var + bound["eps"])
+    rel = (x.rel - x.rel.mean(dim=dims, keepdim=True)) * inv_std
+    irr = (x.irr - x.irr.mean(dim=dims, keepdim=True)) * inv_std
+    if bound["weight"] is not None:
+        rel, irr = rel * bound["weight"], irr * bound["weight"]
+    if bound["bias"] is not None:
+        rel, irr = _split_constant(rel, irr, bound["bias"], _row_share(x.rel, x.irr))
+    return CDTensor.wrap(rel, irr, total)
+
+
+def _elementwise(func, args, kwargs) -> Tuple[CDTensor, Callable[[Tensor], Tensor], Tensor]:
+    x = args[0]
+    if not isinstance(x, CDTensor):
+        return _second_operand_linear(func, args, kwargs)
+    call_args, call_kwargs = _out_of_place(_name(func), args, kwargs)
+    rest = tuple(tree_map(_plain, tuple(call_args[1:])))
+    call_kwargs = tree_map(_plain, call_kwargs)
+
+    def f(t: Tensor) -> Tensor:
+        return func(t, *rest, **call_kwargs)
+
+    return x, f, f(x.total)
+
+
+def _rule_relu_family(func, args, kwargs):
+    """beta' = f(beta), gamma' = f(beta + gamma) - f(beta)."""
+    x, f, total = _elementwise(func, args, kwargs)
+    rel = f(x.rel)
+    return _finish(_name(func), args, kwargs, rel, total - rel, total)
+
+
+def _shapley_two(f: Callable[[Tensor], Tensor], rel: Tensor, irr: Tensor, f_total: Tensor):
+    """Two-player Shapley split of f(rel + irr); f(0) shared like a bias."""
+    f_zero = f(torch.zeros((), dtype=rel.dtype, device=rel.device))
+    f_rel, f_irr = f(rel), f(irr)
+    b = 0.5 * ((f_rel - f_zero) + (f_total - f_irr))
+    c = 0.5 * ((f_irr - f_zero) + (f_total - f_rel))
+    return _split_constant(b, c, f_zero, _row_share(rel, irr))
+
+
+def _rule_smooth(func, args, kwargs):
+    x, f, total = _elementwise(func, args, kwargs)
+    rel, irr = _shapley_two(f, x.rel, x.irr, total)
+    return _finish(_name(func), args, kwargs, rel, irr, total)
+
+
+def _rule_max_pool(func, args, kwargs):
+    x = args[0]
+    name = _name(func)
+    dims = 3 if "3d" in name else 2 if "2d" in name else 1
+    wants_indices = kwargs.get("return_indices", args[6] if len(args) > 6 else False)
+    call_args, call_kwargs = list(args), dict(kwargs)
+    if len(call_args) > 6:
+        call_args[6] = True
+    else:
+        call_kwargs["return_indices"] = True
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
+    with _DISABLE():
+        total, indices = pool(x.total, *tree_map(_plain, tuple(call_args[1:])), **call_kwargs)
+    flat_index = indices.flatten(-dims)
+    rel = x.rel.flatten(-dims).gather(-1, flat_index).view_as(indices)
+    irr = x.irr.flatten(-dims).gather(-1, flat_index).view_as(indices)
+    out = CDTensor.wrap(rel, irr, total)
+    return (out, indices) if wants_indices else out
+
+
+def _terms(name: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tuple[float, Any]]:
+    """(coefficient, operand) terms of an addition/subtraction."""
+    alpha = kwargs.get("alpha", 1)
+    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    if name in ("__rsub__", "rsub"):
+        return [(1, b), (-alpha, a)]
+    if name in ("sub", "sub_", "__sub__", "__isub__", "subtract"):
+        return [(1, a), (-alpha, b)]
+    return [(1, a), (alpha, b)]
+
+
+def _rule_add(func, args, kwargs):
+    name = _name(func)
+    total = _true_result(func, args, kwargs)
+    rel = irr = None
+    const: Any = 0
+    for coef, operand in _terms(name, args, kwargs):
+        if isinstance(operand, CDTensor):
+            r, i = (operand.rel, operand.irr) if coef == 1 else (coef * operand.rel, coef * operand.irr)
+            rel = r if rel is None else rel + r
+            irr = i if irr is None else irr + i
+        else:
+            const = const + coef * operand
+    assert rel is not None and irr is not None
+    if isinstance(const, Tensor) or const != 0:
+        tie = _row_share(rel, irr)
+        rel, irr = torch.broadcast_tensors(rel, irr, total)[:2]
+        rel, irr = _split_constant(rel, irr, const, tie)
+    else:
+        rel, irr = rel.expand_as(total), irr.expand_as(total)
+    return _finish(name, args, kwargs, rel, irr, total)
+
+
+def _rule_scale(func, args, kwargs):
+    """Multiplication / division / matmul with exactly one decomposed operand."""
+    name = _name(func)
+    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    cd_args = [x for x in (a, b) if isinstance(x, CDTensor)]
+    divides = name in ("div", "div_", "__truediv__", "__itruediv__", "true_divide", "divide")
+    if len(cd_args) != 1 or (divides and isinstance(b, CDTensor)) or name == "__rtruediv__":
+        raise UnsupportedOperationError(
+            f"contextual decomposition: `{_qualname(func)}` is supported only between a "
+            f"decomposed activation and a constant (no product or division of two "
+            f"decomposed activations, no division by one)"
+        )
+    total = _true_result(func, args, kwargs)
+    rest_kwargs = tree_map(_plain, {k: v for k, v in kwargs.items() if k != "other"})
+    if isinstance(a, CDTensor):
+        other = _plain(b)
+        rel = func(a.rel, other, **rest_kwargs)
+        irr = func(a.irr, other, **rest_kwargs)
+    else:
+        rel = func(a, b.rel, **rest_kwargs)
+        irr = func(a, b.irr, **rest_kwargs)
+    return _finish(name, args, kwargs, rel, irr, total)
+
+
+def _rule_cat(func, args, kwargs):
+    tensors = args[0] if args else kwargs["tensors"]
+    rest = tuple(args[1:])
+    rest_kwargs = {k: v for k, v in kwargs.items() if k != "tensors"}
+    total = _true_result(func, args, kwargs)
+    rels = [t.rel if isinstance(t, CDTensor) else torch.zeros_like(t) for t in tensors]
+    irrs = [t.irr if isinstance(t, CDTensor) else t for t in tensors]
+    return CDTensor.wrap(func(rels, *rest, **rest_kwargs), func(irrs, *rest, **rest_kwargs), total)
+
+
+def _rule_embedding(func, args, kwargs):
+    ids = args[0] if args else kwargs["input"]
+    if not isinstance(ids, MaskedIndices):
+        raise UnsupportedOperationError(
+            "contextual decomposition: the embedding lookup must take the token ids "
+            "given as inputs"
+        )
+    total = _true_result(func, args, kwargs)
+    mask = ids.mask.to(total.dtype).unsqueeze(-1)
+    rel = total * mask
+    return CDTensor.wrap(rel, total * (1 - mask), total)
+
+
+def _rule_index_passthrough(func, args, kwargs):
+    """Casts/moves of token ids keep their mask."""
+    ids = args[0]
+    out = _true_result(func, args, kwargs)
+    if isinstance(ids, MaskedIndices) and isinstance(out, Tensor) and out.shape == ids.ids.shape:
+        return MaskedIndices.wrap(out, ids.mask)
+    return out
+
+
+# --- LSTM (Murdoch, Liu, Yu 2018) --------------------------------------------
+
+
+def _shapley_three(f, rel: Tensor, irr: Tensor, bias: Tensor):
+    """Shapley split of f(rel + irr + bias) over rel and irr, the bias always present."""
+    f_b = f(bias)
+    f_rb, f_ib, f_all = f(rel + bias), f(irr + bias), f(rel + irr + bias)
+    rel_c = 0.5 * ((f_rb - f_b) + (f_all - f_ib))
+    irr_c = 0.5 * ((f_ib - f_b) + (f_all - f_rb))
+    return rel_c, irr_c, f_b.expand_as(rel_c)
+
+
+def _lstm_direction(
+    x_rel: Tensor,
+    x_irr: Tensor,
+    weights: Sequence[Tensor],
+    h0: Tuple[Tensor, Tensor],
+    c0: Tuple[Tensor, Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One direction of one layer, inputs (B, T, F); returns output parts and last h, c parts."""
+    w_ih, w_hh = weights[0], weights[1]
+    if len(weights) >= 4:
+        bias = weights[2] + weights[3]
+    else:
+        bias = torch.zeros(w_ih.shape[0], dtype=x_rel.dtype, device=x_rel.device)
+    b_i, b_f, b_g, b_o = bias.chunk(4)
+    h_rel, h_irr = h0
+    c_rel, c_irr = c0
+    # input projections for all steps at once
+    pre_x_rel = x_rel @ w_ih.T
+    pre_x_irr = x_irr @ w_ih.T
+    rel_mass = x_rel.abs().sum(-1)
+    irr_mass = x_irr.abs().sum(-1)
+    mass = rel_mass + irr_mass
+    step_share = torch.where(mass > 0, rel_mass / torch.where(mass > 0, mass, 1), 0.5)
+    out_rel, out_irr = [], []
+    for t in range(x_rel.shape[1]):
+        pre_rel = (pre_x_rel[:, t] + h_rel @ w_hh.T).chunk(4, dim=-1)
+        pre_irr = (pre_x_irr[:, t] + h_irr @ w_hh.T).chunk(4, dim=-1)
+        i_r, i_i, i_b = _shapley_three(torch.sigmoid, pre_rel[0], pre_irr[0], b_i)
+        f_r, f_i, f_b = _shapley_three(torch.sigmoid, pre_rel[1], pre_irr[1], b_f)
+        g_r, g_i, g_b = _shapley_three(torch.tanh, pre_rel[2], pre_irr[2], b_g)
+        o = torch.sigmoid(pre_rel[3] + pre_irr[3] + b_o)
+        bias_product = i_b * g_b
+        share = step_share[:, t : t + 1]
+        new_c_rel = (
+            (f_r + f_b) * c_rel + i_r * (g_r + g_b) + i_b * g_r + share * bias_product
+        )
+        new_c_irr = (
+            (f_r + f_i + f_b) * c_irr
+            + f_i * c_rel
+            + i_i * (g_r + g_i + g_b)
+            + (i_r + i_b) * g_i
+            + (1 - share) * bias_product
+        )
+        c_rel, c_irr = new_c_rel, new_c_irr
+        tanh_rel, tanh_irr = _shapley_two(torch.tanh, c_rel, c_irr, torch.tanh(c_rel + c_irr))
+        h_rel, h_irr = o * tanh_rel, o * tanh_irr
+        out_rel.append(h_rel)
+        out_irr.append(h_irr)
+    return (
+        torch.stack(out_rel, 1), torch.stack(out_irr, 1), h_rel, h_irr, c_rel, c_irr
+    )
+
+
+def _rule_lstm(func, args, kwargs):
+    names = ["input", "hx", "params", "has_biases", "num_layers", "dropout", "train",
+             "bidirectional", "batch_first"]
+    if len(args) != len(names) or not isinstance(args[0], CDTensor):
+        raise UnsupportedOperationError(
+            "contextual decomposition supports nn.LSTM on a padded (not packed) "
+            "decomposed input only"
+        )
+    bound = dict(zip(names, args))
+    if bound["train"] and bound["dropout"] > 0 and bound["num_layers"] > 1:
+        raise UnsupportedOperationError(
+            "contextual decomposition explains the LSTM in eval mode (dropout active)"
+        )
+    total = _true_result(func, args, kwargs)
+    x = bound["input"]
+    params = [_plain(p) for p in bound["params"]]
+    dirs = 2 if bound["bidirectional"] else 1
+    layers = bound["num_layers"]
+    per = len(params) // (layers * dirs)
+    if per not in (2, 4):
+        raise UnsupportedOperationError(
+            "contextual decomposition: nn.LSTM with proj_size > 0 is not supported"
+        )
+    batch_first = bound["batch_first"]
+    unbatched = x.total.dim() == 2
+    rel, irr = x.rel, x.irr
+    if unbatched:
+        rel, irr = rel.unsqueeze(0 if batch_first else 1), irr.unsqueeze(0 if batch_first else 1)
+    if not batch_first:
+        rel, irr = rel.transpose(0, 1), irr.transpose(0, 1)
+    h0, c0 = bound["hx"]
+
+    def state(s, index):
+        s_plain = _plain(s)[index]
+        if unbatched:
+            s_plain = s_plain.unsqueeze(0)
+        if isinstance(s, CDTensor):
+            r, i = s.rel[index], s.irr[index]
+            if unbatched:
+                r, i = r.unsqueeze(0), i.unsqueeze(0)
+            return r, i
+        return torch.zeros_like(s_plain), s_plain
+
+    h_rels, h_irrs, c_rels, c_irrs = [], [], [], []
+    for layer in range(layers):
+        outs_rel, outs_irr = [], []
+        for direction in range(dirs):
+            k = layer * dirs + direction
+            weights = params[k * per : (k + 1) * per]
+            seq_rel, seq_irr = (rel, irr) if direction == 0 else (rel.flip(1), irr.flip(1))
+            o_rel, o_irr, hr, hi, cr, ci = _lstm_direction(
+                seq_rel, seq_irr, weights, state(h0, k), state(c0, k)
+            )
+            if direction == 1:
+                o_rel, o_irr = o_rel.flip(1), o_irr.flip(1)
+            outs_rel.append(o_rel)
+            outs_irr.append(o_irr)
+            h_rels.append(hr)
+            h_irrs.append(hi)
+            c_rels.append(cr)
+            c_irrs.append(ci)
+        rel, irr = torch.cat(outs_rel, -1), torch.cat(outs_irr, -1)
+    if not batch_first:
+        rel, irr = rel.transpose(0, 1), irr.transpose(0, 1)
+    hn_rel, hn_irr = torch.stack(h_rels), torch.stack(h_irrs)
+    cn_rel, cn_irr = torch.stack(c_rels), torch.stack(c_irrs)
+    if unbatched:
+        squeeze = 0 if batch_first else 1
+        rel, irr = rel.squeeze(squeeze), irr.squeeze(squeeze)
+        hn_rel, hn_irr, cn_rel, cn_irr = (t.squeeze(1) for t in (hn_rel, hn_irr, cn_rel, cn_irr))
+    out, h_n, c_n = total
+    return (
+        CDTensor.wrap(rel, irr, out),
+        CDTensor.wrap(hn_rel, hn_irr, h_n),
+        CDTensor.wrap(cn_rel, cn_irr, c_n),
+    )
+
+
+# ----------------------------------------------------------------------------
+# rule table (keyed by function name: torch.X, Tensor.X and F.X share names)
+
+_LINEAR_NAMES = [
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
+    "transpose", "swapaxes", "swapdims", "movedim", "t", "squeeze", "unsqueeze",
+    "contiguous", "__getitem__", "select", "narrow", "expand", "expand_as", "repeat",
+    "flip", "roll", "chunk", "split", "unbind", "tensor_split", "clone", "detach", "to",
+    "float", "double", "half", "type_as", "sum", "mean", "neg", "__neg__", "negative",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle", "pixel_unshuffle",
+    "diagonal", "tril", "triu",
+]
+
+_RULES: Dict[str, Callable] = {}
+_RULES.update({n: _rule_linear_op for n in _LINEAR_NAMES})
+_RULES.update({n: _rule_affine for n in ("linear", "conv1d", "conv2d", "conv3d")})
+_RULES.update({
+    n: _rule_relu_family
+    for n in ("relu", "relu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "relu6",
+              "elu", "elu_")
+})
+_RULES.update({
+    n: _rule_smooth
+    for n in ("tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "softplus")
+})
+_RULES.update({
+    n: _rule_max_pool
+    for n in ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+              "max_pool2d_with_indices", "max_pool3d_with_indices")
+})
+_RULES.update({
+    n: _rule_dropout
+    for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+              "feature_alpha_dropout")
+})
+_RULES.update({
+    n: _rule_add
+    for n in ("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
+              "__isub__", "__rsub__", "rsub", "subtract")
+})
+_RULES.update({
+    n: _rule_scale
+    for n in ("mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "div", "div_",
+              "__truediv__", "__itruediv__", "__rtruediv__", "true_divide", "divide",
+              "matmul", "__matmul__", "__rmatmul__", "mm", "bmm")
+})
+_RULES.update({n: _rule_cat for n in ("cat", "concat", "concatenate", "stack", "hstack", "vstack")})
+_RULES["pad"] = _rule_pad
+_RULES["batch_norm"] = _rule_batch_norm
+_RULES["layer_norm"] = _rule_layer_norm
+_RULES["embedding"] = _rule_embedding
+_RULES["lstm"] = _rule_lstm
+_INDEX_OK = {"embedding", "to", "contiguous", "clone", "detach", "long", "int"}
+_INDEX_RULES = {"to", "contiguous", "clone", "detach", "long", "int"}
+
+
+def _rule_maybe_index(func, args, kwargs):
+    if args and isinstance(args[0], MaskedIndices):
+        return _rule_index_passthrough(func, args, kwargs)
+    return _RULES_BASE[_name(func)](func, args, kwargs)
+
+
+_RULES_BASE = dict(_RULES)
+for _n in _INDEX_RULES:
+    _RULES[_n] = _rule_maybe_index
+
+
+def supported_operations() -> str:
+    """A readable list of the operations with a CD rule."""
+    groups = [
+        "affine: nn.Linear/F.linear, nn.Conv1d/2d/3d",
+        "nn.BatchNorm (eval, running stats), nn.LayerNorm",
+        "ReLU family: relu, leaky_relu, relu6/hardtanh, elu",
+        "Shapley-linearized: tanh, sigmoid, gelu, silu, softplus",
+        "max_pool1d/2d/3d, avg_pool*, adaptive_avg_pool*, dropout (eval)",
+        "view/reshape/flatten/permute/transpose/indexing/sum/mean/cat/stack/pad(0)",
+        "addition of activations (residuals) or of constants, multiplication/division/"
+        "matmul by constants",
+        "nn.Embedding (token ids), nn.LSTM",
+    ]
+    return "; ".join(groups)
+
+
+__all__ = [
+    "CDTensor",
+    "MaskedIndices",
+    "UnsupportedOperationError",
+    "supported_operations",
+]

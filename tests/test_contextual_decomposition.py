@@ -1,0 +1,379 @@
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captum_interactions import ContextualDecomposition
+from captum_interactions._utils.cd_rules import UnsupportedOperationError
+
+DTYPE = torch.float64
+TOL = dict(rtol=0, atol=1e-12)
+
+
+def mlp(activation):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), activation, nn.Linear(10, 3)).to(DTYPE)
+
+
+class Residual(nn.Module):
+    """Functional ops, a residual +, x.view and modules used out of declaration order."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.Linear(6, 6)
+        self.early = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.norm = nn.LayerNorm(12)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = F.relu(self.early(x))
+        h = h + self.late(x)  # residual
+        h = 0.5 * h - 1.0
+        h = torch.flatten(self.conv(h.view(h.shape[0], 1, -1)), 1)
+        h = torch.tanh(self.norm(h))
+        return self.out(torch.cat([h[:, :6], h[:, 6:]], dim=1))
+
+
+class TextLSTM(nn.Module):
+    def __init__(self, batch_first=True, bidirectional=False, num_layers=1, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(12, 5)
+        self.lstm = nn.LSTM(5, 7, num_layers=num_layers, batch_first=batch_first,
+                            bidirectional=bidirectional)
+        self.head = nn.Linear(7 * (2 if bidirectional else 1), 2)
+
+    def forward(self, ids):
+        e = self.embed(ids)
+        if not self.batch_first:
+            e = e.transpose(0, 1)
+        out, _ = self.lstm(e)
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(last)
+
+
+def image_model(*layers):
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).to(DTYPE)
+
+
+def bn(module):
+    module.running_mean.uniform_(-0.5, 0.5)
+    module.running_var.uniform_(0.5, 2.0)
+    module.weight.data.uniform_(0.5, 1.5)
+    module.bias.data.uniform_(-0.5, 0.5)
+    return module
+
+
+def cases():
+    torch.manual_seed(0)
+    img = lambda: torch.randn(3, 2, 8, 8, dtype=DTYPE)  # noqa: E731
+    vec = lambda: torch.randn(4, 6, dtype=DTYPE)  # noqa: E731
+    seq = lambda: torch.randn(3, 2, 10, dtype=DTYPE)  # noqa: E731
+    return {
+        "relu": (mlp(nn.ReLU()), vec),
+        "leaky_relu": (mlp(nn.LeakyReLU(0.1)), vec),
+        "relu6": (mlp(nn.ReLU6()), vec),
+        "elu": (mlp(nn.ELU()), vec),
+        "tanh": (mlp(nn.Tanh()), vec),
+        "sigmoid": (mlp(nn.Sigmoid()), vec),
+        "gelu": (mlp(nn.GELU()), vec),
+        "silu": (mlp(nn.SiLU()), vec),
+        "softplus": (mlp(nn.Softplus(beta=2.0)), vec),
+        "layer_norm": (mlp(nn.LayerNorm(10)), vec),
+        "batch_norm1d": (mlp(bn(nn.BatchNorm1d(10).to(DTYPE))), vec),
+        "dropout": (mlp(nn.Dropout(0.5)), vec),
+        "conv2d_bn_maxpool": (image_model(
+            nn.Conv2d(2, 4, 3, padding=1), bn(nn.BatchNorm2d(4)), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2), nn.Conv2d(4, 3, 3), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Flatten(), nn.Linear(3, 2)), img),
+        "adaptive_avg_pool": (image_model(
+            nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16, 2)), img),
+        "conv1d_maxpool1d": (image_model(
+            nn.Conv1d(2, 4, 3), nn.ReLU(), nn.MaxPool1d(2), nn.AdaptiveAvgPool1d(2),
+            nn.Flatten(), nn.Linear(8, 2)), seq),
+        "functional_residual": (Residual().to(DTYPE), vec),
+    }
+
+
+@pytest.mark.parametrize("name", list(cases()))
+def test_completeness_and_full_and_empty_masks(name):
+    model, make_x = cases()[name]
+    model.eval()
+    x = make_x()
+    cd = ContextualDecomposition(model)
+    with torch.no_grad():
+        out = model(x)
+    torch.manual_seed(1)
+    mask = (torch.rand((1,) + x.shape[1:]) > 0.5).to(DTYPE)
+    rel, irr = cd.decompose(x, mask)
+    torch.testing.assert_close(rel + irr, out, **TOL)
+    assert rel.abs().max() > 1e-3 and irr.abs().max() > 1e-3
+    rel, irr = cd.decompose(x, torch.ones_like(mask))
+    torch.testing.assert_close(rel, out, **TOL)
+    torch.testing.assert_close(irr, torch.zeros_like(irr), **TOL)
+    rel, irr = cd.decompose(x, torch.zeros_like(mask))
+    torch.testing.assert_close(rel, torch.zeros_like(rel), **TOL)
+    torch.testing.assert_close(irr, out, **TOL)
+
+
+def test_empty_mask_on_an_all_zero_input_shares_the_bias_evenly():
+    # |W beta| = |W gamma| = 0 -> the bias is split evenly: the precise exception
+    # to "empty mask -> (0, output)".
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).to(DTYPE)
+    rel, irr = ContextualDecomposition(lin).decompose(
+        torch.zeros(1, 3, dtype=DTYPE), torch.zeros(3)
+    )
+    torch.testing.assert_close(rel[0], lin.bias.detach() / 2, **TOL)
+    torch.testing.assert_close(irr[0], lin.bias.detach() / 2, **TOL)
+
+
+def test_one_linear_layer_closed_form():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4).to(DTYPE)
+    x = torch.randn(3, 5, dtype=DTYPE)
+    mask = torch.tensor([1.0, 0, 1, 0, 0], dtype=DTYPE)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    r, s = (x * mask) @ w.T, (x * (1 - mask)) @ w.T
+    share = r.abs() / (r.abs() + s.abs())
+    rel, irr = ContextualDecomposition(lin).decompose(x, mask)
+    torch.testing.assert_close(rel, r + share * b, **TOL)
+    torch.testing.assert_close(irr, s + (1 - share) * b, **TOL)
+
+
+def test_shapley_rule_for_one_sigmoid_closed_form():
+    # beta' = b + f(0) |b| / (|b| + |c|), b, c the two-player Shapley values of f - f(0)
+    x = torch.tensor([[0.7, -1.3]], dtype=DTYPE)
+    mask = torch.tensor([1.0, 0.0], dtype=DTYPE)
+    model = nn.Sequential(nn.Sigmoid())
+    rel, irr = ContextualDecomposition(model).decompose(x, mask)
+    f = torch.sigmoid
+    beta, gamma = x * mask, x * (1 - mask)
+    b = 0.5 * (f(beta) - 0.5 + f(x) - f(gamma))
+    c = 0.5 * (f(gamma) - 0.5 + f(x) - f(beta))
+    share = b.abs() / (b.abs() + c.abs())
+    torch.testing.assert_close(rel, b + 0.5 * share, **TOL)
+    torch.testing.assert_close(irr, c + 0.5 * (1 - share), **TOL)
+
+
+def test_batched_masks_equal_one_at_a_time_and_attribute_and_chunking():
+    model, make_x = cases()["conv2d_bn_maxpool"]
+    model.eval()
+    x = make_x()
+    torch.manual_seed(3)
+    masks = (torch.rand(5, 1, 1, 8, 8) > 0.5).to(DTYPE)
+    cd = ContextualDecomposition(model)
+    rel_b, irr_b = cd.decompose(x, masks)
+    for k in range(5):
+        rel, irr = cd.decompose(x, masks[k])
+        torch.testing.assert_close(rel_b[k], rel, **TOL)
+        torch.testing.assert_close(irr_b[k], irr, **TOL)
+    # feature groups: 4 quadrants x channels shared
+    quadrant = (torch.arange(8)[:, None] // 4) * 2 + torch.arange(8)[None, :] // 4
+    scores = cd.attribute(x, feature_mask=quadrant.view(1, 1, 8, 8), target=1)
+    assert scores.shape == (3, 4)
+    for g in range(4):
+        rel, _ = cd.decompose(x, (quadrant == g).view(1, 1, 8, 8), target=1)
+        torch.testing.assert_close(scores[:, g], rel, **TOL)
+    chunked = cd.attribute(x, feature_mask=quadrant.view(1, 1, 8, 8), target=1,
+                           internal_batch_size=4)
+    torch.testing.assert_close(chunked, scores, **TOL)
+    # per-example targets
+    per_example = cd.attribute(x, feature_mask=quadrant.view(1, 1, 8, 8), target=[0, 1, 0])
+    torch.testing.assert_close(per_example[1], scores[1], **TOL)
+
+
+def test_interactions_layout_and_definition():
+    model = mlp(nn.Tanh())
+    x = torch.randn(2, 6, dtype=DTYPE)
+    groups = torch.tensor([0, 0, 1, 2, 2, 3])
+    cd = ContextualDecomposition(model)
+    inter = cd.interactions(x, feature_mask=groups, target=0)
+    assert inter.shape == (2, 4, 4)
+    torch.testing.assert_close(inter, inter.transpose(1, 2), **TOL)
+    single = cd.attribute(x, feature_mask=groups, target=0)
+    torch.testing.assert_close(torch.diagonal(inter, dim1=1, dim2=2), single, **TOL)
+    union, _ = cd.decompose(x, ((groups == 1) | (groups == 3)).to(DTYPE), target=0)
+    torch.testing.assert_close(inter[:, 1, 3], union - single[:, 1] - single[:, 3], **TOL)
+    assert inter[:, 1, 3].abs().max() > 1e-4
+    # a bias-free linear model is additive: no interactions
+    lin = nn.Linear(6, 1, bias=False).to(DTYPE)
+    inter = ContextualDecomposition(lin).interactions(x, feature_mask=groups)
+    off = inter - torch.diag_embed(torch.diagonal(inter, dim1=1, dim2=2))
+    torch.testing.assert_close(off, torch.zeros_like(off), **TOL)
+
+
+def test_tuple_inputs_with_a_feature_mask_across_the_tuple():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, x, y):
+            return F.relu(self.a(x) + self.b(y)).sum(1)
+
+    torch.manual_seed(0)
+    model = Two().to(DTYPE)
+    x, y = torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 2, dtype=DTYPE)
+    masks = (torch.tensor([0, 1, 1]), torch.tensor([2, 0]))
+    cd = ContextualDecomposition(model)
+    scores = cd.attribute((x, y), feature_mask=masks)
+    rel, irr = cd.decompose((x, y), (torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1])))
+    torch.testing.assert_close(scores[:, 0], rel, **TOL)
+    torch.testing.assert_close(rel + irr, model(x, y).detach(), **TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(batch_first=True), dict(batch_first=False),
+               dict(bidirectional=True, num_layers=2)]
+)
+def test_lstm_completeness_and_full_span_has_zero_irrelevant(kwargs):
+    model = TextLSTM(**kwargs).to(DTYPE).eval()
+    ids = torch.randint(0, 12, (3, 7), generator=torch.Generator().manual_seed(0))
+    cd = ContextualDecomposition(model)
+    with torch.no_grad():
+        out = model(ids)
+    rel, irr = cd.decompose(ids, torch.tensor([0, 0, 1, 1, 1, 0, 0]))
+    torch.testing.assert_close(rel + irr, out, **TOL)
+    assert rel.abs().max() > 1e-4 and irr.abs().max() > 1e-4
+    rel, irr = cd.decompose(ids, torch.ones(7))
+    assert torch.equal(irr, torch.zeros_like(irr))
+    torch.testing.assert_close(rel, out, **TOL)
+    rel, irr = cd.decompose(ids, torch.zeros(7))
+    torch.testing.assert_close(rel, torch.zeros_like(rel), **TOL)
+
+
+def test_lstm_single_step_matches_murdoch_rules_by_hand():
+    # T = 1, relevant token: c = i * g with the bias-bias product relevant
+    model = TextLSTM().to(DTYPE).eval()
+    ids = torch.tensor([[3]])
+    rel, irr = ContextualDecomposition(model.lstm).decompose(
+        model.embed(ids).detach(), torch.ones(1, 1, 1)
+    )
+    out, _ = model.lstm(model.embed(ids))
+    torch.testing.assert_close(rel, out.detach(), **TOL)
+    assert torch.equal(irr, torch.zeros_like(irr))
+
+
+def test_unsupported_operation_names_it_and_restores_the_model():
+    class Softmaxed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.softmax(self.lin(x), dim=1)
+
+    model = Softmaxed().to(DTYPE)
+    model.train()
+    with pytest.raises(UnsupportedOperationError, match="softmax") as err:
+        ContextualDecomposition(model).decompose(torch.randn(2, 3, dtype=DTYPE), torch.ones(3))
+    assert "Supported operations" in str(err.value) and "nn.LSTM" in str(err.value)
+    assert model.training and model.lin.training
+
+    class Product(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    with pytest.raises(UnsupportedOperationError, match="mul"):
+        ContextualDecomposition(Product()).decompose(torch.randn(2, 3), torch.ones(3))
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = mlp(nn.ReLU())
+    cd = ContextualDecomposition(model)
+    x = torch.randn(2, 6, dtype=DTYPE)
+    with pytest.raises(ValueError, match="binary"):
+        cd.decompose(x, torch.full((6,), 0.5))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cd.decompose(x, torch.ones(5))
+    with pytest.raises(ValueError, match="target"):
+        cd.attribute(x, feature_mask=torch.arange(6))
+    with pytest.raises(TypeError, match="inputs"):
+        cd.attribute([x], feature_mask=torch.arange(6))
+
+
+def _load_acd_cd():
+    """acd 0.0.2's ``cd`` (needs np.int; its package __init__ needs scikit-image,
+    which the CD scores do not use, so the subpackage is loaded without it)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    if not hasattr(np, "int"):
+        np.int = int  # acd uses the alias removed in numpy 1.24
+    spec = importlib.util.find_spec("acd")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    saved = sys.modules.get("acd")
+    try:
+        try:
+            import acd
+
+            return acd.cd
+        except ImportError:
+            package = types.ModuleType("acd")
+            package.__path__ = list(spec.submodule_search_locations)
+            sys.modules["acd"] = package
+            return importlib.import_module("acd.scores.cd").cd
+    except Exception:
+        if saved is not None:
+            sys.modules["acd"] = saved
+        return None
+
+
+ACD_CD = _load_acd_cd()
+
+
+@pytest.mark.skipif(ACD_CD is None, reason="the `acd` package does not import")
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_agrees_with_acd_package_on_sequential_models(kind):
+    import numpy as np
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 16),
+                              nn.ReLU(), nn.Linear(16, 3))
+        x = torch.randn(1, 10)
+        mask = (np.arange(10) % 3 == 0).astype(float)[None]
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(4, 6, 3), nn.ReLU(), nn.AvgPool2d(1), nn.Flatten(),
+                              nn.Linear(24, 5))
+        x = torch.randn(1, 1, 8, 8)
+        mask = np.zeros((1, 1, 8, 8))
+        mask[..., 2:6, 1:5] = 1
+    model.eval()
+    ref_rel, ref_irr = ACD_CD(x, model, mask=mask, device="cpu")
+    rel, irr = ContextualDecomposition(model).decompose(x, torch.tensor(mask))
+    scale = ref_rel.abs().max().item()
+    assert scale > 1e-2
+    torch.testing.assert_close(rel, ref_rel.detach(), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(irr, ref_irr.detach(), rtol=0, atol=1e-5 * scale)
+
+
+def test_full_and_empty_masks_on_images_with_zero_regions():
+    # conv windows over the zero border see W beta = W gamma = 0: the bias follows
+    # the example's relevant mass (all of it for a full mask, none for an empty one)
+    model, _ = cases()["conv2d_bn_maxpool"]
+    model.eval()
+    x = torch.zeros(2, 2, 8, 8, dtype=DTYPE)
+    x[:, :, 3:5, 2:6] = torch.randn(2, 2, 2, 4, dtype=DTYPE)
+    with torch.no_grad():
+        out = model(x)
+    cd = ContextualDecomposition(model)
+    rel, irr = cd.decompose(x, torch.ones(1, 8, 8))
+    torch.testing.assert_close(rel, out, **TOL)
+    torch.testing.assert_close(irr, torch.zeros_like(irr), **TOL)
+    rel, irr = cd.decompose(x, torch.zeros(1, 8, 8))
+    torch.testing.assert_close(rel, torch.zeros_like(rel), **TOL)
+    torch.testing.assert_close(irr, out, **TOL)
