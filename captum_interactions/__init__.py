@@ -7,3 +7,13 @@ __version__ = "0.1.0"
 from captum_interactions._core.expected_hessians import ExpectedHessians  # noqa: F401
 from captum_interactions._core.integrated_hessians import IntegratedHessians  # noqa: F401
 from captum_interactions._utils.softplus import replace_relu_with_softplus  # noqa: F401
+from captum_interactions._core.dataset import DatasetExplanation, explain_dataset  # noqa: F401
+from captum_interactions._core.smooth_hess import SmoothHess  # noqa: F401
+from captum_interactions._core.contextual_decomposition import ContextualDecomposition  # noqa: F401
+from captum_interactions._core.agglomerative_contextual_decomposition import (  # noqa: F401
+    AgglomerativeContextualDecomposition,
+    Hierarchy,
+)
+from captum_interactions._core.hope import HOPE  # noqa: F401
+from captum_interactions._utils.taylor_polynomial import TaylorPolynomial  # noqa: F401
+from captum_interactions._core.layer.layer_integrated_hessians import LayerIntegratedHessians  # noqa: F401

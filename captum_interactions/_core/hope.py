@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+import contextlib
+import math
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr._utils.attribution import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_interactions._utils.common import (
+    RowExpansion,
+    format_inputs,
+    model_modules,
+    preserved_module_state,
+    run_scalar_forward,
+    validate_internal_batch_size,
+    validate_positive_int,
+    validate_target,
+)
+from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
+from captum_interactions._utils.jets import Jet, UnsupportedJetOperation
+from captum_interactions._utils.taylor_polynomial import (
+    RecoveryPlan,
+    TaylorPolynomial,
+    monomials,
+)
+
+_MAX_MONOMIALS = 2_000_000
+
+
+@contextlib.contextmanager
+def _module_tracker(forward_func: Callable) -> Iterator[List[str]]:
+    """Names of the modules being executed (to name a failing layer); hooks removed after."""
+    stack: List[str] = []
+    handles = []
+    for root in model_modules(forward_func):
+        for name, module in root.named_modules():
+            label = f"{name or '<root>'} ({type(module).__name__})"
+
+            def pre(mod, inp, label=label):
+                stack.append(label)
+
+            def post(mod, inp, out, label=label):
+                if stack and stack[-1] == label:
+                    stack.pop()
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _default_names(groups: FeatureGroups, num_inputs: int) -> List[str]:
+    if not groups.is_identity:
+        return [f"g{int(g)}" for g in groups.group_ids.tolist()]
+    names = []
+    for i, shape in enumerate(groups.feature_shapes):
+        prefix = "x" if num_inputs == 1 else f"x{i + 1}_"
+        size = int(torch.Size(shape).numel())
+        if len(shape) <= 1:
+            names += [f"{prefix}{k + 1}" for k in range(size)]
+        else:
+            names += [f"{prefix}[{','.join(map(str, idx))}]"
+                      for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape])
+                      .reshape(size, -1).tolist()]
+    return names
+
+
+class HOPE(GradientAttribution):
+    r"""
+    HOPE (High-order Polynomial Expansion) writes the selected output of a
+    network as its Taylor polynomial at the input, up to order K:
+
+    .. math::
+        f(x_0 + \delta) \approx \sum_{k \le K} \frac{1}{k!} D^k f(x_0)[\delta^{\otimes k}]
+            = \sum_{|j| \le K} T_j\, \delta^j .
+
+    The derivatives are *exact* at every order and depth. They are computed
+    by Taylor-mode propagation: one forward pass carries the K + 1 normalized
+    Taylor coefficients of t -> f(x_0 + t v) through every operation of the
+    model (a ``torch.Tensor`` subclass intercepts the operations, so ordinary
+    ``nn.Module`` code works), for many directions v at once along the batch
+    axis; the mixed partials T_j of order d are then recovered exactly from the
+    directions v = i, |i| = d (Griewank, Utke and Walther, Math. Comp. 2000).
+    The reference implementation of the paper keeps only unmixed derivatives
+    at hidden layers, which is wrong at order >= 2 for stacked layers; this one
+    is not.
+
+    Cost: the number of directions is the number of monomials of the top
+    order, C(p + K - 1, K) (less the repeated lines), each a forward pass with
+    K + 1 coefficients and O(K^2) work per nonlinearity. With many input
+    features use ``feature_mask``: the variables are then the G group shifts.
+
+    Supported operations: see :func:`captum_interactions._utils.jets.supported_operations`
+    (linear/conv/pooling/reshape/indexing, elementwise sin, cos, tanh, sigmoid,
+    softplus, GELU, SiLU, exp, log, sqrt, pow, ReLU-family as piecewise
+    linear, add/mul/div/matmul, LayerNorm, softmax, BatchNorm and dropout in
+    eval mode). Any other operation raises a ``ValueError`` naming it and the
+    module it ran in.
+
+    Paper: Xiao, Zhang, Cheng, Suo, IEEE TPAMI 2024,
+    https://doi.org/10.1109/TPAMI.2024.3399197 (arXiv:2307.08192)
+    """
+
+    def __init__(self, forward_func: Callable) -> None:
+        r"""
+        Args:
+            forward_func (Callable): the forward function of the model or any
+                modification of it, built from supported operations.
+        """
+        GradientAttribution.__init__(self, forward_func)
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "HOPE"
+
+    def _univariate(
+        self,
+        inputs: Tuple[Tensor, ...],
+        groups: FeatureGroups,
+        plan: RecoveryPlan,
+        order: int,
+        target: TargetType,
+        additional_forward_args: Any,
+        internal_batch_size: Optional[int],
+    ) -> Tensor:
+        """(K + 1, n_directions, N) Taylor coefficients of f along every direction."""
+        num_examples = inputs[0].shape[0]
+        dtype, device = inputs[0].dtype, inputs[0].device
+        dirs = plan.direction_matrix(dtype, device)  # (Q, p)
+        n_dirs = dirs.shape[0]
+        per_chunk = n_dirs if internal_batch_size is None else max(
+            1, internal_batch_size // num_examples
+        )
+        expansion = RowExpansion(target, additional_forward_args, num_examples, n_dirs)
+        results = []
+        for start in range(0, n_dirs, per_chunk):
+            stop = min(n_dirs, start + per_chunk)
+            chunk = dirs[start:stop]
+            if groups.is_identity:
+                flat_dirs = chunk.unsqueeze(1).expand(-1, num_examples, -1)
+            else:
+                ind = groups.indicators(0, groups.num_groups, None, dtype=dtype)  # (G, rows|1, D)
+                flat_dirs = torch.einsum("qg,gnd->qnd", chunk, ind).expand(
+                    -1, num_examples, -1
+                )
+            jets = []
+            offset = 0
+            for x in inputs:
+                size = x[0].numel()
+                v = flat_dirs[..., offset : offset + size].reshape(
+                    (-1,) + tuple(x.shape[1:])
+                )
+                offset += size
+                coeffs = x.new_zeros((order + 1,) + v.shape)
+                coeffs[0] = x.unsqueeze(0).expand((stop - start,) + x.shape).reshape(v.shape)
+                if order >= 1:
+                    coeffs[1] = v
+                jets.append(Jet(coeffs))
+            rows_target, rows_args = expansion.rows(
+                start * num_examples, stop * num_examples
+            )
+            out = run_scalar_forward(self.forward_func, tuple(jets), rows_target, rows_args)
+            if isinstance(out, Jet):
+                coeffs = out.coefficients
+            else:  # output independent of the inputs
+                coeffs = torch.zeros((order + 1,) + out.shape, dtype=dtype, device=device)
+                coeffs[0] = out
+            results.append(coeffs.reshape(order + 1, stop - start, num_examples))
+        return torch.cat(results, dim=1)
+
+    def _coefficients(
+        self,
+        inputs: Tuple[Tensor, ...],
+        groups: FeatureGroups,
+        orders: Sequence[int],
+        target: TargetType,
+        additional_forward_args: Any,
+        internal_batch_size: Optional[int],
+    ):
+        top = max(orders)
+        p = groups.num_groups
+        count = math.comb(p + top - 1, top)
+        if count > _MAX_MONOMIALS:
+            raise ValueError(
+                f"an order-{top} expansion in {p} variables has {count} monomials of "
+                f"top order; pass a `feature_mask` with fewer groups or lower `order`"
+            )
+        plan = RecoveryPlan(p, orders)
+        with torch.no_grad(), preserved_module_state(self.forward_func), \
+                _module_tracker(self.forward_func) as stack:
+            try:
+                univariate = self._univariate(
+                    inputs, groups, plan, top, target, additional_forward_args,
+                    internal_batch_size,
+                )
+            except UnsupportedJetOperation as err:
+                where = f" (in module {stack[-1]})" if stack else ""
+                raise UnsupportedJetOperation(f"{err.args[0]}{where}") from None
+        return plan.recover(univariate)
+
+    def expand(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        order: int = 2,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
+        internal_batch_size: Optional[int] = None,
+        feature_names: Optional[Sequence[str]] = None,
+    ) -> TaylorPolynomial:
+        r"""
+        Taylor polynomial of the selected output at every example, up to ``order``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): expansion points, batch first.
+            order (int, optional): K, the highest order kept. Default: 2
+            target (int, tuple, Tensor or list, optional): output selection with
+                Captum's semantics (applied to every Taylor coefficient).
+                Default: None
+            additional_forward_args (Any, optional): further forward arguments.
+                Default: None
+            feature_mask (Tensor or tuple[Tensor, ...], optional): Captum group
+                ids; the variables become the G group shifts z_g, with
+                x = x_0 + sum_g z_g 1_g (so the order-2 part is the grouped
+                Hessian sum_{i in A, j in B} H_ij). Default: None
+            internal_batch_size (int, optional): most rows (directions x
+                examples) propagated at once. Default: None (all)
+            feature_names (sequence of str, optional): variable names for
+                printing. Default: x1..xD (one input), x{i}_{k} (tuples),
+                g{id} (groups)
+
+        Returns:
+            **polynomial** (TaylorPolynomial): a batched polynomial object
+            holding the N expansions (``poly[n]`` is example n); without a
+            mask its variables are the flattened, concatenated features and
+            its centers the inputs; with a mask the variables are group shifts
+            and the centers are 0.
+
+        Examples::
+
+            >>> import torch
+            >>> from captum_interactions import HOPE
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+            ...                           torch.nn.Linear(16, 1)).double()
+            >>> poly = HOPE(net).expand(torch.zeros(1, 2, dtype=torch.float64), order=4)
+            >>> print(poly.to_string(top=5))
+        """
+        inputs_t = format_inputs(inputs)
+        validate_positive_int(order, "order", minimum=0)
+        validate_internal_batch_size(internal_batch_size)
+        validate_target(target, inputs_t[0].shape[0])
+        groups = FeatureGroups(feature_mask, inputs_t)
+        coeffs = self._coefficients(
+            inputs_t, groups, list(range(order + 1)), target, additional_forward_args,
+            internal_batch_size,
+        )
+        p = groups.num_groups
+        exponents = [m for d in range(order + 1) for m in monomials(p, d)]
+        coefficients = torch.cat([coeffs[d] for d in range(order + 1)], dim=1)
+        if groups.is_identity:
+            center = flatten_features(inputs_t)
+        else:
+            center = inputs_t[0].new_zeros((inputs_t[0].shape[0], p))
+        return TaylorPolynomial(
+            torch.tensor(exponents, dtype=torch.long).reshape(len(exponents), p),
+            coefficients,
+            center,
+            feature_names if feature_names is not None
+            else _default_names(groups, len(inputs_t)),
+        )
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        order: int = 2,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
+        internal_batch_size: Optional[int] = None,
+    ) -> Any:
+        r"""
+        The exact order-``order`` derivative tensor of the selected output.
+
+        Only the directions of that order are propagated (C(p + k - 1, k)
+        lines, fewer after removing repeats), in one Taylor-mode pass.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): points, batch first.
+            order (int, optional): k >= 1. Default: 2 (the Hessian)
+            target, additional_forward_args, feature_mask, internal_batch_size:
+                as in :meth:`expand`.
+
+        Returns:
+            **derivatives**: for one input (N, *F): order 1 -> (N, *F), order 2 ->
+            (N, *F, *F), order k -> (N, *F x k). For a tuple of inputs, nested
+            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (DESIGN.md
+            section 2), a tuple of tensors for order 1. With ``feature_mask``:
+            one tensor (N, G, ..., G) over the groups in sorted id order.
+
+        Examples::
+
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+            ...                           torch.nn.Linear(8, 1))
+            >>> hess = HOPE(net).attribute(torch.randn(4, 3), order=2)
+            >>> hess.shape
+            torch.Size([4, 3, 3])
+        """
+        is_tuple = isinstance(inputs, tuple)
+        inputs_t = format_inputs(inputs)
+        validate_positive_int(order, "order")
+        validate_internal_batch_size(internal_batch_size)
+        validate_target(target, inputs_t[0].shape[0])
+        groups = FeatureGroups(feature_mask, inputs_t)
+        coeffs = self._coefficients(
+            inputs_t, groups, [order], target, additional_forward_args,
+            internal_batch_size,
+        )
+        p = groups.num_groups
+        poly = TaylorPolynomial(
+            torch.tensor(monomials(p, order), dtype=torch.long).reshape(-1, p),
+            coeffs[order],
+            inputs_t[0].new_zeros((inputs_t[0].shape[0], p)),
+        )
+        flat = poly.derivative_tensor(order)  # (N, p, ..., p)
+        if not groups.is_identity:
+            return flat
+        return _split_derivative(flat, groups.feature_shapes, order, is_tuple)
+
+
+def _split_derivative(flat: Tensor, shapes, order: int, is_tuple: bool):
+    """(N, D, ..., D) -> per-input blocks (N, *F_i1, ..., *F_ik), nested k deep."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+
+    def split(t: Tensor, axis: int, picked: List[int]):
+        if axis == order:
+            n = t.shape[0]
+            return t.reshape((n,) + tuple(d for i in picked for d in shapes[i]))
+        parts = torch.split(t, sizes, dim=1 + axis)
+        blocks = tuple(split(part, axis + 1, picked + [i]) for i, part in enumerate(parts))
+        return blocks if is_tuple else blocks[0]
+
+    return split(flat, 0, [])

@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+import contextlib
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+
+import torch
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_tensor_into_tuples,
+)
+from captum._utils.gradient import _forward_layer_eval
+from captum._utils.typing import BaselineType, TargetType
+from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor
+from torch.nn import Module
+
+from captum_interactions._core.integrated_hessians import output_difference, path_rows
+from captum_interactions._utils.common import (
+    RowExpansion,
+    format_baselines,
+    preserved_module_state,
+    validate_internal_batch_size,
+    validate_positive_int,
+    validate_target,
+)
+from captum_interactions._utils.feature_groups import FeatureGroups
+from captum_interactions._utils.hessian import (
+    CostCounter,
+    accumulate_path_interactions,
+    format_interaction_output,
+    gradients_with_graph,
+)
+from captum_interactions._utils.quadrature import log_weight_rule
+
+InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
+FeatureMaskType = Union[None, str, Tensor, Tuple[Tensor, ...]]
+
+#: ``feature_mask`` keywords: one group per position along dim 1 (tokens), or no grouping.
+TOKENS = "tokens"
+FULL = "full"
+
+
+def token_feature_mask(activations: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """One group per index of dim 1 of every tensor (ids global across the tuple).
+
+    For a layer output of shape (N, T, E) the groups are the T tokens, each over
+    its E embedding coordinates.
+    """
+    masks, offset = [], 0
+    for act in activations:
+        if act.dim() < 3:
+            raise ValueError(
+                "token groups (`feature_mask=None` or 'tokens') need layer "
+                "activations of shape (N, T, *E); got a tensor of shape "
+                f"{tuple(act.shape)}. Pass `feature_mask='full'` or an explicit mask"
+            )
+        length = act.shape[1]
+        ids = torch.arange(offset, offset + length, device=act.device)
+        masks.append(ids.view((1, length) + (1,) * (act.dim() - 2)).expand((1,) + act.shape[1:]))
+        offset += length
+    return tuple(masks)
+
+
+def _as_tuple(value: Any) -> Tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+class _LayerInjection:
+    """Forward (pre-)hook replacing a layer's output (input) with given tensors.
+
+    The hook is registered only for the duration of one forward call, inside
+    ``try/finally``, so the model is never left with it.
+    """
+
+    def __init__(self, layer: Module, attribute_to_layer_input: bool) -> None:
+        self.layer = layer
+        self.attribute_to_layer_input = attribute_to_layer_input
+
+    @contextlib.contextmanager
+    def replacing(self, tensors: Tuple[Tensor, ...]) -> Iterator[List[int]]:
+        calls: List[int] = []
+
+        def check(original: Tuple[Any, ...]) -> None:
+            if len(original) != len(tensors) or any(
+                not isinstance(o, Tensor) or o.shape != t.shape
+                for o, t in zip(original, tensors)
+            ):
+                shapes = [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
+                          for o in original]
+                raise ValueError(
+                    f"`layer` {type(self.layer).__name__} produced {shapes} in a path "
+                    f"evaluation, expected {[tuple(t.shape) for t in tensors]}: the "
+                    "layer must give the same shapes for the inputs and the baselines"
+                )
+            calls.append(1)
+
+        if self.attribute_to_layer_input:
+
+            def pre_hook(module: Module, args: Tuple[Any, ...]) -> Tuple[Tensor, ...]:
+                check(args)
+                return tensors
+
+            handle = self.layer.register_forward_pre_hook(pre_hook)
+        else:
+
+            def hook(module: Module, args: Any, output: Any) -> Any:
+                is_tuple = isinstance(output, tuple)
+                check(_as_tuple(output))
+                return tensors if is_tuple else tensors[0]
+
+            handle = self.layer.register_forward_hook(hook)
+        try:
+            yield calls
+        finally:
+            handle.remove()
+
+
+class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
+    r"""
+    Integrated Hessians in the space of a layer's activations: the
+    interactions between the units of ``layer`` (its output, or its input with
+    ``attribute_to_layer_input=True``) that explain the change f(x) - f(x')
+    (Janizek, Sturmfels and Lee, section 5.1). On a transformer's embedding
+    layer this gives token x token interactions.
+
+    As Captum's :class:`~captum.attr.LayerIntegratedGradients` does, the layer's
+    activations a(x) and a(x') are computed at the inputs and the baselines,
+    and the path points a(x') + t (a(x) - a(x')) are injected with a forward
+    hook while the model runs on the original inputs (so attention masks,
+    position ids and other inputs stay as they are). The Hessian-vector
+    products are taken with respect to the injected tensor:
+
+    .. math::
+        \Gamma_{AB} = \sum_{i\in A, j\in B} \Delta_i \Delta_j \int_0^1\!\!\int_0^1
+            \alpha\beta\, \partial_i\partial_j f(a' + \alpha\beta\Delta)\,
+            d\alpha\,d\beta \; (+ \text{the main effect on the diagonal}),
+
+    with :math:`\Delta = a(x) - a(x')` and groups A, B of layer units.
+
+    **Groups.** On a layer output of shape (N, T, *E) (an embedding layer:
+    tokens x embedding dimensions) the default groups are the T positions of
+    dim 1: the result is (N, T, T) and costs T Hessian-vector products per
+    path point (not T x E). ``feature_mask="full"`` returns the interactions of
+    every single unit, (N, T, *E, T, *E), at T x E HVPs per point; an explicit
+    integer ``feature_mask`` (Captum's meaning, broadcastable to the layer's
+    activations) gives any other grouping.
+
+    **Completeness.** :math:`\sum \Gamma = f(x) - f(x')` holds when the layer
+    is the only path from the inputs to the output (e.g. the word embeddings
+    of a transformer whose other inputs, such as the attention mask, are
+    passed in ``additional_forward_args`` and are the same for the inputs and
+    the baselines), as for Captum's LayerIntegratedGradients;
+    ``return_convergence_delta=True`` reports the error.
+
+    Second derivatives of Hugging Face models need an attention whose backward
+    is twice differentiable: load them with ``attn_implementation="eager"``.
+    ReLU networks have a zero Hessian almost everywhere; see
+    :func:`~captum_interactions.replace_relu_with_softplus`.
+
+    Paper: https://jmlr.org/papers/v22/20-1223.html (arXiv:2002.04138)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Module,
+        device_ids: Union[None, List[int]] = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        r"""
+        Args:
+            forward_func (Callable): the forward function of the model or any
+                modification of it.
+            layer (torch.nn.Module): the layer whose output (or input) is
+                explained. Its output must have the same shape at the inputs
+                and at the baselines. A list of layers is not supported.
+            device_ids (list[int], optional): device ids of a
+                ``DataParallel`` model, used (as in Captum) to gather the
+                layer's activations at the inputs and baselines. The path
+                evaluations run on the inputs' device. Default: None
+            multiply_by_inputs (bool, optional): whether the Delta factors
+                a(x) - a(x') are applied (the paper's definition, which
+                satisfies completeness). With ``False`` the "global" integrated
+                second derivatives are returned, as Captum's
+                ``multiply_by_inputs`` does for LayerIntegratedGradients.
+                Default: True
+        """
+        if isinstance(layer, (list, tuple)):
+            raise TypeError(
+                "`layer` must be one torch.nn.Module; lists of layers are not "
+                "supported by LayerIntegratedHessians"
+            )
+        if not isinstance(layer, Module):
+            raise TypeError(f"`layer` must be a torch.nn.Module, got {type(layer).__name__}")
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
+        self.last_call_cost = CostCounter()
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    def _layer_activations(
+        self,
+        inputs: Tuple[Tensor, ...],
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+    ) -> Tuple[Tensor, ...]:
+        activations = _forward_layer_eval(
+            self.forward_func,
+            inputs,
+            self.layer,
+            additional_forward_args=additional_forward_args,
+            device_ids=self.device_ids,
+            attribute_to_layer_input=attribute_to_layer_input,
+        )
+        activations = tuple(a.detach() for a in _as_tuple(activations))
+        where = "input" if attribute_to_layer_input else "output"
+        for i, act in enumerate(activations):
+            if not isinstance(act, Tensor) or not act.is_floating_point():
+                raise TypeError(
+                    f"the {where} of `layer` ({type(self.layer).__name__}) must be "
+                    f"floating point tensors to be differentiated; item {i} is "
+                    f"{getattr(act, 'dtype', type(act).__name__)}"
+                )
+        return activations
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 16,
+        method: str = "gausslog",
+        internal_batch_size: Optional[int] = None,
+        feature_mask: FeatureMaskType = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+    ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): the model's inputs, batch
+                first (e.g. token ids; they need not be floating point, only
+                the layer's activations are differentiated).
+            baselines (scalar, Tensor, tuple of scalar or Tensor, optional):
+                reference inputs, in the inputs' space and Captum's forms (None
+                means zeros; for text, e.g. pad-token ids from
+                :class:`captum.attr.TokenReferenceBase`). The layer's
+                activations at the baselines are the path's start.
+                Default: None
+            target (int, tuple, Tensor or list, optional): output indices to
+                explain, with Captum's semantics; required when the model has
+                more than one output per example. Default: None
+            additional_forward_args (Any, optional): further arguments of the
+                forward function after the inputs (e.g. attention masks); the
+                same for the inputs, the baselines and every path point.
+                Default: None
+            n_steps (int, optional): path points of the quadrature.
+                Default: 16
+            method (str, optional): ``"gausslog"`` (Gauss rule for the -ln(t)
+                weight), ``"gausslegendre"`` or ``"riemann_middle"``.
+                Default: "gausslog"
+            internal_batch_size (int, optional): the most Hessian-vector
+                products evaluated in one batch (rows x directions); bounds
+                memory, does not change the result. Default: None
+            feature_mask (None, str, Tensor or tuple[Tensor, ...], optional):
+                groups of the layer's units. None or ``"tokens"``: one group per
+                index of dim 1 (tokens of an (N, T, E) embedding output), giving
+                (N, T, T). ``"full"``: no grouping, every unit on its own
+                (N, *F, *F), at one HVP per unit. An integer tensor (or one per
+                layer tensor) of group ids broadcastable to the activations:
+                (N, G, G) over the sorted ids. Default: None
+            return_convergence_delta (bool, optional): also return
+                sum(Gamma) - (f(x) - f(x')) per example. Default: False
+            attribute_to_layer_input (bool, optional): explain the layer's
+                input (injected with a forward pre-hook) instead of its output.
+                Default: False
+
+        Returns:
+            **interactions** or (**interactions**, **delta**):
+            - **interactions** (Tensor or tuple[tuple[Tensor, ...], ...]):
+              (N, T, T) token x token interactions by default; (N, G, G) with a
+              mask; with ``"full"``, (N, *F, *F) for a layer with one tensor,
+              ``out[i][j]`` of shape (N, *F_i, *F_j) for several. Row = the unit
+              (group) explained, column = the one it interacts with; the
+              diagonal holds the main effects, so row sums are the layer
+              Integrated Gradients (summed over the group).
+            - **delta** (Tensor): sum(Gamma) - (f(x) - f(x')), shape (N,),
+              returned when ``return_convergence_delta=True``.
+
+        Examples::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> from captum_interactions import LayerIntegratedHessians
+            >>> class TextModel(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.embedding = nn.Embedding(100, 8)
+            ...         self.head = nn.Sequential(nn.Flatten(), nn.Linear(5 * 8, 16),
+            ...                                   nn.GELU(), nn.Linear(16, 1))
+            ...     def forward(self, ids):
+            ...         return self.head(self.embedding(ids))
+            >>> model = TextModel()
+            >>> ids = torch.randint(1, 100, (2, 5))
+            >>> lih = LayerIntegratedHessians(model, model.embedding)
+            >>> gamma, delta = lih.attribute(ids, baselines=torch.zeros_like(ids),
+            ...                              return_convergence_delta=True)
+            >>> gamma.shape  # token x token
+            torch.Size([2, 5, 5])
+        """
+        inputs_t = _format_tensor_into_tuples(inputs)
+        if not isinstance(inputs_t, tuple) or not all(isinstance(x, Tensor) for x in inputs_t):
+            raise TypeError("`inputs` must be a tensor or a tuple of tensors")
+        validate_positive_int(n_steps, "n_steps")
+        validate_internal_batch_size(internal_batch_size)
+        num_examples = inputs_t[0].shape[0]
+        validate_target(target, num_examples)
+        if isinstance(feature_mask, str) and feature_mask not in (TOKENS, FULL):
+            raise ValueError(
+                f"`feature_mask` as a string must be {TOKENS!r} or {FULL!r}, got {feature_mask!r}"
+            )
+        baselines_t = self._format_input_baselines(baselines, inputs_t)
+        extra_args = _format_additional_forward_args(additional_forward_args)
+
+        with preserved_module_state(self.forward_func):
+            layer_inputs = self._layer_activations(inputs_t, extra_args, attribute_to_layer_input)
+            layer_baselines = self._layer_activations(
+                baselines_t, extra_args, attribute_to_layer_input
+            )
+            for i, (a, b) in enumerate(zip(layer_inputs, layer_baselines)):
+                if a.shape != b.shape:
+                    raise ValueError(
+                        f"the layer's activations differ in shape between `inputs` "
+                        f"({tuple(a.shape)}) and `baselines` ({tuple(b.shape)}) "
+                        f"(layer tensor {i})"
+                    )
+            layer_is_tuple = len(layer_inputs) > 1
+            if feature_mask is None or feature_mask == TOKENS:
+                mask = token_feature_mask(layer_inputs)
+            elif feature_mask == FULL:
+                mask = None
+            else:
+                mask = feature_mask
+            groups = FeatureGroups(mask, layer_inputs)
+            dtype, device = layer_inputs[0].dtype, layer_inputs[0].device
+
+            nodes, weights = log_weight_rule(method, n_steps)
+            t = torch.tensor(nodes, dtype=dtype, device=device)
+            w = torch.tensor(weights, dtype=dtype, device=device)
+            points, deltas = path_rows(layer_inputs, layer_baselines, t)
+            scales = deltas if self._multiply_by_inputs else tuple(
+                torch.ones_like(d) for d in deltas
+            )
+            # The model inputs travel with the rows as leading "additional
+            # arguments" (as in Captum's LayerIntegratedGradients), so that any
+            # slice of path rows comes with its copies of the original inputs.
+            injection = _LayerInjection(self.layer, attribute_to_layer_input)
+            forward_func = self.forward_func
+
+            def injected_forward(*args: Any) -> Any:
+                leaves = args[: len(layer_inputs)]
+                model_args = args[len(layer_inputs):]
+                with injection.replacing(tuple(leaves)) as calls:
+                    output = forward_func(*model_args)
+                if not calls:
+                    raise ValueError(
+                        f"`layer` ({type(self.layer).__name__}) was not called by "
+                        "the forward function"
+                    )
+                return output
+
+            def run_rows(
+                _: Callable, rows: Tuple[Tensor, ...], row_target: Any, row_args: Any
+            ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+                return gradients_with_graph(injected_forward, rows, row_target, row_args)
+
+            all_args = inputs_t + (extra_args if extra_args is not None else ())
+            self.last_call_cost = CostCounter()
+            interactions = accumulate_path_interactions(
+                forward_func,
+                points,
+                scales,
+                example_index=torch.arange(num_examples, device=device).repeat(n_steps),
+                num_examples=num_examples,
+                first_order_weight=w.repeat_interleave(num_examples),
+                second_order_weight=(w * t).repeat_interleave(num_examples),
+                expansion=RowExpansion(target, all_args, num_examples, n_steps),
+                groups=groups,
+                internal_batch_size=internal_batch_size,
+                counter=self.last_call_cost,
+                run_rows=run_rows,
+            )
+            result = format_interaction_output(interactions, groups, layer_is_tuple)
+            if not return_convergence_delta:
+                return result
+            delta = interactions.sum(dim=(1, 2)) - output_difference(
+                forward_func, inputs_t, baselines_t, target, extra_args
+            ).to(interactions.dtype)
+        return result, delta
+
+    @staticmethod
+    def _format_input_baselines(
+        baselines: BaselineType, inputs: Tuple[Tensor, ...]
+    ) -> Tuple[Tensor, ...]:
+        """Captum's baseline forms in the inputs' space, keeping integer dtypes (token ids)."""
+        if baselines is None:
+            return tuple(torch.zeros_like(x) for x in inputs)
+        # format_baselines works on floating point tensors; float64 holds integer
+        # ids (e.g. token ids) exactly, and they are cast back below
+        float_inputs = tuple(
+            x if x.is_floating_point()
+            else torch.empty(x.shape, dtype=torch.float64, device=x.device)
+            for x in inputs
+        )
+        formatted = [
+            base.to(x.dtype) for base, x in zip(format_baselines(baselines, float_inputs), inputs)
+        ]
+        return tuple(formatted)

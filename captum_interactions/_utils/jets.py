@@ -1,0 +1,809 @@
+#!/usr/bin/env python3
+r"""Taylor-mode propagation (univariate Taylor series, "jets") through torch code.
+
+A :class:`Jet` stands for the curve :math:`t \mapsto y(x_0 + t v)` truncated at
+order K, stored as its *normalized* Taylor coefficients
+
+.. math::
+    y_k = \frac{1}{k!} \frac{d^k}{dt^k} y(x_0 + t v) \Big|_{t=0}, \quad k = 0..K,
+
+in one tensor of shape (K + 1, *value_shape). Many directions travel together
+along the batch axis. A jet is a ``torch.Tensor`` subclass whose value is y_0,
+so shape/dtype/device queries work, and whose ``__torch_function__`` replaces
+each operation of the model by its exact rule on the coefficients:
+
+- linear, bias-free operations (reshape, indexing, sum, mean, cat, average
+  pooling, ...): applied to every coefficient (``torch.vmap`` over the K axis);
+- affine layers (Linear, Conv, BatchNorm in eval mode): the weight acts on
+  every coefficient, the bias/shift on y_0 only;
+- products: Cauchy convolution :math:`(ab)_k = \sum_{j \le k} a_j b_{k-j}`;
+- elementwise functions: the classical recurrences of Taylor arithmetic
+  (Griewank and Walther, *Evaluating Derivatives*, ch. 13), e.g. for
+  :math:`e = \exp(a)`: :math:`k e_k = \sum_{j=1}^{k} j a_j e_{k-j}`; sin/cos
+  jointly; tanh, sigmoid, softplus, GELU through their derivative ODEs;
+  division, log, sqrt and powers through the division recurrence;
+- piecewise-linear functions (ReLU, LeakyReLU, hardtanh, clamp, abs, max
+  pooling): the piece is chosen from y_0 and applied to every coefficient
+  (exact wherever the function is smooth, i.e. off the kinks);
+- LayerNorm and softmax are composed from the rules above.
+
+Any other operation raises :class:`UnsupportedJetOperation` naming it.
+"""
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+
+class UnsupportedJetOperation(ValueError):
+    """An operation of the model has no Taylor-mode rule."""
+
+
+# --------------------------------------------------------------------------
+# the tensor subclass
+# --------------------------------------------------------------------------
+
+
+class Jet(Tensor):
+    """Truncated Taylor series of a tensor-valued curve; value = coefficient 0."""
+
+    coefficients: Tensor
+
+    @staticmethod
+    def __new__(cls, coefficients: Tensor) -> "Jet":
+        jet = Tensor._make_subclass(cls, coefficients[0].detach(), False)
+        jet.coefficients = coefficients
+        return jet
+
+    def __init__(self, coefficients: Tensor) -> None:  # noqa: D107
+        pass
+
+    @property
+    def order(self) -> int:
+        return self.coefficients.shape[0] - 1
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        with torch._C.DisableTorchFunctionSubclass():
+            return (
+                f"Jet(order={self.order}, shape={tuple(self.coefficients.shape[1:])})"
+            )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        rule = _RULES.get(func)
+        if rule is None:
+            raise UnsupportedJetOperation(
+                f"HOPE (Taylor-mode propagation) has no rule for the operation "
+                f"`{_func_name(func)}`. Supported operations: {supported_operations()}"
+            )
+        return rule(func, args, kwargs)
+
+
+def _func_name(func: Callable) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    module = getattr(func, "__module__", None)
+    if name and module and not name.startswith(module):
+        return f"{module}.{name}" if module != "torch._C" else name
+    return str(name or func)
+
+
+def make_jet(value: Tensor, direction: Tensor, order: int) -> Jet:
+    """Jet of the line x0 + t v: coefficients (x0, v, 0, ..., 0)."""
+    coeffs = value.new_zeros((order + 1,) + value.shape)
+    coeffs[0] = value
+    if order >= 1:
+        coeffs[1] = direction
+    return Jet(coeffs)
+
+
+def coefficients_of(x: Any, order: int, like: Optional[Tensor] = None) -> Tensor:
+    """Coefficients of a jet, or of a constant (zero beyond order 0)."""
+    if isinstance(x, Jet):
+        return x.coefficients
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x, dtype=like.dtype if like is not None else None,
+                            device=like.device if like is not None else None)
+    out = x.new_zeros((order + 1,) + x.shape)
+    out[0] = x
+    return out
+
+
+def _order_of(args: Any) -> int:
+    for a in tree_flatten(args)[0]:
+        if isinstance(a, Jet):
+            return a.order
+    raise AssertionError("no jet among the arguments")
+
+
+def _first_jet(args: Any) -> Jet:
+    for a in tree_flatten(args)[0]:
+        if isinstance(a, Jet):
+            return a
+    raise AssertionError("no jet among the arguments")
+
+
+def _wrap(out: Any) -> Any:
+    return tree_map(lambda t: Jet(t) if isinstance(t, Tensor) else t, out)
+
+
+def _lift(c: Tensor, ndim: int) -> Tensor:
+    """Insert value dims after the K axis so that c has ``ndim`` value dims."""
+    missing = ndim - (c.dim() - 1)
+    if missing <= 0:
+        return c
+    return c.reshape(c.shape[:1] + (1,) * missing + c.shape[1:])
+
+
+def _align(*cs: Tensor) -> List[Tensor]:
+    ndim = max(c.dim() - 1 for c in cs)
+    return [_lift(c, ndim) for c in cs]
+
+
+def _const(x: Any, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+def _vdim(dim: int) -> int:
+    """A value dimension as a dimension of the coefficient tensor."""
+    return dim + 1 if dim >= 0 else dim
+
+
+# --------------------------------------------------------------------------
+# Taylor arithmetic on coefficient tensors (K + 1, ...)
+# --------------------------------------------------------------------------
+
+
+def series_mul(a: Tensor, b: Tensor) -> Tensor:
+    a, b = _align(a, b)
+    order = a.shape[0] - 1
+    return torch.stack(
+        [(a[: k + 1] * b[: k + 1].flip(0)).sum(0) for k in range(order + 1)]
+    )
+
+
+def series_bilinear(op: Callable, a: Tensor, b: Tensor) -> Tensor:
+    """(a op b)_k = sum_j a_j op b_{k-j} for a bilinear ``op`` (e.g. matmul)."""
+    order = a.shape[0] - 1
+    out = []
+    for k in range(order + 1):
+        acc = op(a[0], b[k])
+        for j in range(1, k + 1):
+            acc = acc + op(a[j], b[k - j])
+        out.append(acc)
+    return torch.stack(out)
+
+
+def series_div(a: Tensor, b: Tensor) -> Tensor:
+    a, b = _align(a, b)
+    order = max(a.shape[0], b.shape[0]) - 1
+    q: List[Tensor] = []
+    for k in range(order + 1):
+        num = a[k]
+        for j in range(1, k + 1):
+            num = num - b[j] * q[k - j]
+        q.append(num / b[0])
+    return torch.stack(torch.broadcast_tensors(*q))
+
+
+def _ode_term(a: Tensor, g: Sequence[Tensor], k: int) -> Tensor:
+    """(1/k) sum_{j=1..k} j a_j g_{k-j}: the order-k coefficient of y with y' = g a'."""
+    acc = a[1] * g[k - 1]
+    for j in range(2, k + 1):
+        acc = acc + j * a[j] * g[k - j]
+    return acc / k
+
+
+def series_exp(a: Tensor) -> Tensor:
+    e = [torch.exp(a[0])]
+    for k in range(1, a.shape[0]):
+        e.append(_ode_term(a, e, k))
+    return torch.stack(e)
+
+
+def series_log(a: Tensor) -> Tensor:
+    out = [torch.log(a[0])]
+    for k in range(1, a.shape[0]):
+        acc = a[k]
+        for j in range(1, k):
+            acc = acc - (j / k) * out[j] * a[k - j]
+        out.append(acc / a[0])
+    return torch.stack(out)
+
+
+def series_sin_cos(a: Tensor):
+    s, c = [torch.sin(a[0])], [torch.cos(a[0])]
+    for k in range(1, a.shape[0]):
+        s_k = _ode_term(a, c, k)
+        c_k = -_ode_term(a, s, k)
+        s.append(s_k)
+        c.append(c_k)
+    return torch.stack(s), torch.stack(c)
+
+
+def _series_riccati(a: Tensor, y0: Tensor, quadratic: float, linear: float, const: float):
+    """y' = (const + linear*y + quadratic*y^2) a' (tanh: 1 - y^2; sigmoid: y - y^2)."""
+    y = [y0]
+    g = [const + linear * y0 + quadratic * y0 * y0]
+    for k in range(1, a.shape[0]):
+        y.append(_ode_term(a, g, k))
+        sq = y[0] * y[k]
+        for i in range(1, k + 1):
+            sq = sq + y[i] * y[k - i]
+        g.append(linear * y[k] + quadratic * sq)
+    return torch.stack(y)
+
+
+def series_tanh(a: Tensor) -> Tensor:
+    return _series_riccati(a, torch.tanh(a[0]), -1.0, 0.0, 1.0)
+
+
+def series_sigmoid(a: Tensor) -> Tensor:
+    return _series_riccati(a, torch.sigmoid(a[0]), -1.0, 1.0, 0.0)
+
+
+def series_pow_scalar(a: Tensor, r: float) -> Tensor:
+    if float(r) == int(r) and 0 <= r <= 16:
+        r = int(r)
+        out = coefficients_of(torch.ones_like(a[0]), a.shape[0] - 1)
+        for _ in range(r):
+            out = series_mul(out, a)
+        return out
+    p = [torch.pow(a[0], r)]
+    for k in range(1, a.shape[0]):
+        acc = (r - (k - 1)) * a[1] * p[k - 1]
+        for j in range(2, k + 1):
+            acc = acc + (r * j - (k - j)) * a[j] * p[k - j]
+        p.append(acc / (k * a[0]))
+    return torch.stack(p)
+
+
+def series_sqrt(a: Tensor) -> Tensor:
+    s = [torch.sqrt(a[0])]
+    for k in range(1, a.shape[0]):
+        acc = a[k]
+        for j in range(1, k):
+            acc = acc - s[j] * s[k - j]
+        s.append(acc / (2 * s[0]))
+    return torch.stack(s)
+
+
+def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    # softplus' = sigmoid(beta a); torch switches to the identity where beta*a > threshold
+    sig = series_sigmoid(beta * a)
+    y = [F.softplus(a[0], beta=beta, threshold=threshold)]
+    for k in range(1, a.shape[0]):
+        y.append(_ode_term(a, sig, k))
+    y_t = torch.stack(y)
+    linear = (beta * a[0] > threshold).unsqueeze(0)
+    linear = torch.cat([torch.zeros_like(linear[:1]), linear.expand(a.shape[0] - 1, *a.shape[1:])])
+    return torch.where(linear, a, y_t)
+
+
+def series_gelu_erf(a: Tensor) -> Tensor:
+    # gelu = a * Phi(a), Phi' = phi(a) a', phi = exp(-a^2 / 2) / sqrt(2 pi)
+    phi = series_exp(-0.5 * series_mul(a, a)) / math.sqrt(2 * math.pi)
+    cdf = [0.5 * (1 + torch.erf(a[0] / math.sqrt(2)))]
+    for k in range(1, a.shape[0]):
+        cdf.append(_ode_term(a, phi, k))
+    return series_mul(a, torch.stack(cdf))
+
+
+def series_erf(a: Tensor) -> Tensor:
+    dens = series_exp(-series_mul(a, a)) * (2 / math.sqrt(math.pi))
+    out = [torch.erf(a[0])]
+    for k in range(1, a.shape[0]):
+        out.append(_ode_term(a, dens, k))
+    return torch.stack(out)
+
+
+def series_gelu_tanh(a: Tensor) -> Tensor:
+    inner = math.sqrt(2 / math.pi) * (a + 0.044715 * series_pow_scalar(a, 3))
+    t = series_tanh(inner)
+    t = t.clone()
+    t[0] = t[0] + 1
+    return 0.5 * series_mul(a, t)
+
+
+def _piecewise(a: Tensor, slope: Tensor, value0: Tensor) -> Tensor:
+    """Piecewise-linear map: y_0 = f(a_0), y_k = slope(a_0) * a_k."""
+    out = a * slope.unsqueeze(0)
+    out[0] = value0
+    return out
+
+
+# --------------------------------------------------------------------------
+# rules: (func, args, kwargs) -> result
+# --------------------------------------------------------------------------
+
+_RULES: Dict[Callable, Callable] = {}
+_SUPPORTED_NAMES: set = set()
+_METADATA = set()
+
+
+def _register(names: Sequence[str], rule: Callable) -> None:
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = {"torch": torch, "Tensor": Tensor, "F": F, "torch.special": torch.special}[owner_name]
+        func = getattr(owner, attr, None)
+        if func is None:
+            continue
+        _RULES[func] = rule
+        _SUPPORTED_NAMES.add(name)
+
+
+def supported_operations() -> str:
+    return ", ".join(sorted(_SUPPORTED_NAMES))
+
+
+def _linear_rule(func, args, kwargs):
+    """Linear, bias-free op: applied to every coefficient."""
+    flat, spec = tree_flatten((args, kwargs))
+    positions = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
+
+    def per_coefficient(*coeffs):
+        new = list(flat)
+        for p, c in zip(positions, coeffs):
+            new[p] = c
+        a, kw = tree_unflatten(new, spec)
+        return func(*a, **kw)
+
+    out = torch.vmap(per_coefficient)(*[flat[p].coefficients for p in positions])
+    return _wrap(out)
+
+
+def _promote_list_rule(func, args, kwargs):
+    """cat/stack: constants join as jets with zero higher coefficients."""
+    tensors = args[0]
+    order = _order_of(tensors)
+    like = _first_jet(tensors)
+    promoted = [Jet(coefficients_of(t, order, like)) if not isinstance(t, Jet) else t
+                for t in tensors]
+    return _linear_rule(func, (promoted,) + tuple(args[1:]), kwargs)
+
+
+def _where_rule(func, args, kwargs):
+    cond, x, y = args[0], args[1], args[2]
+    if isinstance(cond, Jet):
+        cond = cond.coefficients[0]
+    like = _first_jet((x, y))
+    order = like.order
+    cx, cy = coefficients_of(_const(x, like), order), coefficients_of(_const(y, like), order)
+    cx, cy = _align(cx, cy)
+    cond = _lift(cond.unsqueeze(0), cx.dim() - 1)
+    return Jet(torch.where(cond, cx, cy))
+
+
+def _add_rule(sign: float, reverse: bool = False):
+    """a + sign * alpha * b; reversed (rsub): b - alpha * a."""
+
+    def rule(func, args, kwargs):
+        a, b = args[0], args[1]
+        alpha = kwargs.get("alpha", 1)
+        like = _first_jet((a, b))
+        ca = coefficients_of(_const(a, like), like.order)
+        cb = coefficients_of(_const(b, like), like.order)
+        ca, cb = _align(ca, cb)
+        if reverse:
+            return Jet(cb - alpha * ca)
+        return Jet(ca + sign * alpha * cb)
+
+    return rule
+
+
+def _mul_rule(func, args, kwargs):
+    a, b = args[0], args[1]
+    if isinstance(a, Jet) and isinstance(b, Jet):
+        return Jet(series_mul(a.coefficients, b.coefficients))
+    jet, other = (a, b) if isinstance(a, Jet) else (b, a)
+    other = _const(other, jet)
+    ca, cb = _align(jet.coefficients, other.unsqueeze(0))
+    return Jet(ca * cb)
+
+
+def _div_rule(func, args, kwargs):
+    a, b = args[0], args[1]
+    if kwargs.get("rounding_mode") is not None:
+        raise UnsupportedJetOperation("division with rounding_mode is not differentiable")
+    like = _first_jet((a, b))
+    if not isinstance(b, Jet):
+        other = _const(b, like)
+        ca, cb = _align(a.coefficients, other.unsqueeze(0))
+        return Jet(ca / cb)
+    ca = coefficients_of(_const(a, like), like.order)
+    return Jet(series_div(ca, b.coefficients))
+
+
+def _rdiv_rule(func, args, kwargs):
+    # Tensor.__rdiv__(self, other) = other / self
+    return _div_rule(func, (args[1], args[0]), {})
+
+
+def _matmul_rule(func, args, kwargs):
+    a, b = args[0], args[1]
+    if isinstance(a, Jet) and isinstance(b, Jet):
+        return Jet(series_bilinear(torch.matmul, a.coefficients, b.coefficients))
+    return _linear_rule(func, args, kwargs)
+
+
+def _unary(series: Callable):
+    def rule(func, args, kwargs):
+        return Jet(series(args[0].coefficients))
+
+    return rule
+
+
+def _sin_rule(func, args, kwargs):
+    return Jet(series_sin_cos(args[0].coefficients)[0])
+
+
+def _cos_rule(func, args, kwargs):
+    return Jet(series_sin_cos(args[0].coefficients)[1])
+
+
+def _pow_rule(func, args, kwargs):
+    base, exponent = args[0], args[1] if len(args) > 1 else kwargs["exponent"]
+    if isinstance(base, Jet) and not isinstance(exponent, Jet):
+        if isinstance(exponent, Tensor):
+            if exponent.numel() != 1:
+                raise UnsupportedJetOperation("pow with a tensor exponent of several elements")
+            exponent = exponent.item()
+        return Jet(series_pow_scalar(base.coefficients, float(exponent)))
+    # c ** x = exp(x log c), x ** y = exp(y log x)
+    like = _first_jet((base, exponent))
+    cb = coefficients_of(_const(base, like), like.order)
+    ce = coefficients_of(_const(exponent, like), like.order)
+    return Jet(series_exp(series_mul(ce, series_log(cb))))
+
+
+def _rpow_rule(func, args, kwargs):
+    return _pow_rule(func, (args[1], args[0]), {})
+
+
+def _relu_rule(func, args, kwargs):
+    a = args[0].coefficients
+    positive = a[0] > 0
+    return Jet(_piecewise(a, positive.to(a.dtype), torch.relu(a[0])))
+
+
+def _leaky_relu_rule(func, args, kwargs):
+    slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+    a = args[0].coefficients
+    s = torch.where(a[0] > 0, torch.ones_like(a[0]), torch.full_like(a[0], slope))
+    return Jet(_piecewise(a, s, F.leaky_relu(a[0], slope)))
+
+
+def _clamp_like(lo_default, hi_default, lo_name, hi_name, fn):
+    def rule(func, args, kwargs):
+        a = args[0].coefficients
+        lo = args[1] if len(args) > 1 else kwargs.get(lo_name, lo_default)
+        hi = args[2] if len(args) > 2 else kwargs.get(hi_name, hi_default)
+        inside = torch.ones_like(a[0], dtype=torch.bool)
+        if lo is not None:
+            inside = inside & (a[0] > lo)
+        if hi is not None:
+            inside = inside & (a[0] < hi)
+        return Jet(_piecewise(a, inside.to(a.dtype), fn(a[0], lo, hi)))
+
+    return rule
+
+
+def _abs_rule(func, args, kwargs):
+    a = args[0].coefficients
+    return Jet(_piecewise(a, torch.sign(a[0]), a[0].abs()))
+
+
+def _elu_rule(func, args, kwargs):
+    a = args[0].coefficients
+    alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
+    neg = alpha * series_exp(a)
+    neg[0] = neg[0] - alpha
+    return Jet(torch.where((a[0] > 0).unsqueeze(0), a, neg))
+
+
+def _softplus_rule(func, args, kwargs):
+    beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
+    threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
+    return Jet(series_softplus(args[0].coefficients, float(beta), float(threshold)))
+
+
+def _gelu_rule(func, args, kwargs):
+    approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+    a = args[0].coefficients
+    return Jet(series_gelu_tanh(a) if approximate == "tanh" else series_gelu_erf(a))
+
+
+def _silu_rule(func, args, kwargs):
+    a = args[0].coefficients
+    return Jet(series_mul(a, series_sigmoid(a)))
+
+
+def _softmax_coeffs(a: Tensor, dim: int, log: bool) -> Tensor:
+    d = _vdim(dim)
+    shift = a[0].amax(dim=dim, keepdim=True).unsqueeze(0)
+    shifted = a.clone()
+    shifted[0:1] = shifted[0:1] - shift
+    e = series_exp(shifted)
+    total = e.sum(dim=d, keepdim=True)
+    if log:
+        out = shifted - series_log(total)
+        return out
+    return series_div(e, total)
+
+
+def _softmax_rule(log: bool):
+    def rule(func, args, kwargs):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None:
+            raise UnsupportedJetOperation("softmax without an explicit `dim`")
+        dtype = kwargs.get("dtype")
+        a = args[0].coefficients
+        if dtype is not None:
+            a = a.to(dtype)
+        return Jet(_softmax_coeffs(a, dim, log))
+
+    return rule
+
+
+def _layer_norm_rule(func, args, kwargs):
+    names = ["input", "normalized_shape", "weight", "bias", "eps"]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    a = bound["input"].coefficients
+    n = len(tuple(bound["normalized_shape"]))
+    dims = tuple(range(-n, 0))
+    eps = bound.get("eps", 1e-5)
+    centered = a - a.mean(dim=dims, keepdim=True)
+    var = series_mul(centered, centered).mean(dim=dims, keepdim=True)
+    var[0] = var[0] + eps
+    y = series_mul(centered, series_pow_scalar(var, -0.5))
+    weight, bias = bound.get("weight"), bound.get("bias")
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y[0] = y[0] + bias
+    return Jet(y)
+
+
+def _batch_norm_rule(func, args, kwargs):
+    names = ["input", "running_mean", "running_var", "weight", "bias", "training",
+             "momentum", "eps"]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("training", False) or bound.get("running_mean") is None:
+        raise UnsupportedJetOperation(
+            "batch_norm in training mode (batch statistics mix the directions "
+            "of the expansion); call model.eval() first"
+        )
+    a = bound["input"].coefficients
+    eps = bound.get("eps", 1e-5)
+    scale = torch.rsqrt(bound["running_var"] + eps)
+    if bound.get("weight") is not None:
+        scale = scale * bound["weight"]
+    value_dims = a.dim() - 1
+    scale = scale.reshape((1, -1) + (1,) * (value_dims - 2))
+    out = a * scale
+    out[0] = F.batch_norm(a[0], bound["running_mean"], bound["running_var"],
+                          bound.get("weight"), bound.get("bias"), False, 0.0, eps)
+    return Jet(out)
+
+
+def _affine_rule(func, args, kwargs):
+    """linear / conv: weight on every coefficient, bias on coefficient 0 only."""
+    x = args[0]
+    if any(isinstance(a, Jet) for a in args[1:]) or any(
+        isinstance(v, Jet) for v in kwargs.values()
+    ):
+        raise UnsupportedJetOperation(
+            f"`{_func_name(func)}` with a weight that depends on the inputs"
+        )
+    a = x.coefficients
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    rest, rest_kw = tuple(args[3:]), {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
+    out0 = func(a[0], weight, bias, *rest, **rest_kw)
+    if a.shape[0] == 1:
+        return Jet(out0.unsqueeze(0))
+    if func is F.linear:
+        higher = F.linear(a[1:], weight)
+    else:
+        higher = torch.vmap(lambda c: func(c, weight, None, *rest, **rest_kw))(a[1:])
+    return Jet(torch.cat([out0.unsqueeze(0), higher]))
+
+
+def _max_pool_rule(spatial_dims: int):
+    def rule(func, args, kwargs):
+        kwargs = dict(kwargs)
+        return_indices = kwargs.pop("return_indices", False)
+        if len(args) > 6:
+            return_indices = args[6]
+            args = args[:6]
+        a = args[0].coefficients
+        out0, idx = func(a[0], *args[1:], **kwargs, return_indices=True)
+        # every coefficient is gathered where coefficient 0 attains the max
+        src = a.flatten(start_dim=a.dim() - spatial_dims)
+        index = idx.flatten(start_dim=idx.dim() - spatial_dims)
+        index = index.unsqueeze(0).expand((a.shape[0],) + index.shape)
+        out = src.gather(-1, index).reshape((a.shape[0],) + out0.shape)
+        return (Jet(out), idx) if return_indices else Jet(out)
+
+    return rule
+
+
+def _dropout_rule(func, args, kwargs):
+    names = ["input", "p", "training", "inplace"]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    training = bound.get("training", True)
+    if training and bound.get("p", 0.5) > 0:
+        raise UnsupportedJetOperation(
+            "dropout in training mode; call model.eval() first"
+        )
+    return bound["input"]
+
+
+def _identity_rule(func, args, kwargs):
+    return args[0]
+
+
+_METADATA_NAMES = [
+    "dim", "ndimension", "size", "numel", "nelement", "is_floating_point", "is_complex",
+    "element_size", "get_device", "is_contiguous", "stride", "data_ptr", "__len__",
+    "__format__", "storage_offset", "is_sparse",
+]
+for _name in _METADATA_NAMES:
+    _f = getattr(Tensor, _name, None)
+    if _f is not None:
+        _METADATA.add(_f)
+for _prop in ["shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad",
+              "is_leaf", "grad_fn", "names", "is_meta", "is_quantized", "is_mps"]:
+    _d = getattr(Tensor, _prop, None)
+    if _d is not None and hasattr(_d, "__get__"):
+        _METADATA.add(_d.__get__)
+_METADATA.add(Tensor.__repr__)
+_METADATA.add(torch.is_floating_point)
+_METADATA.add(torch.numel)
+_METADATA.add(torch.is_tensor)
+
+_LINEAR_NAMES = [
+    "reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose",
+    "t", "movedim", "swapaxes", "swapdims", "narrow", "select", "expand", "expand_as",
+    "repeat", "repeat_interleave", "tile", "contiguous", "clone", "__getitem__", "index_select",
+    "gather", "sum", "mean", "neg", "__neg__", "negative", "split", "chunk", "unbind", "roll",
+    "flip", "diagonal", "tril", "triu", "view_as", "reshape_as", "to", "float", "double",
+    "half", "type_as", "cumsum", "trace", "unfold", "pad", "avg_pool1d", "avg_pool2d",
+    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "pixel_shuffle", "pixel_unshuffle", "diag_embed", "einsum", "broadcast_to",
+    "masked_fill", "__pos__", "positive", "cpu", "cuda",
+]
+_register(
+    [f"{o}.{n}" for o in ("torch", "Tensor", "F") for n in _LINEAR_NAMES
+     if n not in ("pad", "masked_fill", "einsum")],
+    _linear_rule,
+)
+_register(["F.avg_pool1d", "F.avg_pool2d", "F.avg_pool3d", "F.adaptive_avg_pool1d",
+           "F.adaptive_avg_pool2d", "F.adaptive_avg_pool3d", "F.pixel_shuffle",
+           "F.pixel_unshuffle"], _linear_rule)
+_register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack", "torch.hstack",
+           "torch.vstack"], _promote_list_rule)
+_register(["torch.where"], _where_rule)
+_register(["Tensor.where"], lambda func, args, kwargs: _where_rule(
+    func, (args[1], args[0], args[2] if len(args) > 2 else kwargs["other"]), {}))
+_register(["torch.add", "Tensor.add", "Tensor.__add__", "Tensor.__radd__", "Tensor.__iadd__", "Tensor.add_"],
+          _add_rule(1.0))
+_register(["torch.sub", "torch.subtract", "Tensor.sub", "Tensor.__sub__", "Tensor.__isub__", "Tensor.sub_"],
+          _add_rule(-1.0))
+_register(["Tensor.__rsub__", "torch.rsub"], _add_rule(-1.0, reverse=True))
+_register(["torch.mul", "torch.multiply", "Tensor.mul", "Tensor.__mul__", "Tensor.__rmul__",
+           "Tensor.__imul__", "Tensor.mul_"], _mul_rule)
+_register(["torch.div", "torch.divide", "torch.true_divide", "Tensor.div", "Tensor.__truediv__",
+           "Tensor.__div__", "Tensor.__itruediv__", "Tensor.true_divide", "Tensor.div_"], _div_rule)
+_register(["Tensor.__rtruediv__", "Tensor.__rdiv__"], _rdiv_rule)
+_register(["torch.matmul", "Tensor.matmul", "Tensor.__matmul__", "torch.mm", "Tensor.mm",
+           "torch.bmm", "Tensor.bmm", "Tensor.__rmatmul__"], _matmul_rule)
+_register(["torch.exp", "Tensor.exp"], _unary(series_exp))
+_register(["torch.log", "Tensor.log"], _unary(series_log))
+_register(["torch.sqrt", "Tensor.sqrt"], _unary(series_sqrt))
+_register(["torch.rsqrt", "Tensor.rsqrt"],
+          _unary(lambda a: series_pow_scalar(a, -0.5)))
+_register(["torch.reciprocal", "Tensor.reciprocal"],
+          _unary(lambda a: series_div(coefficients_of(torch.ones_like(a[0]), a.shape[0] - 1), a)))
+_register(["torch.square", "Tensor.square"], _unary(lambda a: series_mul(a, a)))
+_register(["torch.log1p", "Tensor.log1p"],
+          _unary(lambda a: series_log(torch.cat([a[:1] + 1, a[1:]]))))
+_register(["torch.expm1", "Tensor.expm1"],
+          _unary(lambda a: torch.cat([torch.expm1(a[:1]), series_exp(a)[1:]])))
+_register(["torch.erf", "Tensor.erf", "torch.special.erf"], _unary(series_erf))
+_register(["torch.sin", "Tensor.sin"], _sin_rule)
+_register(["torch.cos", "Tensor.cos"], _cos_rule)
+_register(["torch.tanh", "Tensor.tanh", "F.tanh"], _unary(series_tanh))
+_register(["torch.sigmoid", "Tensor.sigmoid", "F.sigmoid"], _unary(series_sigmoid))
+_register(["torch.pow", "Tensor.pow", "Tensor.__pow__"], _pow_rule)
+_register(["Tensor.__rpow__"], _rpow_rule)
+_register(["torch.relu", "Tensor.relu", "F.relu"], _relu_rule)
+_register(["F.leaky_relu"], _leaky_relu_rule)
+_register(["torch.clamp", "Tensor.clamp", "torch.clip", "Tensor.clip"],
+          _clamp_like(None, None, "min", "max", lambda x, lo, hi: torch.clamp(x, lo, hi)))
+_register(["F.hardtanh"], _clamp_like(-1.0, 1.0, "min_val", "max_val",
+                                      lambda x, lo, hi: torch.clamp(x, lo, hi)))
+_register(["F.relu6"], lambda func, args, kwargs: _clamp_like(
+    0.0, 6.0, "_lo", "_hi", lambda x, lo, hi: torch.clamp(x, lo, hi))(func, args[:1], {}))
+_register(["torch.abs", "Tensor.abs", "Tensor.__abs__"], _abs_rule)
+_register(["F.elu"], _elu_rule)
+_register(["F.softplus"], _softplus_rule)
+_register(["F.gelu"], _gelu_rule)
+_register(["F.silu"], _silu_rule)
+_register(["F.softmax", "torch.softmax", "Tensor.softmax"], _softmax_rule(False))
+_register(["F.log_softmax", "torch.log_softmax", "Tensor.log_softmax"], _softmax_rule(True))
+_register(["F.layer_norm"], _layer_norm_rule)
+_register(["F.batch_norm"], _batch_norm_rule)
+_register(["F.linear", "F.conv1d", "F.conv2d", "F.conv3d"], _affine_rule)
+_register(["F.max_pool1d"], _max_pool_rule(1))
+_register(["F.max_pool2d"], _max_pool_rule(2))
+_register(["F.max_pool3d"], _max_pool_rule(3))
+_register(["F.dropout", "F.dropout1d", "F.dropout2d", "F.dropout3d", "F.alpha_dropout"],
+          _dropout_rule)
+
+
+def _pad_rule(func, args, kwargs):
+    names = ["input", "pad", "mode", "value"]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    a = bound["input"].coefficients
+    mode = bound.get("mode", "constant")
+    value = bound.get("value", None) or 0.0
+    rest = {"pad": bound["pad"], "mode": mode}
+    out = torch.vmap(lambda c: F.pad(c, **rest))(a)
+    if mode == "constant" and value != 0.0:
+        out[0] = F.pad(a[0], value=value, **rest)
+    return Jet(out)
+
+
+_register(["F.pad", "torch.constant_pad_nd"], _pad_rule)
+
+
+def _masked_fill_rule(func, args, kwargs):
+    x, mask, value = args[0], args[1], args[2]
+    a = x.coefficients
+    mask = mask.coefficients[0] if isinstance(mask, Jet) else mask
+    out = a.masked_fill(mask.unsqueeze(0), 0.0)
+    out[0] = a[0].masked_fill(mask, value)
+    return Jet(out)
+
+
+_register(["torch.masked_fill", "Tensor.masked_fill"], _masked_fill_rule)
+
+
+for _prop in ("T", "mT"):
+    _RULES[getattr(Tensor, _prop).__get__] = _linear_rule
+    _SUPPORTED_NAMES.add(f"Tensor.{_prop}")
+
+
+def _constant_like_rule(func, args, kwargs):
+    """zeros_like, new_zeros, ...: a constant built from the value (coefficient 0)."""
+    args = tuple(a.coefficients[0] if isinstance(a, Jet) else a for a in args)
+    return func(*args, **kwargs)
+
+
+_register(
+    [f"torch.{n}_like" for n in ("zeros", "ones", "full", "empty", "rand", "randn")]
+    + [f"Tensor.new_{n}" for n in ("zeros", "ones", "full", "empty", "tensor")],
+    _constant_like_rule,
+)
+
+# comparisons give constant masks computed from the value
+_register(
+    [f"{o}.{n}" for o in ("torch", "Tensor") for n in (
+        "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "isnan", "isinf",
+        "isfinite", "sign", "signbit", "argmax", "argmin", "argsort")]
+    + [f"Tensor.__{n}__" for n in ("gt", "lt", "ge", "le", "eq", "ne")],
+    _constant_like_rule,
+)

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+r"""Helpers for SmoothHess (Stein's identity) and for evaluating Hessian estimates.
+
+Stein's identity for a Gaussian perturbation e ~ N(0, Sigma), Sigma = diag(sigma^2):
+
+.. math::
+    \nabla^2 (f * q_\Sigma)(x) = \mathbb{E}\big[\Sigma^{-1} e\, \nabla f(x + e)^\top\big]
+        = \mathbb{E}\big[(z / \sigma)\, \nabla f(x + \sigma \odot z)^\top\big],
+    \quad z \sim N(0, I).
+
+Every sample ("unit") u contributes a rank-one term a_u b_u^T, with a_u = z_u / sigma
+and b_u the gradient (or the half difference of the two gradients of an antithetic
+pair). :class:`SteinAccumulator` sums those terms, optionally over feature groups,
+and the sums of squares needed for a standard error, without ever holding a
+(units, D, D) tensor.
+"""
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from captum_interactions._utils.common import run_scalar_forward
+from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
+
+# the noise of one block is drawn in one call, independent of internal_batch_size
+# (so results do not depend on it); a block holds about this many numbers
+NOISE_BLOCK_NUMEL = 1 << 22
+
+
+def plain_gradients(
+    forward_func: Callable,
+    points: Tuple[Tensor, ...],
+    target: Any,
+    additional_forward_args: Any,
+) -> Tuple[Tensor, ...]:
+    """grad f at ``points`` (no graph kept); zeros for inputs f does not use."""
+    leaves = tuple(p.detach().requires_grad_(True) for p in points)
+    with torch.enable_grad():
+        output = run_scalar_forward(forward_func, leaves, target, additional_forward_args)
+        if not output.requires_grad:
+            raise ValueError(
+                "the selected model output does not depend differentiably on "
+                "`inputs` (it does not require grad); SmoothHess needs gradients"
+            )
+        grads = torch.autograd.grad(output.sum(), leaves, allow_unused=True)
+    return tuple(
+        torch.zeros_like(leaf) if g is None else g.detach() for g, leaf in zip(grads, leaves)
+    )
+
+
+class SteinAccumulator:
+    """Running sums of the rank-one Stein terms a_u b_u^T over units u.
+
+    ``add(a, b)`` takes a chunk of units, each (U, rows, D) for a contiguous
+    range of examples; sums are kept per example over G groups.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        groups: FeatureGroups,
+        dtype: torch.dtype,
+        device: torch.device,
+        with_stderr: bool,
+    ) -> None:
+        g = groups.num_groups
+        self.groups = groups
+        self.with_stderr = with_stderr
+        zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.count = 0
+        self.outer = zeros(num_examples, g, g)  # sum_u a_u b_u^T
+        self.first = zeros(num_examples, g)  # sum_u c_u (SmoothGrad terms)
+        if with_stderr:
+            # sums for sum_u S_u^2 with S_u = (a b^T + b a^T) / 2, expanded so that
+            # only (N, G, G) matrices are formed
+            self.a2_b2 = zeros(num_examples, g, g)  # sum a_i^2 b_j^2
+            self.ab_ab = zeros(num_examples, g, g)  # sum (a_i b_i)(a_j b_j)
+            self.first_sq = zeros(num_examples, g)
+
+    def add(
+        self,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        example_start: int,
+        example_stop: int,
+    ) -> None:
+        """Add units: a, b (Hessian factors) and c (gradient terms), each (U, rows, D)."""
+        example_index = None
+        if self.groups.index.shape[0] > 1:  # per-example masks
+            example_index = torch.arange(example_start, example_stop, device=a.device)
+        a = self.groups.group_sum(a, example_index)
+        b = self.groups.group_sum(b, example_index)
+        c = self.groups.group_sum(c, example_index)
+        rows = slice(example_start, example_stop)
+        self.outer[rows] += torch.einsum("uni,unj->nij", a, b)
+        self.first[rows] += c.sum(dim=0)
+        if self.with_stderr:
+            self.a2_b2[rows] += torch.einsum("uni,unj->nij", a * a, b * b)
+            ab = a * b
+            self.ab_ab[rows] += torch.einsum("uni,unj->nij", ab, ab)
+            self.first_sq[rows] += (c * c).sum(dim=0)
+
+    def mean_hessian(self, num_units: int) -> Tensor:
+        outer = self.outer / num_units
+        return 0.5 * (outer + outer.transpose(1, 2))
+
+    def mean_gradient(self, num_units: int) -> Tensor:
+        return self.first / num_units
+
+    def stderr_hessian(self, num_units: int) -> Tensor:
+        mean = self.mean_hessian(num_units)
+        sum_sq = 0.25 * (
+            self.a2_b2 + self.a2_b2.transpose(1, 2) + 2.0 * self.ab_ab
+        )
+        var = (sum_sq - num_units * mean * mean).clamp_min(0) / (num_units - 1)
+        return (var / num_units).sqrt()
+
+    def stderr_gradient(self, num_units: int) -> Tensor:
+        mean = self.mean_gradient(num_units)
+        var = (self.first_sq - num_units * mean * mean).clamp_min(0) / (num_units - 1)
+        return (var / num_units).sqrt()
+
+
+def flatten_gradient(
+    gradient: Union[Tensor, Tuple[Tensor, ...]], name: str = "gradient"
+) -> Tuple[Tensor, Tuple[Tuple[int, ...], ...], bool]:
+    """A gradient in the inputs' layout -> (N, D), the feature shapes, is-tuple."""
+    is_tuple = isinstance(gradient, tuple)
+    parts = gradient if is_tuple else (gradient,)
+    if len(parts) == 0 or not all(isinstance(p, Tensor) for p in parts):
+        raise TypeError(f"`{name}` must be a tensor or a tuple of tensors")
+    for i, p in enumerate(parts):
+        if p.dim() < 1:
+            raise ValueError(f"`{name}` must be batch first, got a 0-d tensor at {i}")
+        if p.shape[0] != parts[0].shape[0]:
+            raise ValueError(f"every tensor of `{name}` must have the same batch size")
+    shapes = tuple(tuple(p.shape[1:]) for p in parts)
+    return flatten_features(parts), shapes, is_tuple
+
+
+def flatten_hessian(
+    hessian: Union[Tensor, Tuple[Tuple[Tensor, ...], ...]],
+    feature_shapes: Tuple[Tuple[int, ...], ...],
+    name: str = "hessian",
+) -> Tensor:
+    """A Hessian in the layout of DESIGN.md section 2 -> (N, D, D).
+
+    One input: (N, *F, *F) (or already (N, D, D)). Tuple inputs: ``h[i][j]`` of
+    shape (N, *F_i, *F_j).
+    """
+    sizes = [int(torch.Size(s).numel()) for s in feature_shapes]
+    total = sum(sizes)
+    if isinstance(hessian, Tensor):
+        if hessian.dim() < 1 or hessian.numel() != hessian.shape[0] * total * total:
+            raise ValueError(
+                f"`{name}` of shape {tuple(hessian.shape)} does not match "
+                f"{total} features: expected (N, *F, *F)"
+            )
+        return hessian.reshape(hessian.shape[0], total, total)
+    if not isinstance(hessian, tuple) or len(hessian) != len(sizes):
+        raise TypeError(
+            f"`{name}` must be a tensor or a tuple of {len(sizes)} tuples of tensors "
+            "(the layout for tuple inputs)"
+        )
+    rows = []
+    for i, row in enumerate(hessian):
+        if not isinstance(row, tuple) or len(row) != len(sizes):
+            raise TypeError(f"`{name}[{i}]` must be a tuple of {len(sizes)} tensors")
+        blocks = []
+        for j, block in enumerate(row):
+            if not isinstance(block, Tensor) or block.numel() != (
+                block.shape[0] * sizes[i] * sizes[j]
+            ):
+                raise ValueError(
+                    f"`{name}[{i}][{j}]` must be a tensor of shape "
+                    f"(N, *F_{i}, *F_{j}) with {sizes[i]} x {sizes[j]} features"
+                )
+            blocks.append(block.reshape(block.shape[0], sizes[i], sizes[j]))
+        rows.append(torch.cat(blocks, dim=2))
+    return torch.cat(rows, dim=1)
+
+
+def quadratic_form(hessian_flat: Tensor, delta_flat: Tensor) -> Tensor:
+    """delta^T H delta for deltas (S, N, D) and Hessians (N, D, D) -> (S, N).
+
+    One einsum: H delta is batched over samples, no per-sample matrix is formed.
+    """
+    return torch.einsum("snd,nde,sne->sn", delta_flat, hessian_flat, delta_flat)
+
+
+def example_chunks(
+    num_examples: int, rows_per_unit: int, num_units: int, internal_batch_size: Optional[int]
+) -> Tuple[int, int]:
+    """Examples per forward pass and units per forward pass.
+
+    ``internal_batch_size`` bounds the gradient evaluations (rows) per pass;
+    an antithetic pair is never split, as Captum never splits an example.
+    """
+    if internal_batch_size is None:
+        return num_examples, num_units
+    examples = max(1, min(num_examples, internal_batch_size // rows_per_unit))
+    units = max(1, min(num_units, internal_batch_size // (rows_per_unit * examples)))
+    return examples, units

@@ -1,0 +1,259 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from captum_interactions import HOPE, TaylorPolynomial
+from captum_interactions._utils.jets import UnsupportedJetOperation
+
+DTYPE = torch.float64
+
+
+def nested_derivative(f, x, k):
+    """Full k-th derivative tensor (p,)*k of scalar f at x (1-D) by nested autograd."""
+    x = x.detach().clone().requires_grad_(True)
+    tensor = f(x).reshape(())
+    for _ in range(k):
+        flat = tensor.reshape(-1)
+        rows = []
+        for g in flat:
+            (row,) = torch.autograd.grad(g, x, create_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(x) if row is None else row)
+        tensor = torch.stack(rows).reshape(tensor.shape + x.shape)
+    return tensor.detach()
+
+
+class Composed(nn.Module):
+    def __init__(self, inner, outer):
+        super().__init__()
+        self.inner, self.outer = inner, outer
+
+    def forward(self, x):
+        return self.outer(self.inner(x))
+
+
+def test_deep_linear_then_sin_counterexample_orders_1_to_8():
+    torch.manual_seed(3)
+    linear = nn.Sequential(nn.Linear(1, 8), nn.Linear(8, 8), nn.Linear(8, 1)).to(DTYPE)
+    model = Composed(linear, torch.sin)
+    c = (linear[2].weight @ linear[1].weight @ linear[0].weight).item()
+    x = torch.tensor([[0.3], [-1.1]], dtype=DTYPE)
+    s = linear(x)[:, 0].detach()
+    poly = HOPE(model).expand(x, order=8)
+    for k in range(1, 9):
+        expected = torch.sin(s + k * math.pi / 2) * c**k
+        got = poly.derivative_tensor(k).reshape(2)
+        torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("psi,dpsi", [
+    (torch.sin, lambda m, k: torch.sin(m + k * math.pi / 2)),
+    (torch.exp, lambda m, k: torch.exp(m)),
+])
+def test_one_hidden_layer_closed_form(psi, dpsi):
+    torch.manual_seed(1)
+    hidden = nn.Linear(3, 5).to(DTYPE)
+    a = torch.randn(5, dtype=DTYPE)
+    model = Composed(hidden, lambda h: psi(h) @ a)
+    x = torch.randn(2, 3, dtype=DTYPE) * 0.5
+    poly = HOPE(model).expand(x, order=5)
+    w = hidden.weight.detach()
+    mu = hidden(x).detach()  # (N, 5)
+    for k in range(1, 6):
+        outer = w
+        for _ in range(k - 1):
+            outer = outer[..., None] * w.reshape((5,) + (1,) * (outer.dim() - 1) + (3,))
+        expected = torch.einsum("j,nj,j...->n...", a, dpsi(mu, k), outer)
+        torch.testing.assert_close(poly.derivative_tensor(k), expected, rtol=1e-11, atol=1e-12)
+
+
+class ExplicitPolynomial(nn.Module):
+    """f = 2 + 3 x1^2 x2 - x3 + 0.5 x1 x2 x3 - x2^4."""
+
+    def forward(self, x):
+        x1, x2, x3 = x[:, 0], x[:, 1], x[:, 2]
+        return 2 + 3 * x1 * x1 * x2 - x3 + 0.5 * x1 * x2 * x3 - x2**4
+
+
+TRUE_TERMS = {(0, 0, 0): 2.0, (2, 1, 0): 3.0, (0, 0, 1): -1.0, (1, 1, 1): 0.5, (0, 4, 0): -1.0}
+
+
+def test_explicit_polynomial_recovered_exactly_and_recentered():
+    model = ExplicitPolynomial()
+    poly = HOPE(model).expand(torch.zeros(1, 3, dtype=DTYPE), order=7)
+    for exps, coeff in zip(poly.exponents.tolist(), poly.coefficients[0].tolist()):
+        assert coeff == pytest.approx(TRUE_TERMS.get(tuple(exps), 0.0), abs=1e-12)
+    assert {t[0] for t in poly.terms(min_abs=1e-10)} == set(TRUE_TERMS)
+    # expansion at another point equals the exact re-expansion of the polynomial
+    x1 = torch.tensor([[0.4, -1.2, 0.7]], dtype=DTYPE)
+    at_x1 = HOPE(model).expand(x1, order=7)
+    torch.testing.assert_close(poly.recenter(x1).coefficients, at_x1.coefficients,
+                               rtol=1e-12, atol=1e-12)
+    pts = torch.randn(1, 5, 3, dtype=DTYPE)
+    torch.testing.assert_close(at_x1.evaluate(pts), model(pts[0])[None], rtol=1e-12, atol=1e-12)
+    text = poly.to_string(min_abs=1e-10)
+    assert "3*x1^2*x2" in text and "- 1*x3" in text and "x2^4" in text
+
+
+def test_deep_tanh_mlp_mixed_partials_match_nested_autograd():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                        nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).to(DTYPE)
+    x = torch.randn(2, 3, dtype=DTYPE)
+    poly = HOPE(net).expand(x, order=4, target=1)
+    for n in range(2):
+        for k in range(1, 5):
+            ref = nested_derivative(lambda z: net(z)[1], x[n], k)
+            torch.testing.assert_close(poly.derivative_tensor(k)[n], ref, rtol=1e-10, atol=1e-12)
+    # attribute(order=k) gives the same tensors, layout (N, *F x k)
+    torch.testing.assert_close(HOPE(net).attribute(x, order=3, target=1),
+                               poly.derivative_tensor(3), rtol=1e-12, atol=1e-14)
+
+
+def test_hessian_layouts_tuple_inputs_and_groups():
+    torch.manual_seed(2)
+    lin = nn.Linear(5, 4).to(DTYPE)
+
+    def model(a, b):
+        z = torch.cat([a.flatten(1), b], dim=1)
+        return torch.nn.functional.gelu(lin(z)).sum(1) * torch.sigmoid(z[:, 0])
+
+    a, b = torch.randn(3, 1, 2, dtype=DTYPE), torch.randn(3, 3, dtype=DTYPE)
+    out = HOPE(model).attribute((a, b))
+    for n in range(3):
+        full = torch.autograd.functional.hessian(
+            lambda z: model(z[:2].reshape(1, 1, 2), z[2:].reshape(1, 3))[0],
+            torch.cat([a[n].flatten(), b[n]]))
+        torch.testing.assert_close(out[0][0][n], full[:2, :2].reshape(1, 2, 1, 2))
+        torch.testing.assert_close(out[0][1][n], full[:2, 2:].reshape(1, 2, 3))
+        torch.testing.assert_close(out[1][1][n], full[2:, 2:])
+    mask = (torch.tensor([[[0, 1]]]), torch.tensor([[1, 2, 2]]))
+    grouped = HOPE(model).attribute((a, b), feature_mask=mask)
+    assert grouped.shape == (3, 3, 3)
+    ind = torch.tensor([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=DTYPE)
+    for n in range(3):
+        full = torch.autograd.functional.hessian(
+            lambda z: model(z[:2].reshape(1, 1, 2), z[2:].reshape(1, 3))[0],
+            torch.cat([a[n].flatten(), b[n]]))
+        torch.testing.assert_close(grouped[n], ind @ full @ ind.T)
+
+
+def test_remainder_shrinks_like_delta_to_the_k_plus_1():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 1)).to(DTYPE)
+    x0 = torch.tensor([[0.2, -0.4]], dtype=DTYPE)
+    direction = torch.tensor([0.6, 0.8], dtype=DTYPE)
+    for K in (1, 2, 3, 4):
+        poly = HOPE(net).expand(x0, order=K)
+        errs = []
+        for h in (0.02, 0.01):
+            point = x0 + h * direction
+            errs.append((net(point)[0, 0] - poly.evaluate(point)[0]).abs().item())
+        ratio = errs[0] / errs[1]
+        assert 2 ** (K + 1) * 0.8 < ratio < 2 ** (K + 1) * 1.25, (K, ratio)
+
+
+def test_sine_mlp_1d_order_10_demo():
+    torch.manual_seed(5)
+    layers = [nn.Linear(1, 32)]
+    for _ in range(2):
+        layers += [Sin(), nn.Linear(32, 32)]
+    layers += [Sin(), nn.Linear(32, 1)]
+    net = nn.Sequential(*layers).to(DTYPE)
+    x = torch.tensor([[0.25]], dtype=DTYPE)
+    poly = HOPE(net).expand(x, order=10)
+    ref = [nested_derivative(lambda z: net(z[None])[0, 0], x[0], k).item() for k in (2, 6, 10)]
+    got = [poly.derivative_tensor(k).item() for k in (2, 6, 10)]
+    for r, g in zip(ref, got):
+        assert g == pytest.approx(r, rel=1e-9)
+    # the polynomial approximates the net near x
+    pts = x[:, None, :] + torch.linspace(-0.05, 0.05, 5, dtype=DTYPE)[None, :, None]
+    torch.testing.assert_close(poly.evaluate(pts), net(pts[0]).reshape(1, -1), rtol=1e-9, atol=1e-9)
+
+
+class Sin(nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+def test_function_discovery_trained_net_reads_half_x2_plus_half_x1_squared():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                        nn.Linear(32, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(400):
+        x = torch.rand(256, 2) * 2 - 1
+        y = (x[:, 0] ** 2 + x[:, 1]) / 2
+        loss = ((net(x)[:, 0] - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    poly = HOPE(net.double()).expand(torch.zeros(1, 2, dtype=DTYPE), order=3)
+    assert poly.coefficient((0, 1)).item() == pytest.approx(0.5, abs=0.08)
+    assert poly.coefficient((2, 0)).item() == pytest.approx(0.5, abs=0.15)
+    for small in ((1, 0), (1, 1), (0, 2)):
+        assert abs(poly.coefficient(small).item()) < 0.1
+    top_two = {t[0] for t in poly.terms(top=2)}
+    assert top_two == {(0, 1), (2, 0)}
+    # global view over several points: recentered mean keeps the structure
+    pts = torch.tensor([[0.2, 0.1], [-0.2, -0.1], [0.1, -0.2], [-0.1, 0.2]], dtype=DTYPE)
+    combined = HOPE(net).expand(pts, order=3).aggregate("combined", center=torch.zeros(2))
+    assert combined.coefficient((0, 1)).item() == pytest.approx(0.5, abs=0.08)
+    assert combined.coefficient((2, 0)).item() == pytest.approx(0.5, abs=0.15)
+
+
+def test_aggregate_modes_and_polynomial_api():
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).to(DTYPE)
+    pts = torch.randn(3, 2, dtype=DTYPE) * 0.3
+    poly = HOPE(net).expand(pts, order=3)
+    assert len(poly) == 3 and isinstance(poly[1], TaylorPolynomial)
+    center = torch.zeros(2, dtype=DTYPE)
+    local = poly.aggregate("local", center=center)
+    # recentering is exact for the polynomial: same values everywhere
+    probe = torch.randn(3, 4, 2, dtype=DTYPE)
+    torch.testing.assert_close(local.evaluate(probe), poly.evaluate(probe))
+    combined = poly.aggregate("combined", center=center)
+    torch.testing.assert_close(combined.coefficients[0], local.coefficients.mean(0))
+    mean = poly.aggregate("mean")
+    torch.testing.assert_close(mean.coefficients[0], poly.coefficients.mean(0))
+    with pytest.raises(ValueError, match="example"):
+        poly.terms()
+    assert len(poly.terms(top=3, example=1)) == 3
+    h = poly.derivative_tensor(2)
+    torch.testing.assert_close(h, h.transpose(1, 2))
+    with pytest.raises(ValueError, match="mode"):
+        poly.aggregate("bogus")
+
+
+def test_target_internal_batch_size_and_errors_leave_model_unchanged():
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Softplus(), nn.Dropout(0.2), nn.Linear(6, 3)).to(DTYPE)
+    net.eval()
+    x = torch.randn(4, 3, dtype=DTYPE)
+    hope = HOPE(net)
+    a = hope.expand(x, order=3, target=[0, 1, 2, 1])
+    b = hope.expand(x, order=3, target=[0, 1, 2, 1], internal_batch_size=5)
+    torch.testing.assert_close(a.coefficients, b.coefficients, rtol=1e-13, atol=1e-14)
+    c = hope.expand(x[1:2], order=3, target=1)
+    torch.testing.assert_close(a.coefficients[1], c.coefficients[0], rtol=1e-13, atol=1e-14)
+    with pytest.raises(ValueError, match="target"):
+        hope.expand(x, order=2)
+    with pytest.raises(ValueError, match="order"):
+        hope.attribute(x, order=0, target=0)
+    net.train()
+    with pytest.raises(ValueError, match="dropout"):
+        hope.expand(x, order=2, target=0)
+    assert net.training and all(m.training for m in net.modules())
+    assert not net[1]._forward_hooks and not net[1]._forward_pre_hooks
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.atan(x).sum(1)
+
+    model = nn.Sequential(nn.Linear(3, 3), Bad()).to(DTYPE)
+    with pytest.raises(UnsupportedJetOperation, match=r"atan.*Bad"):
+        HOPE(model).expand(x, order=2)
+    assert HOPE.get_name() == "HOPE"

