@@ -38,6 +38,8 @@ __all__ = [
 ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
 
 
+from captum_interactions.visualization import _finish, _symmetric_limit  # noqa: E402
+
 def _cmap() -> LinearSegmentedColormap:
     cmap = LinearSegmentedColormap.from_list("RdWhGn_text", ["red", "white", "green"])
     return cmap.with_extremes(bad="lightgrey")
@@ -73,19 +75,6 @@ def _figure(
         return plt.subplots(figsize=fig_size)
     fig = Figure(figsize=fig_size)
     return fig, fig.subplots()
-
-
-def _finish(fig: Figure, use_pyplot: bool, plt_fig_axis: Any) -> None:
-    if plt_fig_axis is None:
-        fig.tight_layout()
-    if use_pyplot:
-        plt.show()
-
-
-def _limit(values: np.ndarray) -> float:
-    finite = np.abs(values[np.isfinite(values)])
-    top = float(finite.max()) if finite.size else 0.0
-    return top if top > 0 else 1.0
 
 
 def visualize_token_interactions(
@@ -136,7 +125,7 @@ def visualize_token_interactions(
     shown = np.ma.masked_invalid(matrix.copy())
     if mask_diagonal:
         shown[np.arange(size), np.arange(size)] = np.ma.masked
-    limit = _limit(shown.filled(np.nan))
+    limit = _symmetric_limit(shown.filled(np.nan))
     fig, ax = _figure(plt_fig_axis, use_pyplot, fig_size)
     image = ax.imshow(shown, cmap=cmap if cmap is not None else _cmap(), vmin=-limit,
                       vmax=limit, aspect="auto", interpolation="nearest")
@@ -252,7 +241,7 @@ def token_row_sums_record(
     row_sums = matrix.sum(axis=1)
     total = float(row_sums.sum())
     if normalize:
-        row_sums = row_sums / _limit(row_sums)
+        row_sums = row_sums / _symmetric_limit(row_sums)
     return captum_viz.VisualizationDataRecord(
         torch.as_tensor(row_sums), pred_prob, pred_class, true_class, attr_class,
         total, [str(t) for t in tokens], convergence_score,
