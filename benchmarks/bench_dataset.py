@@ -5,7 +5,8 @@
   (softplus MLP d=32 -> 64 -> 64 -> 1, 8 path points, float32) and SmoothHess
   (256 samples) on the ReLU version (if ``captum_interactions.SmoothHess``
   exists), for 1 process and for 2 processes under ``torchrun`` (gloo on CPU;
-  NCCL with one GPU per process on CUDA, run only when 2 GPUs are visible). On
+  NCCL with one GPU per process on CUDA; with a single GPU both processes
+  share it and reduce with gloo). On
   CPU: 1 process with all threads, then 1 and 2 processes with half the threads
   each; the speed-up compares runs with the same threads per process.
 - ``memory``: peak RSS (``ru_maxrss`` of a fresh subprocess) of a 1k- and a
@@ -26,7 +27,6 @@ import os
 import platform
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +34,7 @@ import time
 
 import torch
 from torch import nn
+from _timing import sync, timed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -59,11 +60,6 @@ def make_method(name, d, device):
     raise ValueError(name)
 
 
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # ---------------------------------------------------------------- worker mode
 def worker(config):
     """One explain_dataset run (a rank under torchrun, or a plain process)."""
@@ -75,12 +71,17 @@ def worker(config):
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     device = args.device
+    backend = None
     if distributed:
+        backend = "gloo"
         if device.startswith("cuda"):
-            local = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            # NCCL needs one GPU per rank; ranks sharing a GPU reduce with gloo
+            gpu = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count()
+            torch.cuda.set_device(gpu)
+            device = f"cuda:{gpu}"
+            if torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]):
+                backend = "nccl"
+        dist.init_process_group(backend)
     torch.set_num_threads(args.threads)
     rank = dist.get_rank() if distributed else 0
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -107,6 +108,7 @@ def worker(config):
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             rss_after_setup_mb=rss_setup / 1024,
             threads=torch.get_num_threads(),
+            backend=backend,
         )
         with open(args.report, "w") as fh:
             json.dump(report, fh)
@@ -171,18 +173,8 @@ def hvp_overhead(device, n, d, n_steps=8, repeats=5):
     def ours():
         return ih.attribute(x, n_steps=n_steps)
 
-    def median_time(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    t_bare, t_ours = median_time(bare), median_time(ours)
+    bare(), ours()  # warm-up
+    t_bare, t_ours = timed(bare, device, repeats)[0], timed(ours, device, repeats)[0]
     return dict(n=n, d=d, n_steps=n_steps, hvps=n * n_steps * d, ih_seconds=t_ours,
                 bare_hvp_seconds=t_bare, overhead=t_ours / t_bare)
 
@@ -210,9 +202,10 @@ def main():
     # (processes, threads per process): 1 process with all cores, then 1 and 2
     # processes with the same threads each (the scaling the speed-up reports)
     if device.startswith("cuda"):
-        configs = [(1, cores), (2, cores)] if torch.cuda.device_count() >= 2 else [(1, cores)]
-        if len(configs) == 1:
-            notes.append("one GPU visible: the 2-process CUDA run is skipped")
+        configs = [(1, cores), (2, cores)]
+        if torch.cuda.device_count() < 2:
+            notes.append("one GPU visible: the 2 processes share it and reduce with gloo "
+                         "(NCCL needs one GPU per rank)")
     else:
         per_process = max(1, cores // 2)
         configs = [(1, cores), (1, per_process), (2, per_process)]
@@ -229,6 +222,7 @@ def main():
                 continue
             throughput.append(dict(
                 method=method, processes=nproc, threads_per_process=threads,
+                backend=rep.get("backend"),
                 examples=rep["examples"], seconds=rep["seconds"],
                 examples_per_s=rep["examples"] / rep["seconds"],
             ))

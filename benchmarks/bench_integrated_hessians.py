@@ -21,14 +21,13 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 from captum_interactions import IntegratedHessians
+from _timing import timed  # noqa: E402
 from captum_interactions._utils.quadrature import gauss_log_rule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,22 +42,6 @@ def softplus_mlp(d, hidden=64, device="cpu", seed=0):
         nn.Softplus(beta=2.0),
         nn.Linear(hidden, 1),
     ).to(device)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def naive_integrated_hessians(model, x, baseline, n_steps=16):

@@ -38,16 +38,13 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights ship inside the package
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from captum_interactions._core.integrated_hessians import path_rows  # noqa: E402
 from captum_interactions._core.layer.layer_integrated_hessians import (  # noqa: E402
     LayerIntegratedHessians,
 )
@@ -62,25 +59,10 @@ from captum_interactions._utils.text import (  # noqa: E402
     keep_special_tokens_baseline,
     load_minilm,
 )
+from _timing import timed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIRST, SECOND = "the movie was not that bad", "i liked the film a lot"
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def load_path_explain():

@@ -33,24 +33,9 @@ from torch import nn
 
 from captum_interactions import SmoothHess, replace_relu_with_softplus
 from captum_interactions.metrics import pmse
+from _timing import timed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 # --- 1. error vs cost ---------------------------------------------------------

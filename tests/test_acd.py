@@ -133,6 +133,15 @@ def test_acd_on_sentiment_lstm_with_negation(sentiment_model):
     assert inter[1, 2] > 1.0
     fig, ax = hierarchy.plot(["the", "movie", "was", "not", "very", "good"])
     assert ax.get_xticklabels()[3].get_text() == "not"
+    # Captum's colours: the box of the most positive score is green, the most negative red
+    boxes = [(float(t.get_text()), patch.get_facecolor()) for t, patch in
+             zip(ax.texts, ax.patches) if t.get_text().lstrip("-").replace(".", "").isdigit()]
+    assert boxes and max(boxes)[0] > 0
+    top, bottom = max(boxes)[1], min(boxes)[1]
+    if max(boxes)[0] > 0:
+        assert top[1] > top[0] and top[1] > top[2]
+    if min(boxes)[0] < 0:
+        assert bottom[0] > bottom[1] and bottom[0] > bottom[2]
     plt.close(fig)
 
 

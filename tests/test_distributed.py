@@ -34,7 +34,16 @@ WORKER = textwrap.dedent(
     from tests.test_distributed import SETTINGS
     from tests.test_dataset import make_problem, loader_of
 
-    dist.init_process_group("gloo")
+    # the suite's device (CAPTUM_INTERACTIONS_TEST_DEVICE) in every rank; NCCL
+    # needs one GPU per rank, so ranks sharing one GPU use gloo (CUDA tensors too)
+    device = os.environ.get("CAPTUM_INTERACTIONS_TEST_DEVICE", "cpu")
+    backend = "gloo"
+    if device != "cpu":
+        if torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]):
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            backend = "nccl"
+        torch.set_default_device(device)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     model, x, labels, background = make_problem()
     kwargs = {"baselines": background, "n_samples": 8}

@@ -257,3 +257,23 @@ def test_target_internal_batch_size_and_errors_leave_model_unchanged():
     with pytest.raises(UnsupportedJetOperation, match=r"atan.*Bad"):
         HOPE(model).expand(x, order=2)
     assert HOPE.get_name() == "HOPE"
+
+
+@pytest.mark.parametrize("num_variables,order", [(1, 10), (3, 6), (5, 5), (8, 4)])
+def test_recovery_plan_inverts_the_univariate_map_for_every_support(num_variables, order):
+    """c_d(v) = sum_{|j|=d} T_j v^j computed directly, then recovered exactly."""
+    from captum_interactions._utils.taylor_polynomial import RecoveryPlan, monomials
+
+    gen = torch.Generator().manual_seed(num_variables * 100 + order)
+    orders = list(range(order + 1))
+    plan = RecoveryPlan(num_variables, orders)
+    directions = plan.direction_matrix(DTYPE, torch.device("cpu"))  # (n_dir, p)
+    truth, univariate = {}, torch.zeros(order + 1, directions.shape[0], 2, dtype=DTYPE)
+    for d in orders:
+        exps = torch.tensor(monomials(num_variables, d), dtype=DTYPE).reshape(-1, num_variables)
+        truth[d] = torch.randn(2, exps.shape[0], generator=gen, dtype=DTYPE)
+        powers = (directions[:, None, :] ** exps[None]).prod(-1)  # (n_dir, M_d)
+        univariate[d] = powers @ truth[d].T
+    recovered = plan.recover(univariate)
+    for d in orders:
+        torch.testing.assert_close(recovered[d], truth[d], rtol=1e-9, atol=1e-9)

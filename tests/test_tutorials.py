@@ -50,39 +50,3 @@ def test_notebook_executes_small(path, monkeypatch):
     client.execute()  # raises CellExecutionError, naming the cell, if one fails
     code = [c for c in notebook.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code)
-
-
-QUICKSTART = os.path.join(os.path.dirname(TUTORIALS), "docs", "quickstart.rst")
-
-
-def _quickstart_snippets():
-    """The ``.. code-block:: python`` bodies of docs/quickstart.rst."""
-    if not os.path.exists(QUICKSTART):
-        return []
-    snippets, current, title, previous = [], None, "", ""
-    for line in open(QUICKSTART, encoding="utf-8").read().splitlines():
-        if line and set(line) == {"-"}:
-            title = previous
-        previous = line
-        if line.startswith(".. code-block:: python"):
-            current = []
-            snippets.append(pytest.param(current, id=title.replace(" ", "_")))
-        elif current is not None:
-            if line and not line.startswith("   "):
-                current = None
-            else:
-                current.append(line[3:])
-    return [pytest.param("\n".join(p.values[0]), id=p.id) for p in snippets]
-
-
-@pytest.mark.parametrize("snippet", _quickstart_snippets())
-def test_docs_quickstart_snippet_runs(snippet, tmp_path, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    monkeypatch.chdir(tmp_path)  # a snippet may save a figure
-    exec(compile(snippet, QUICKSTART, "exec"), {"__name__": "__quickstart__"})
-
-
-def test_docs_quickstart_found():
-    assert len(_quickstart_snippets()) >= 6

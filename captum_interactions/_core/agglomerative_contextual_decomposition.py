@@ -102,13 +102,16 @@ class Hierarchy:
         self,
         words: Optional[Sequence[str]] = None,
         ax: Any = None,
-        cmap: str = "RdBu_r",
+        cmap: Any = None,
         fmt: str = "{:.2f}",
     ):
         """Phrase tree: one row per level (units at the bottom), one box per
-        phrase spanning its words, coloured by score. Returns (figure, axis)."""
+        phrase spanning its words, coloured by score (default: Captum's red -
+        white - green). Returns (figure, axis)."""
         import matplotlib.pyplot as plt
         from matplotlib.colors import Normalize
+
+        from captum_interactions.visualization import interaction_cmap
         from matplotlib.patches import Rectangle
 
         num_positions = int(self.unit_map.numel())
@@ -124,7 +127,7 @@ class Hierarchy:
             fig = ax.figure
         vmax = max(float(level.scores.abs().max()) for level in self.levels) or 1.0
         norm = Normalize(-vmax, vmax)
-        colormap = plt.get_cmap(cmap)
+        colormap = plt.get_cmap(cmap) if cmap is not None else interaction_cmap()
         unit_map = self.unit_map.cpu()
         for k, level in enumerate(self.levels):
             for group, score in zip(level.groups, level.scores.tolist()):
@@ -149,14 +152,17 @@ class Hierarchy:
         self,
         image: Optional[Tensor] = None,
         levels: Optional[Sequence[int]] = None,
-        cmap: str = "RdBu_r",
+        cmap: Any = None,
         ncols: int = 4,
         alpha: float = 0.7,
     ):
         """Component overlays: one panel per level, each group coloured by its CD
-        score over the image (grey). Returns (figure, array of axes)."""
+        score (default: Captum's red - white - green) over the image (grey).
+        Returns (figure, array of axes)."""
         import matplotlib.pyplot as plt
         import numpy as np
+
+        from captum_interactions.visualization import interaction_cmap
 
         if levels is None:
             levels = list(range(len(self.levels)))
@@ -164,6 +170,7 @@ class Hierarchy:
         nrows = math.ceil(len(levels) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
         vmax = max(float(level.scores.abs().max()) for level in self.levels) or 1.0
+        colormap = cmap if cmap is not None else interaction_cmap()
         background = None
         if image is not None:
             img = image.detach().cpu().double()
@@ -174,7 +181,7 @@ class Hierarchy:
             if background is not None:
                 ax.imshow(background, cmap="gray")
             values = self.score_map(k).detach().cpu().double().numpy()
-            ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-vmax, vmax=vmax, alpha=alpha)
+            ax.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=-vmax, vmax=vmax, alpha=alpha)
             if k > 0:
                 ax.add_collection(_boundaries(self.labels(k).cpu().numpy()))
             ax.set_title(f"level {k}: {len(self.levels[k].groups)} groups", fontsize=8)

@@ -25,6 +25,7 @@ from captum_interactions._utils.taylor_polynomial import (
     RecoveryPlan,
     TaylorPolynomial,
     monomials,
+    recovery_plan,
 )
 
 _MAX_MONOMIALS = 2_000_000
@@ -191,7 +192,7 @@ class HOPE(GradientAttribution):
                 f"an order-{top} expansion in {p} variables has {count} monomials of "
                 f"top order; pass a `feature_mask` with fewer groups or lower `order`"
             )
-        plan = RecoveryPlan(p, orders)
+        plan = recovery_plan(p, tuple(sorted(set(orders))))
         with torch.no_grad(), preserved_module_state(self.forward_func), \
                 _module_tracker(self.forward_func) as stack:
             try:

@@ -103,12 +103,12 @@ def _split_constant(
     Where both are exactly 0 the share is ``tie_share`` (the relevant fraction of
     the L1 mass of the layer's input, per example), 1/2 if not given.
     """
-    a, b = rel.abs(), irr.abs()
-    total = a + b
-    positive = total > 0
+    magnitude = rel.abs()
+    total = magnitude + irr.abs()
+    share = magnitude.div_(total)  # 0/0 = nan where both are 0: replaced next
     tie = 0.5 if tie_share is None else tie_share
-    share = torch.where(positive, a / torch.where(positive, total, torch.ones_like(total)), tie)
-    rel_const = share * const
+    share = torch.where(total > 0, share, tie)
+    rel_const = share.mul_(const)
     return rel + rel_const, irr + (const - rel_const)
 
 

@@ -12,10 +12,19 @@ direction v, the order-d univariate coefficient of t -> f(x0 + t v) is
 so the T_j of order d solve a linear system over the directions
 v = i for all multi-indices |i| = d (the system is invertible: GUW 2000).
 It is block triangular in the *support* of the multi-indices: directions
-supported in a set S of s variables only see monomials supported in S. Hence
-every monomial of exact support S is obtained from the directions supported in
-S through one small local inverse that depends only on (s, d), computed once in
-exact rational arithmetic. The cost is linear in the number of monomials.
+supported in a set S of s variables only see monomials supported in S, so the
+diagonal blocks (directions and monomials of exact support S) are invertible.
+Support sizes are solved in ascending order: for every S of size s at once,
+
+.. math::
+    T_{full(S)} = B_{s,d}^{-1} \big(c_d(u) - L_{s,d}\, T_{lower(S)}\big),
+
+where u runs over the C(d-1, s-1) directions of exact support S, L holds
+u^q for the already known monomials q of smaller support inside S, and B
+holds u^q for the monomials of exact support S. B and L depend only on
+(s, d); B^{-1} is computed once in exact rational arithmetic. The cost is
+linear in the number of monomials, and no matrix larger than C(d-1, s-1) is
+inverted.
 """
 import itertools
 import math
@@ -62,31 +71,32 @@ def _compositions(total: int, parts: int) -> List[Monomial]:
     return out
 
 
-@lru_cache(maxsize=None)
-def _local_inverse(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...], Tuple[Monomial, ...], Tensor]:
-    """Rows of A^{-1} for the full-support monomials of ``support_size`` local variables.
+_MAX_EXACT_INVERSE = 80
 
-    A[u, q] = u^q over all local multi-indices u, q of degree ``degree``.
-    Returns (local directions u, full-support monomials q, R) with
-    T_q = sum_u R[q, u] c_d(u); R is float64 (exact rationals rounded once).
+
+@lru_cache(maxsize=None)
+def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...], Tuple[Monomial, ...], Tensor, Tensor]:
+    """The solve for the monomials of exact support within ``support_size`` local variables.
+
+    Directions u and monomials q of full support are the positive compositions
+    of ``degree`` (equally many). Returns (u, lower, B^{-1}, L) with
+    B[u, q] = u^q (q of full support) and L[u, q'] = u^q' over the local
+    monomials q' of smaller support (``lower``). B^{-1} is exact rational
+    arithmetic rounded once to float64 (floating point beyond 80 rows).
     """
-    local = monomials(support_size, degree)
-    full = tuple(q for q in local if all(e > 0 for e in q))
-    size = len(local)
-    if size <= 80:
-        inverse = _fraction_inverse(
-            [[_power(u, q) for q in local] for u in local]
+    full = tuple(_compositions(degree, support_size))
+    lower = tuple(q for q in monomials(support_size, degree) if not all(e > 0 for e in q))
+    block = [[_power(u, q) for q in full] for u in full]
+    if len(full) <= _MAX_EXACT_INVERSE:
+        inverse = torch.tensor(
+            [[float(x) for x in row] for row in _fraction_inverse(block)], dtype=torch.float64
         )
-        index = {q: n for n, q in enumerate(local)}
-        rows = [[float(inverse[index[q]][n]) for n in range(size)] for q in full]
-        return local, full, torch.tensor(rows, dtype=torch.float64)
-    a = torch.tensor(
-        [[float(_power(u, q)) for q in local] for u in local], dtype=torch.float64
-    )
-    inverse_t = torch.linalg.inv(a)
-    index = {q: n for n, q in enumerate(local)}
-    rows = inverse_t[[index[q] for q in full]]
-    return local, full, rows
+    else:
+        inverse = torch.linalg.inv(torch.tensor(block, dtype=torch.float64))
+    lower_matrix = torch.tensor(
+        [[float(_power(u, q)) for q in lower] for u in full], dtype=torch.float64
+    ).reshape(len(full), len(lower))
+    return full, lower, inverse, lower_matrix
 
 
 def _power(u: Monomial, q: Monomial) -> int:
@@ -97,19 +107,28 @@ def _power(u: Monomial, q: Monomial) -> int:
 
 
 def _fraction_inverse(matrix: List[List[int]]) -> List[List[Fraction]]:
+    """Exact inverse of an integer matrix by fraction-free Gauss-Jordan elimination.
+
+    Bareiss' update keeps every entry an integer (each division by the previous
+    pivot is exact), so no rational is normalised until the last step, where
+    the right block holds det(A) * A^{-1}."""
     n = len(matrix)
-    aug = [[Fraction(x) for x in row] + [Fraction(int(i == j)) for j in range(n)]
-           for i, row in enumerate(matrix)]
+    rows = [list(row) + [int(i == j) for j in range(n)] for i, row in enumerate(matrix)]
+    previous = 1
     for col in range(n):
-        pivot = next(r for r in range(col, n) if aug[r][col] != 0)
-        aug[col], aug[pivot] = aug[pivot], aug[col]
-        p = aug[col][col]
-        aug[col] = [x / p for x in aug[col]]
+        pivot_row = next(r for r in range(col, n) if rows[r][col] != 0)
+        rows[col], rows[pivot_row] = rows[pivot_row], rows[col]
+        pivot_line = rows[col]
+        pivot = pivot_line[col]
         for r in range(n):
-            if r != col and aug[r][col] != 0:
-                f = aug[r][col]
-                aug[r] = [x - f * y for x, y in zip(aug[r], aug[col])]
-    return [row[n:] for row in aug]
+            if r == col:
+                continue
+            line = rows[r]
+            factor = line[col]
+            rows[r] = [(pivot * a - factor * b) // previous for a, b in zip(line, pivot_line)]
+        previous = pivot
+    # now rows[i][i] == det (up to sign, the same on every row) for all i
+    return [[Fraction(x, rows[i][i]) for x in rows[i][n:]] for i in range(n)]
 
 
 class RecoveryPlan:
@@ -125,7 +144,7 @@ class RecoveryPlan:
         self.orders = sorted(set(orders))
         direction_index: Dict[Monomial, int] = {}
         self.directions: List[Monomial] = []
-        # per order: (gather index into directions, scale g^d, [(U_idx, Q_idx, R)])
+        # per order: (gather index into directions, scale g^d, per-support-size solves, count)
         self.steps = {}
         for d in self.orders:
             if d == 0:
@@ -142,12 +161,15 @@ class RecoveryPlan:
                 scale.append(float(g) ** d)
             blocks = []
             for s in range(1, min(d, p) + 1):
-                local, full, rows = _local_inverse(s, d)
-                u_idx, q_idx = [], []
-                for support in itertools.combinations(range(p), s):
-                    u_idx.append([mon_index[_embed(u, support, p)] for u in local])
-                    q_idx.append([mon_index[_embed(q, support, p)] for q in full])
-                blocks.append((torch.tensor(u_idx), torch.tensor(q_idx), rows))
+                full, lower, inverse, lower_matrix = _support_block(s, d)
+                supports = list(itertools.combinations(range(p), s))
+                # directions and monomials of exact support S share their exponents
+                full_idx = [[mon_index[_embed(q, S, p)] for q in full] for S in supports]
+                lower_idx = [[mon_index[_embed(q, S, p)] for q in lower] for S in supports]
+                blocks.append((torch.tensor(full_idx),
+                               torch.tensor(lower_idx, dtype=torch.long).reshape(len(supports),
+                                                                                 len(lower)),
+                               inverse, lower_matrix))
             self.steps[d] = (torch.tensor(gather), torch.tensor(scale, dtype=torch.float64),
                              blocks, len(mons))
         if not self.directions:  # order 0 only: one (zero) direction suffices
@@ -171,12 +193,22 @@ class RecoveryPlan:
             # c_d at every multi-index direction i = g * primitive(i): g^d c_d(primitive)
             c = univariate[d, gather.to(device)].transpose(0, 1) * scale.to(device, dtype)
             coeffs = c.new_zeros((c.shape[0], count))
-            for u_idx, q_idx, rows in blocks:
-                local_values = c[:, u_idx.to(device)]  # (N, n_supports, n_local)
-                solved = local_values @ rows.to(device, dtype).T  # (N, n_supports, n_full)
-                coeffs[:, q_idx.to(device).reshape(-1)] = solved.reshape(c.shape[0], -1)
+            for full_idx, lower_idx, inverse, lower_matrix in blocks:  # ascending support
+                full_idx = full_idx.to(device)
+                residual = c[:, full_idx]  # (N, n_supports, n_full)
+                if lower_matrix.shape[1]:
+                    known = coeffs[:, lower_idx.to(device)]  # (N, n_supports, n_lower)
+                    residual = residual - known @ lower_matrix.to(device, dtype).T
+                solved = residual @ inverse.to(device, dtype).T
+                coeffs[:, full_idx.reshape(-1)] = solved.reshape(c.shape[0], -1)
             out[d] = coeffs
         return out
+
+
+@lru_cache(maxsize=32)
+def recovery_plan(num_variables: int, orders: Tuple[int, ...]) -> RecoveryPlan:
+    """A cached :class:`RecoveryPlan` (its index tables are built in Python)."""
+    return RecoveryPlan(num_variables, orders)
 
 
 def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
@@ -316,13 +348,16 @@ class TaylorPolynomial:
         derivs = coeffs * factorials
         if k == 0:
             return derivs[:, 0]
-        index = {tuple(row): n for n, row in enumerate(exps.tolist())}
-        lookup = torch.empty((p,) * k, dtype=torch.long)
-        for idx in itertools.product(range(p), repeat=k):
-            counts = [0] * p
-            for i in idx:
-                counts[i] += 1
-            lookup[idx] = index[tuple(counts)]
+        # every index tuple (i_1..i_k) -> its exponent counts -> a base-(k+1)
+        # key -> the position of that monomial among the order-k exponents
+        grids = torch.meshgrid(*[torch.arange(p)] * k, indexing="ij")
+        tuples = torch.stack([g.reshape(-1) for g in grids], dim=1)  # (p^k, k)
+        counts = torch.zeros(tuples.shape[0], p, dtype=torch.long).scatter_add_(
+            1, tuples, torch.ones_like(tuples))
+        radix = (k + 1) ** torch.arange(p, dtype=torch.long)
+        keys = exps.cpu().long() @ radix
+        order = torch.argsort(keys)
+        lookup = order[torch.searchsorted(keys[order], counts @ radix)]
         return derivs[:, lookup.to(derivs.device).reshape(-1)].reshape((len(self),) + (p,) * k)
 
     # -- transformations ----------------------------------------------------

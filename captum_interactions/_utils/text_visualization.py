@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
-from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -38,11 +37,11 @@ __all__ = [
 ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
 
 
-from captum_interactions.visualization import _finish, _symmetric_limit  # noqa: E402
-
-def _cmap() -> LinearSegmentedColormap:
-    cmap = LinearSegmentedColormap.from_list("RdWhGn_text", ["red", "white", "green"])
-    return cmap.with_extremes(bad="lightgrey")
+from captum_interactions.visualization import (  # noqa: E402
+    _finish,
+    _symmetric_limit,
+    interaction_cmap,
+)
 
 
 def _token_matrix(interactions: ArrayLike, tokens: Sequence[str]) -> np.ndarray:
@@ -127,7 +126,7 @@ def visualize_token_interactions(
         shown[np.arange(size), np.arange(size)] = np.ma.masked
     limit = _symmetric_limit(shown.filled(np.nan))
     fig, ax = _figure(plt_fig_axis, use_pyplot, fig_size)
-    image = ax.imshow(shown, cmap=cmap if cmap is not None else _cmap(), vmin=-limit,
+    image = ax.imshow(shown, cmap=cmap if cmap is not None else interaction_cmap(), vmin=-limit,
                       vmax=limit, aspect="auto", interpolation="nearest")
     labels = [str(t) for t in tokens]
     ax.set_xticks(range(size))
