@@ -9,12 +9,14 @@ Cases (float64 by default):
   halves) or p = 4 (quadrants) group variables (``feature_mask``) at orders
   4, 6 and 8, at 1 point.
 
-Methods: ``hope`` (HOPE.expand, best of 3), ``autograd`` (nested
+Methods: ``hope`` (HOPE.expand), ``autograd`` (nested
 torch.autograd.grad with create_graph over the unique entries of each
 symmetric derivative tensor), ``jacfwd`` (torch.func.jacfwd nested k times).
-Each runs after a warm-up call at order 1, in its own spawned process; peak
-memory is the growth of sampled RSS on CPU, ``torch.cuda.max_memory_allocated``
-on CUDA. A baseline that exceeds ``--timeout``
+Each runs after a warm-up call at order 1, in its own spawned process. Peak
+memory comes from the first call at order K (the growth of sampled RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA); the time is the best of up to 20
+further calls (fewer once 10 s are spent). HOPE's first-call time includes
+building its (cached) recovery plan. A baseline that exceeds ``--timeout``
 seconds is stopped and reported as skipped, with the lower bound on HOPE's
 speed-up that the timeout implies. Errors: max |D^k - D^k_exact| / max
 |D^k_exact| over k <= K against exact float64 derivatives from an independent
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from captum_interactions import HOPE  # noqa: E402
 from _taylor_reference import derivative_tensors  # noqa: E402
-from _timing import PeakRSS  # noqa: E402
+from _timing import PeakRSS, sync  # noqa: E402
 
 
 class Sin(nn.Module):
@@ -152,40 +154,46 @@ def derivatives_hope(case, order):
 METHODS = {"hope": derivatives_hope, "autograd": derivatives_autograd, "jacfwd": derivatives_jacfwd}
 
 
-def run_method(case_name, method, order, dtype_name, device, quick, repeats, queue):
+def run_method(case_name, method, order, dtype_name, device, quick, queue):
+    """One call under the memory probe (first, while the allocator holds nothing
+    of order K), then the best time of up to 20 calls (fewer once 10 s are
+    spent): the probe's sampling thread would slow Python-bound code if timed."""
     dtype = getattr(torch, dtype_name)
     case = make_case(case_name, dtype, device, quick)
     compute = METHODS[method]
     compute(case, 1)  # warm-up: lazy initialisation, allocator, kernels
+    sync(device)
+    start = time.perf_counter()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    with PeakRSS() as rss:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = compute(case, order)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    if device.startswith("cuda"):
+        compute(case, order)
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        with PeakRSS() as rss:
+            compute(case, order)
         peak = rss.growth_bytes
+    first = time.perf_counter() - start
+    times, spent = [], 0.0
+    while len(times) < 20 and spent < 10.0:
+        sync(device)
+        start = time.perf_counter()
+        result = compute(case, order)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
     # plain numpy arrays: torch tensors would travel through shared memory
-    queue.put((min(times), peak, [r.cpu().numpy() for r in result], times[0]))
+    queue.put((min(times), peak, [r.cpu().numpy() for r in result], first))
 
 
 def measure(case, method, order, args):
     """(best seconds, peak bytes, derivative tensors, first-call seconds), or None past
-    the timeout. HOPE's first call at an order also builds its cached recovery plan."""
-    repeats = 3 if method == "hope" else 1
+    the timeout."""
     # spawned, on CUDA too: a fork after torch threads (or a CUDA context) start is unsafe
     ctx = mp.get_context("spawn")
     box = ctx.Queue()
     proc = ctx.Process(target=run_method, args=(case, method, order, args.dtype,
-                                                args.device, args.quick, repeats, box))
+                                                args.device, args.quick, box))
     proc.start()
     try:
         result = box.get(timeout=args.timeout)
@@ -238,7 +246,7 @@ def main():
     header = f"{'case':12s} {'K':>2s} {'method':9s} {'time [s]':>10s} {'peak MiB':>9s} " \
              f"{'rel. error':>11s} {'HOPE speedup':>13s} {'1st call [s]':>12s}"
     print("errors: max |D^k - D^k_exact| / max |D^k_exact| over k <= K, against the "
-          f"float64 power-series reference (benchmarks/_taylor_reference.py)")
+          "float64 power-series reference (benchmarks/_taylor_reference.py)")
     print(header)
     print("-" * len(header))
     for r in rows:
