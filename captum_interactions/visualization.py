@@ -57,6 +57,17 @@ def interaction_cmap() -> LinearSegmentedColormap:
     return cmap.with_extremes(bad="lightgrey")
 
 
+def _pair_bars(ax: Any, values: Sequence[float], labels: Sequence[str], xlabel: str) -> None:
+    """Horizontal bars, the first value at the top, green positive / red negative."""
+    positions = np.arange(len(values))[::-1]
+    ax.barh(positions, values,
+            color=[POSITIVE_COLOR if v >= 0 else NEGATIVE_COLOR for v in values])
+    ax.set_yticks(positions)
+    ax.set_yticklabels(labels)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel(xlabel)
+
+
 def _to_numpy(values: Any, name: str) -> np.ndarray:
     if isinstance(values, Tensor):
         values = values.detach().cpu().double().numpy()
@@ -317,13 +328,8 @@ def visualize_top_interactions(
     if fig_size is None:
         fig_size = (6, 1.0 + 0.35 * len(order))
     fig, ax = _create_figure(plt_fig_axis, use_pyplot, fig_size)
-    positions = np.arange(len(order))[::-1]  # strongest at the top
-    ax.barh(positions, shown, color=[POSITIVE_COLOR if v >= 0 else NEGATIVE_COLOR for v in shown])
-    ax.set_yticks(positions)
-    ax.set_yticklabels(labels)
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.set_xlabel("mean |interaction|" if aggregate == "mean_abs" and np.ndim(interactions) == 3
-                  else "interaction")
+    _pair_bars(ax, shown, labels, "mean |interaction|"
+               if aggregate == "mean_abs" and np.ndim(interactions) == 3 else "interaction")
     ax.set_ylabel("feature pair")
     if title:
         ax.set_title(title)

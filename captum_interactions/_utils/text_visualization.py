@@ -39,6 +39,7 @@ ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
 
 from captum_interactions.visualization import (  # noqa: E402
     _finish,
+    _pair_bars,
     _symmetric_limit,
     interaction_cmap,
 )
@@ -205,12 +206,7 @@ def visualize_top_token_pairs(
     ]
     values = np.array([v for _, _, v in pairs])
     fig, ax = _figure(plt_fig_axis, use_pyplot, fig_size)
-    positions = np.arange(len(pairs))[::-1]  # strongest at the top
-    ax.barh(positions, values, color=["green" if v >= 0 else "red" for v in values])
-    ax.set_yticks(positions)
-    ax.set_yticklabels(labels)
-    ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("interaction")
+    _pair_bars(ax, values, labels, "interaction")  # strongest at the top
     if title:
         ax.set_title(title)
     _finish(fig, use_pyplot, plt_fig_axis)
