@@ -250,6 +250,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         explain_dataset(ih, [x], tmp_path)
     with pytest.raises(TypeError, match="attribute"):
         explain_dataset(model, loader_of(x, labels), tmp_path)
+    with pytest.raises(TypeError, match="method_function"):
+        explain_dataset(ih, loader_of(x, labels), tmp_path, method_function="interactions")
     with pytest.raises(ValueError, match="chunk_size"):
         explain_dataset(ih, loader_of(x, labels), tmp_path, chunk_size=0)
     with pytest.raises(ValueError, match="return_convergence_delta"):
@@ -269,3 +271,29 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
 
     with pytest.raises(ValueError, match="interaction matrix|needs"):
         explain_dataset(FirstOrder(), loader_of(x, labels), tmp_path / "d", progress=False)
+
+
+def test_every_matrix_method_runs_over_a_dataset(tmp_path):
+    """HOPE (order 2), SmoothHess and CD interactions (``method_function``) over a
+    loader equal the method on the whole dataset."""
+    from captum_interactions import HOPE, ContextualDecomposition, SmoothHess
+
+    model, x, labels, _ = make_problem()
+    loader = loader_of(x, labels)
+    hope = explain_dataset(HOPE(model), loader, tmp_path / "hope",
+                           {"order": 2, "target": 1}, progress=False)
+    torch.testing.assert_close(hope.interactions(),
+                               HOPE(model).attribute(x, order=2, target=1))
+    mask = torch.tensor([[0, 0, 1, 2]])
+    cd = ContextualDecomposition(model)
+    with pytest.raises(ValueError, match="ContextualDecomposition.attribute returned shape"):
+        explain_dataset(cd, loader, tmp_path / "cd_scores",
+                        {"feature_mask": mask, "target": 0}, progress=False)
+    cd_run = explain_dataset(cd, loader, tmp_path / "cd", {"feature_mask": mask, "target": 0},
+                             method_function="interactions", progress=False)
+    torch.testing.assert_close(cd_run.interactions(),
+                               cd.interactions(x, feature_mask=mask, target=0))
+    smooth = explain_dataset(SmoothHess(model), loader, tmp_path / "smooth",
+                             {"target": 0, "n_samples": 16, "stdevs": 0.1}, progress=False)
+    assert smooth.interactions().shape == (x.shape[0], x.shape[1], x.shape[1])
+    assert smooth.interactions().isfinite().all()

@@ -148,14 +148,14 @@ def _flat_matrix(output: Any, num_examples: int, method_name: str) -> Tensor:
     if isinstance(output, Tensor):
         if output.dim() < 3 or output.shape[0] != num_examples:
             raise ValueError(
-                f"{method_name}.attribute returned shape {tuple(output.shape)}; "
+                f"{method_name} returned shape {tuple(output.shape)}; "
                 f"explain_dataset needs (N, *F, *F) or (N, G, G) with N = {num_examples}"
             )
         size = output[0].numel()
         d = math.isqrt(size)
         if d * d != size:
             raise ValueError(
-                f"{method_name}.attribute returned per-example shape {tuple(output.shape[1:])}, "
+                f"{method_name} returned per-example shape {tuple(output.shape[1:])}, "
                 "which is not a square (*F, *F) interaction matrix"
             )
         return output.reshape(num_examples, d, d)
@@ -172,12 +172,12 @@ def _flat_matrix(output: Any, num_examples: int, method_name: str) -> Tensor:
         return torch.cat(rows, dim=1)
     if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], Tensor):
         raise ValueError(
-            f"{method_name}.attribute returned a pair (interactions, delta); remove "
+            f"{method_name} returned a pair (interactions, delta); remove "
             "`return_convergence_delta` from `attribute_kwargs`"
         )
     raise TypeError(
-        f"explain_dataset needs an attribute() that returns an interaction tensor "
-        f"(N, *F, *F) or a tuple of tuples of them; {method_name}.attribute returned "
+        f"explain_dataset needs a method that returns an interaction tensor "
+        f"(N, *F, *F) or a tuple of tuples of them; {method_name} returned "
         f"{type(output).__name__}"
     )
 
@@ -461,6 +461,7 @@ def explain_dataset(
     device: Union[None, str, torch.device] = None,
     progress: bool = True,
     resume: bool = True,
+    method_function: str = "attribute",
 ) -> DatasetExplanation:
     r"""
     Explain every example of a dataset with an interaction method, streaming
@@ -499,10 +500,10 @@ def explain_dataset(
             ``num_workers`` and ``pin_memory`` are used; the sharding is done here.
         out_dir (str): folder for the chunk files, manifest and summary; shared
             by all ranks.
-        attribute_kwargs (dict, optional): keyword arguments of
-            ``method.attribute`` that are the same for every batch
-            (``baselines``, ``n_steps``, ``feature_mask``, ``target`` as an int,
-            ...). Default: None
+        attribute_kwargs (dict, optional): keyword arguments of the called
+            method (``method.attribute`` by default) that are the same for every
+            batch (``baselines``, ``n_steps``, ``feature_mask``, ``target`` as an
+            int, ...). Default: None
         batch_to_inputs (Callable, optional): maps a batch to the inputs (a tensor
             or a tuple of tensors) or to a dict of per-batch ``attribute``
             arguments holding ``"inputs"``, e.g.
@@ -530,6 +531,11 @@ def explain_dataset(
             a line per chunk) on rank 0. Default: True
         resume (bool, optional): continue a previous run in ``out_dir``
             (``False`` deletes its chunks and starts over). Default: True
+        method_function (str, optional): the name of the method of ``method``
+            that returns the interaction matrices, called with the inputs and
+            ``attribute_kwargs``; e.g. ``"interactions"`` for
+            :class:`~captum_interactions.ContextualDecomposition`, whose
+            ``attribute`` returns (N, G) group scores. Default: "attribute"
 
     Returns:
         :class:`DatasetExplanation`: the summaries and lazy per-example access.
@@ -548,11 +554,12 @@ def explain_dataset(
         >>> result.mean_abs_interactions.shape, len(result), result[3].shape
         (torch.Size([4, 4]), 50, torch.Size([4, 4]))
     """
-    if not callable(getattr(method, "attribute", None)):
+    if not isinstance(method_function, str) or not callable(getattr(method, method_function, None)):
         raise TypeError(
-            f"`method` must be an attribution method with an attribute() method, got "
+            f"`method` must have a callable `{method_function}` (see `method_function`), got "
             f"{type(method).__name__}"
         )
+    explain = getattr(method, method_function)
     num_examples, batch_size = _validate_loader(dataloader)
     if num_examples == 0:
         raise ValueError("`dataloader` has an empty dataset")
@@ -576,11 +583,12 @@ def explain_dataset(
     if "inputs" in attribute_kwargs:
         raise ValueError("`attribute_kwargs` must not hold 'inputs': they come from the dataloader")
     batch_to_inputs = batch_to_inputs or default_batch_to_inputs
-    method_name = type(method).__name__
+    method_name = f"{type(method).__name__}.{method_function}"
     out_dir = os.fspath(out_dir)
 
     settings = dict(
-        method=method_name,
+        method=type(method).__name__,
+        method_function=method_function,
         model=type(getattr(method, "forward_func", None)).__name__,
         batch_to_inputs=_fingerprint(batch_to_inputs),
         num_examples=num_examples,
@@ -624,7 +632,8 @@ def explain_dataset(
     bar = _Progress(
         sum(stop - start for start, stop in map(batches.bounds, todo)),
         progress and rank == 0,
-        f"{method_name} rank {rank}/{world_size}" if world_size > 1 else method_name,
+        f"{type(method).__name__} rank {rank}/{world_size}" if world_size > 1
+        else type(method).__name__,
     )
     cuda_devices = (
         [target_device.index if target_device.index is not None else torch.cuda.current_device()]
@@ -649,7 +658,7 @@ def explain_dataset(
                         per_batch = _to_device(per_batch, target_device)
                     inputs = per_batch["inputs"]
                     n = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
-                    output = method.attribute(**per_batch, **attribute_kwargs)
+                    output = explain(**per_batch, **attribute_kwargs)
                     flat = _flat_matrix(output, n, method_name)
                     pieces.append(output if isinstance(output, Tensor) else flat)
                     if pairs:
