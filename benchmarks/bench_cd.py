@@ -16,19 +16,13 @@ for a non-CPU device).
     python benchmarks/bench_cd.py [--device cuda] [--quick]
 """
 import argparse
-import importlib
-import importlib.util
-import json
 import os
-import platform
-import sys
-import types
 
 import torch
 from torch import nn
 
 from captum_interactions import AgglomerativeContextualDecomposition, ContextualDecomposition
-from _timing import timed  # noqa: E402
+from _common import device_name, load_acd_cd, timed, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,28 +34,6 @@ def cnn(device, seed=0):
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
     ).to(device).eval()
-
-
-def load_acd_cd():
-    import numpy as np
-
-    if not hasattr(np, "int"):
-        np.int = int
-    spec = importlib.util.find_spec("acd")
-    if spec is None:
-        return None
-    try:
-        import acd
-
-        return acd.cd
-    except ImportError:
-        package = types.ModuleType("acd")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["acd"] = package
-        try:
-            return importlib.import_module("acd.scores.cd").cd
-        except Exception:
-            return None
 
 
 def block_masks(num_masks, device, seed=0):
@@ -113,7 +85,7 @@ def main():
                                1 if block == 1 else repeats)
         rows.append(dict(task=f"ACD 28x28, {block}x{block} blocks", method="captum_interactions",
                          seconds=t_h, units=hierarchy.num_units, levels=len(hierarchy.levels)))
-    print(f"device: {device}  torch {torch.__version__}  ({platform.processor() or platform.machine()})")
+    print(f"device: {device}  torch {torch.__version__}  ({device_name(device)})")
     print(f"{'task':<26} {'method':<32} {'seconds':>10}  notes")
     for row in rows:
         notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -121,11 +93,7 @@ def main():
         print(f"{row['task']:<26} {row['method']:<32} {row['seconds']:>10.4f}  {notes}")
     name = "cd.json" if device == "cpu" else f"cd_{device.split(':')[0]}.json"
     out = args.out or os.path.join(HERE, "results", name)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(device=device, torch=torch.__version__, quick=args.quick, rows=rows), f,
-                  indent=2)
-    print(f"wrote {out}")
+    write_results(dict(device=device, torch=torch.__version__, quick=args.quick, rows=rows), out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Prints a table and writes ``benchmarks/results/dataset_<device>.json``.
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -34,7 +33,7 @@ import time
 
 import torch
 from torch import nn
-from _timing import sync, timed  # noqa: E402
+from _common import device_name, sync, timed, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -268,8 +267,7 @@ def main():
     result = dict(
         benchmark="dataset",
         device=device,
-        device_name=torch.cuda.get_device_name() if device.startswith("cuda")
-        else platform.processor() or platform.machine(),
+        device_name=device_name(device),
         torch=torch.__version__,
         threads=cores,
         throughput=throughput,
@@ -278,10 +276,7 @@ def main():
         notes=notes,
     )
     out = args.out or os.path.join(HERE, "results", f"dataset_{device.split(':')[0]}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+    write_results(result, out)
     return 0
 
 

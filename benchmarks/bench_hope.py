@@ -27,7 +27,6 @@ truncated power-series evaluation of the same net (``_taylor_reference.py``).
 import argparse
 import copy
 import itertools
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -42,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from captum_interactions import HOPE  # noqa: E402
 from _taylor_reference import derivative_tensors  # noqa: E402
-from _timing import PeakRSS, sync  # noqa: E402
+from _common import PeakRSS, sync, write_results  # noqa: E402
 
 
 class Sin(nn.Module):
@@ -269,12 +268,9 @@ def main():
         "platform": platform.platform(),
         "rows": rows,
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     name = "hope.json" if args.device == "cpu" and not args.quick else (
         f"hope_{args.device.split(':')[0]}{'_quick' if args.quick else ''}.json")
-    with open(os.path.join(HERE, "results", name), "w") as fh:
-        json.dump(out, fh, indent=2)
-    print(f"wrote benchmarks/results/{name}")
+    write_results(out, os.path.join(HERE, "results", name))
 
 
 if __name__ == "__main__":

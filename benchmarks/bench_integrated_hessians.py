@@ -17,17 +17,14 @@ Also the grouped cost (G = 5 groups over d = 100). Prints a table and writes
     python benchmarks/bench_integrated_hessians.py [--device cuda] [--quick]
 """
 import argparse
-import importlib.util
-import json
 import os
-import platform
 import sys
 
 import torch
 from torch import nn
 
 from captum_interactions import IntegratedHessians
-from _timing import timed  # noqa: E402
+from _common import device_name, load_path_explain, timed, write_results  # noqa: E402
 from captum_interactions._utils.quadrature import gauss_log_rule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,19 +58,6 @@ def naive_integrated_hessians(model, x, baseline, n_steps=16):
             hvps += d
             out[e] += w * (t * torch.outer(delta, delta) * hess + torch.diag(delta * grad.detach()))
     return out, hvps
-
-
-def load_path_explain():
-    spec = importlib.util.find_spec("path_explain")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(
-        list(spec.submodule_search_locations)[0], "explainers", "path_explainer_torch.py"
-    )
-    module_spec = importlib.util.spec_from_file_location("path_explainer_torch", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.PathExplainerTorch
 
 
 def relative_completeness(model, gamma, x, baseline):
@@ -172,7 +156,7 @@ def main():
     result = dict(
         benchmark="integrated_hessians",
         device=device,
-        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        device_name=device_name(device),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         n_examples=n_examples,
@@ -180,10 +164,7 @@ def main():
         rows=rows,
     )
     out = args.out or os.path.join(HERE, "results", f"integrated_hessians_{device.split(':')[0]}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+    write_results(result, out)
     return 0
 
 

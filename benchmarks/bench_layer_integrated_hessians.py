@@ -34,8 +34,6 @@ Prints a table and writes ``benchmarks/results/layer_integrated_hessians_<device
     python benchmarks/bench_layer_integrated_hessians.py [--device cuda] [--quick]
 """
 import argparse
-import importlib.util
-import json
 import os
 import platform
 import sys
@@ -59,23 +57,10 @@ from captum_interactions._utils.text import (  # noqa: E402
     keep_special_tokens_baseline,
     load_minilm,
 )
-from _timing import timed  # noqa: E402
+from _common import load_path_explain, timed, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIRST, SECOND = "the movie was not that bad", "i liked the film a lot"
-
-
-def load_path_explain():
-    spec = importlib.util.find_spec("path_explain")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(
-        list(spec.submodule_search_locations)[0], "explainers", "path_explainer_torch.py"
-    )
-    module_spec = importlib.util.spec_from_file_location("path_explainer_torch", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.PathExplainerTorch
 
 
 def per_coordinate_fraction(model, x, x0, mask, t, coordinates, batched, device):
@@ -215,10 +200,7 @@ def main():
     }
     out = args.out or os.path.join(
         HERE, "results", f"layer_integrated_hessians_{device.split(':')[0]}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+    write_results(result, out)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ Prints tables and writes ``benchmarks/results/smooth_hess[_<device>].json``.
     python benchmarks/bench_smooth_hess.py [--device cuda] [--quick]
 """
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import time
 
@@ -33,7 +31,7 @@ from torch import nn
 
 from captum_interactions import SmoothHess, replace_relu_with_softplus
 from captum_interactions.metrics import pmse
-from _timing import timed  # noqa: E402
+from _common import device_name, timed, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -239,7 +237,7 @@ def main():
         raise SystemExit("--device cuda requested but CUDA is not available")
     start = time.perf_counter()
     results = {
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "quick": args.quick,
@@ -282,10 +280,8 @@ def main():
     results["total_seconds"] = time.perf_counter() - start
     suffix = "" if device == "cpu" else "_" + device.split(":")[0]
     path = os.path.join(HERE, "results", f"smooth_hess{suffix}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(f"\nwrote {path} ({results['total_seconds']:.0f} s)")
+    print(f"\ntotal {results['total_seconds']:.0f} s")
+    write_results(results, path)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,9 @@
-import importlib
-import importlib.util
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks._common import load_acd_cd
 from captum_interactions import ContextualDecomposition
 from captum_interactions._utils.cd_rules import UnsupportedOperationError
 
@@ -302,36 +298,7 @@ def test_bad_inputs_raise_clear_errors():
         cd.attribute([x], feature_mask=torch.arange(6))
 
 
-def _load_acd_cd():
-    """acd 0.0.2's ``cd`` (needs np.int; its package __init__ needs scikit-image,
-    which the CD scores do not use, so the subpackage is loaded without it)."""
-    try:
-        import numpy as np
-    except ImportError:
-        return None
-    if not hasattr(np, "int"):
-        np.int = int  # acd uses the alias removed in numpy 1.24
-    spec = importlib.util.find_spec("acd")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    saved = sys.modules.get("acd")
-    try:
-        try:
-            import acd
-
-            return acd.cd
-        except ImportError:
-            package = types.ModuleType("acd")
-            package.__path__ = list(spec.submodule_search_locations)
-            sys.modules["acd"] = package
-            return importlib.import_module("acd.scores.cd").cd
-    except Exception:
-        if saved is not None:
-            sys.modules["acd"] = saved
-        return None
-
-
-ACD_CD = _load_acd_cd()
+ACD_CD = load_acd_cd()
 
 
 @pytest.mark.skipif(ACD_CD is None, reason="the `acd` package does not import")

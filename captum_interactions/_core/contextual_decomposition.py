@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten
 from captum_interactions._utils.cd_rules import CDTensor, MaskedIndices
 from captum_interactions._utils.common import (
     RowExpansion,
+    format_inputs,
     model_modules,
     preserved_module_state,
     validate_internal_batch_size,
@@ -20,33 +21,6 @@ from captum_interactions._utils.common import (
 from captum_interactions._utils.feature_groups import FeatureGroups, split_features
 
 MaskType = Union[Tensor, Tuple[Tensor, ...]]
-
-
-def format_cd_inputs(inputs: Any) -> Tuple[Tensor, ...]:
-    """Tensor or tuple -> tuple; floating point features or integer token ids."""
-    if isinstance(inputs, Tensor):
-        inputs = (inputs,)
-    if not isinstance(inputs, tuple) or len(inputs) == 0:
-        raise TypeError(
-            f"`inputs` must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(inputs).__name__}"
-        )
-    for i, inp in enumerate(inputs):
-        if not isinstance(inp, Tensor):
-            raise TypeError(f"`inputs[{i}]` must be a torch.Tensor, got {type(inp).__name__}")
-        if inp.dim() < 1:
-            raise ValueError(f"`inputs[{i}]` must have a batch dimension, got a 0-d tensor")
-        if inp.dtype == torch.bool or inp.is_complex():
-            raise TypeError(
-                f"`inputs[{i}]` must be floating point (features) or integer (token "
-                f"ids for an embedding), got dtype {inp.dtype}"
-            )
-        if inp.shape[0] != inputs[0].shape[0]:
-            raise ValueError(
-                f"every tensor in `inputs` must have the same batch size; `inputs[0]` "
-                f"has {inputs[0].shape[0]} examples but `inputs[{i}]` has {inp.shape[0]}"
-            )
-    return inputs
 
 
 def _output_dtype(inputs: Tuple[Tensor, ...]) -> torch.dtype:
@@ -249,7 +223,7 @@ class ContextualDecomposition(Attribution):
             >>> torch.allclose(rel + irr, model(x), atol=1e-6)
             True
         """
-        inputs_t = format_cd_inputs(inputs)
+        inputs_t = format_inputs(inputs, allow_integer=True)
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         if target is not None:
@@ -349,7 +323,7 @@ class ContextualDecomposition(Attribution):
             >>> scores.shape
             torch.Size([2, 4])
         """
-        inputs_t = format_cd_inputs(inputs)
+        inputs_t = format_inputs(inputs, allow_integer=True)
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
         groups = FeatureGroups(feature_mask, inputs_t)
@@ -394,7 +368,7 @@ class ContextualDecomposition(Attribution):
             >>> inter.shape
             torch.Size([2, 3, 3])
         """
-        inputs_t = format_cd_inputs(inputs)
+        inputs_t = format_inputs(inputs, allow_integer=True)
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)

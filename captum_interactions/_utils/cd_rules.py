@@ -65,7 +65,6 @@ Rules (beta = relevant, gamma = irrelevant, x = beta + gamma the true input):
 Anything else that produces a tensor from a CD activation raises
 :class:`UnsupportedOperationError` naming the operation.
 """
-import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

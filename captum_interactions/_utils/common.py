@@ -21,8 +21,13 @@ from captum.attr._utils.common import _format_callable_baseline
 from torch import Tensor
 
 
-def format_inputs(inputs: Any, name: str = "inputs") -> Tuple[Tensor, ...]:
-    """Tensor or tuple of tensors -> tuple of tensors (batch first), validated."""
+def format_inputs(
+    inputs: Any, name: str = "inputs", allow_integer: bool = False
+) -> Tuple[Tensor, ...]:
+    """Tensor or tuple of tensors -> tuple of tensors (batch first), validated.
+
+    Floating point only, unless ``allow_integer`` (token ids for an embedding,
+    for methods that do not differentiate the inputs)."""
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     if not isinstance(inputs, tuple) or len(inputs) == 0:
@@ -40,7 +45,13 @@ def format_inputs(inputs: Any, name: str = "inputs") -> Tuple[Tensor, ...]:
                 f"`{name}[{i}]` must have a batch dimension (shape (N, ...)), "
                 f"got a 0-d tensor"
             )
-        if not inp.is_floating_point():
+        if allow_integer:
+            if inp.dtype == torch.bool or inp.is_complex():
+                raise TypeError(
+                    f"`{name}[{i}]` must be floating point (features) or integer (token "
+                    f"ids for an embedding), got dtype {inp.dtype}"
+                )
+        elif not inp.is_floating_point():
             raise TypeError(
                 f"`{name}[{i}]` must be a floating point tensor to be "
                 f"differentiated, got dtype {inp.dtype}"

@@ -32,22 +32,22 @@ def _communication_device(tensor: Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum of ``tensor`` over all ranks, on ``tensor``'s device (returns a new tensor)."""
+def _all_reduce(tensor: Tensor, op: Any) -> Tensor:
     if not _is_distributed():
         return tensor
     comm = tensor.to(_communication_device(tensor), copy=True)
-    dist.all_reduce(comm, op=dist.ReduceOp.SUM)
+    dist.all_reduce(comm, op=op)
     return comm.to(tensor.device)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over all ranks, on ``tensor``'s device (returns a new tensor)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: Tensor) -> Tensor:
     """Elementwise maximum of ``tensor`` over all ranks, on ``tensor``'s device."""
-    if not _is_distributed():
-        return tensor
-    comm = tensor.to(_communication_device(tensor), copy=True)
-    dist.all_reduce(comm, op=dist.ReduceOp.MAX)
-    return comm.to(tensor.device)
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:

@@ -43,8 +43,10 @@ def gradients_with_graph(
     points: Tuple[Tensor, ...],
     target: Any,
     additional_forward_args: Any,
+    create_graph: bool = True,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
-    """Leaf copies of ``points`` and grad f at them, kept differentiable.
+    """Leaf copies of ``points`` and grad f at them, kept differentiable
+    (``create_graph=False``: plain gradients, no graph kept).
 
     Returns ``(leaves, grads)``; a gradient that does not depend on an input
     (e.g. a model linear in it) is returned as zeros that do not require grad.
@@ -58,7 +60,7 @@ def gradients_with_graph(
                 "`inputs` (it does not require grad)"
             )
         grads = torch.autograd.grad(
-            output.sum(), leaves, create_graph=True, allow_unused=True
+            output.sum(), leaves, create_graph=create_graph, allow_unused=True
         )
     grads = tuple(
         torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)

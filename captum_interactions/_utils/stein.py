@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from captum_interactions._utils.common import run_scalar_forward
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
+from captum_interactions._utils.hessian import gradients_with_graph
 
 # the noise of one block is drawn in one call, independent of internal_batch_size
 # (so results do not depend on it); a block holds about this many numbers
@@ -34,18 +34,10 @@ def plain_gradients(
     additional_forward_args: Any,
 ) -> Tuple[Tensor, ...]:
     """grad f at ``points`` (no graph kept); zeros for inputs f does not use."""
-    leaves = tuple(p.detach().requires_grad_(True) for p in points)
-    with torch.enable_grad():
-        output = run_scalar_forward(forward_func, leaves, target, additional_forward_args)
-        if not output.requires_grad:
-            raise ValueError(
-                "the selected model output does not depend differentiably on "
-                "`inputs` (it does not require grad); SmoothHess needs gradients"
-            )
-        grads = torch.autograd.grad(output.sum(), leaves, allow_unused=True)
-    return tuple(
-        torch.zeros_like(leaf) if g is None else g.detach() for g, leaf in zip(grads, leaves)
+    _, grads = gradients_with_graph(
+        forward_func, points, target, additional_forward_args, create_graph=False
     )
+    return grads
 
 
 class SteinAccumulator:
