@@ -15,7 +15,7 @@ symmetric derivative tensor), ``jacfwd`` (torch.func.jacfwd nested k times).
 Each runs after a warm-up call at order 1, in its own spawned process. Peak
 memory comes from the first call at order K (the growth of sampled RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA); the time is the best of up to 20
-further calls (fewer once 10 s are spent). HOPE's first-call time includes
+further calls (fewer once a quarter of the timeout, 10 s at most, is spent). HOPE's first-call time includes
 building its (cached) recovery plan. A baseline that exceeds ``--timeout``
 seconds is stopped and reported as skipped, with the lower bound on HOPE's
 speed-up that the timeout implies. Errors: max |D^k - D^k_exact| / max
@@ -153,10 +153,11 @@ def derivatives_hope(case, order):
 METHODS = {"hope": derivatives_hope, "autograd": derivatives_autograd, "jacfwd": derivatives_jacfwd}
 
 
-def run_method(case_name, method, order, dtype_name, device, quick, queue):
+def run_method(case_name, method, order, dtype_name, device, quick, budget, queue):
     """One call under the memory probe (first, while the allocator holds nothing
-    of order K), then the best time of up to 20 calls (fewer once 10 s are
-    spent): the probe's sampling thread would slow Python-bound code if timed."""
+    of order K), then the best time of up to 20 calls, fewer once ``budget``
+    seconds are spent (at least one): the probe's sampling thread would slow
+    Python-bound code if timed."""
     dtype = getattr(torch, dtype_name)
     case = make_case(case_name, dtype, device, quick)
     compute = METHODS[method]
@@ -174,7 +175,7 @@ def run_method(case_name, method, order, dtype_name, device, quick, queue):
         peak = rss.growth_bytes
     first = time.perf_counter() - start
     times, spent = [], 0.0
-    while len(times) < 20 and spent < 10.0:
+    while not times or (len(times) < 20 and spent < budget):
         sync(device)
         start = time.perf_counter()
         result = compute(case, order)
@@ -191,8 +192,11 @@ def measure(case, method, order, args):
     # spawned, on CUDA too: a fork after torch threads (or a CUDA context) start is unsafe
     ctx = mp.get_context("spawn")
     box = ctx.Queue()
+    # repeats stop after a quarter of the timeout (10 s at most), so a method that
+    # fits the timeout with two calls is not cut off by its own repeats
+    budget = min(10.0, args.timeout / 4)
     proc = ctx.Process(target=run_method, args=(case, method, order, args.dtype,
-                                                args.device, args.quick, box))
+                                                args.device, args.quick, budget, box))
     proc.start()
     try:
         result = box.get(timeout=args.timeout)
