@@ -22,7 +22,6 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -38,6 +37,7 @@ ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
 
 
 from captum_interactions.visualization import (  # noqa: E402
+    _create_figure,
     _finish,
     _pair_bars,
     _symmetric_limit,
@@ -64,17 +64,6 @@ def _token_matrix(interactions: ArrayLike, tokens: Sequence[str]) -> np.ndarray:
             f"{matrix.shape[0]} x {matrix.shape[1]}"
         )
     return matrix
-
-
-def _figure(
-    plt_fig_axis: Optional[Tuple[Figure, Axes]], use_pyplot: bool, fig_size: Tuple[float, float]
-) -> Tuple[Figure, Axes]:
-    if plt_fig_axis is not None:
-        return plt_fig_axis
-    if use_pyplot:
-        return plt.subplots(figsize=fig_size)
-    fig = Figure(figsize=fig_size)
-    return fig, fig.subplots()
 
 
 def visualize_token_interactions(
@@ -126,7 +115,7 @@ def visualize_token_interactions(
     if mask_diagonal:
         shown[np.arange(size), np.arange(size)] = np.ma.masked
     limit = _symmetric_limit(shown.filled(np.nan))
-    fig, ax = _figure(plt_fig_axis, use_pyplot, fig_size)
+    fig, ax = _create_figure(plt_fig_axis, use_pyplot, fig_size)
     image = ax.imshow(shown, cmap=cmap if cmap is not None else interaction_cmap(), vmin=-limit,
                       vmax=limit, aspect="auto", interpolation="nearest")
     labels = [str(t) for t in tokens]
@@ -205,7 +194,7 @@ def visualize_top_token_pairs(
         str(tokens[i]) if i == j else f"{tokens[i]} \u00d7 {tokens[j]}" for i, j, _ in pairs
     ]
     values = np.array([v for _, _, v in pairs])
-    fig, ax = _figure(plt_fig_axis, use_pyplot, fig_size)
+    fig, ax = _create_figure(plt_fig_axis, use_pyplot, fig_size)
     _pair_bars(ax, values, labels, "interaction")  # strongest at the top
     if title:
         ax.set_title(title)
