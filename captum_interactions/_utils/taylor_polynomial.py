@@ -348,16 +348,19 @@ class TaylorPolynomial:
         derivs = coeffs * factorials
         if k == 0:
             return derivs[:, 0]
-        # every index tuple (i_1..i_k) -> its exponent counts -> a base-(k+1)
-        # key -> the position of that monomial among the order-k exponents
+        # every index tuple (i_1..i_k) and every monomial as its sorted index
+        # tuple, keyed in base p: keys stay below p^k, the size of the output,
+        # so they cannot overflow (base k + 1 over the exponents would for p > 40)
         grids = torch.meshgrid(*[torch.arange(p)] * k, indexing="ij")
-        tuples = torch.stack([g.reshape(-1) for g in grids], dim=1)  # (p^k, k)
-        counts = torch.zeros(tuples.shape[0], p, dtype=torch.long).scatter_add_(
-            1, tuples, torch.ones_like(tuples))
-        radix = (k + 1) ** torch.arange(p, dtype=torch.long)
-        keys = exps.cpu().long() @ radix
+        tuples = torch.stack([g.reshape(-1) for g in grids], dim=1).sort(dim=1).values
+        exps_cpu = exps.cpu().long()
+        monomial_tuples = torch.repeat_interleave(
+            torch.arange(p).repeat(exps_cpu.shape[0]), exps_cpu.reshape(-1)
+        ).reshape(-1, k)  # exponents -> the sorted index tuple of each monomial
+        radix = p ** torch.arange(k - 1, -1, -1, dtype=torch.long)
+        keys = monomial_tuples @ radix
         order = torch.argsort(keys)
-        lookup = order[torch.searchsorted(keys[order], counts @ radix)]
+        lookup = order[torch.searchsorted(keys[order], tuples @ radix)]
         return derivs[:, lookup.to(derivs.device).reshape(-1)].reshape((len(self),) + (p,) * k)
 
     # -- transformations ----------------------------------------------------
