@@ -148,7 +148,7 @@ def test_random_method_crash_and_resume_loses_and_duplicates_nothing(tmp_path):
         explain_dataset(crashing, loader_of(x, labels), tmp_path / "b", kwargs, **run)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     files = sorted(os.listdir(tmp_path / "b" / "chunks"))
-    assert files == [f"chunk_{c:06d}.pt" for c in range(3)]  # no partial file
+    assert files == [f"chunk_{c:06d}.safetensors" for c in range(3)]  # no partial file
     manifest = json.load(open(tmp_path / "b" / "manifest.json"))
     assert manifest["complete"] is False and manifest["num_chunks"] == 5
 
@@ -218,7 +218,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         deadline = time.time() + 60
         chunk_dir = out_dir / "chunks"
         while time.time() < deadline and proc.poll() is None:
-            done = [f for f in os.listdir(chunk_dir) if f.endswith(".pt")] if chunk_dir.exists() else []
+            done = [f for f in os.listdir(chunk_dir) if f.endswith(".safetensors")] if chunk_dir.exists() else []
             if len(done) >= 3:
                 break
             time.sleep(0.02)
@@ -228,7 +228,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    num_done = len([f for f in os.listdir(out_dir / "chunks") if f.endswith(".pt")])
+    num_done = len([f for f in os.listdir(out_dir / "chunks") if f.endswith(".safetensors")])
     assert 3 <= num_done < 12
     ih = IntegratedHessians(model)
     resumed = explain_dataset(
