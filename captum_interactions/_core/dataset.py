@@ -316,10 +316,11 @@ class DatasetExplanation:
     def __len__(self) -> int:
         return self.num_examples
 
-    def _read(self, chunk: int, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+    def _read(self, chunk: int) -> Dict[str, Tensor]:
+        # every tensor of the file is checked, not only those returned
         start, stop = _bounds(chunk, self.chunk_size, self.num_examples)
         try:
-            tensors, _ = read_chunk(self.out_dir, chunk, start, stop, self.run_digest, names)
+            tensors, _ = read_chunk(self.out_dir, chunk, start, stop, self.run_digest)
         except DatasetStorageError as err:
             raise DatasetStorageError(
                 err.path, f"{err} -- rerun explain_dataset with the same arguments on "
@@ -329,7 +330,7 @@ class DatasetExplanation:
 
     def _chunk(self, chunk: int) -> Tensor:
         if self._cached[0] != chunk:
-            self._cached = (chunk, self._read(chunk, ("interactions",))["interactions"])
+            self._cached = (chunk, self._read(chunk)["interactions"])
         return self._cached[1]  # type: ignore[return-value]
 
     def __getitem__(self, index: int) -> Tensor:
@@ -346,7 +347,7 @@ class DatasetExplanation:
     def iter_chunks(self) -> Iterator[Tuple[Tensor, Tensor]]:
         """(dataset indices, interactions) of each chunk, in dataset order."""
         for chunk in range(self.num_chunks):
-            data = self._read(chunk, ("interactions",))
+            data = self._read(chunk)
             yield data["indices"], data["interactions"]
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -504,6 +505,16 @@ def _prepare_out_dir(
                         + "; ".join(changes or ["the run digest differs"])
                         + ". Use another out_dir, the same model, method and settings, or "
                         "resume=False to start over"
+                    )
+                layout = dict(num_examples=num_examples, chunk_size=chunk_size,
+                              num_chunks=num_chunks)
+                wrong = {k: previous.get(k) for k, v in layout.items() if previous.get(k) != v}
+                if wrong:
+                    warnings.warn(
+                        f"explain_dataset: manifest {manifest_path} was edited or damaged "
+                        f"({', '.join(f'{k} {v}' for k, v in wrong.items())}, expected "
+                        f"{', '.join(f'{k} {layout[k]}' for k in wrong)}); it is rewritten",
+                        RuntimeWarning,
                     )
     os.makedirs(os.path.join(out_dir, CHUNK_DIR), exist_ok=True)
     write_json(

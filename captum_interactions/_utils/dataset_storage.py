@@ -195,9 +195,14 @@ def find_modules(forward_func: Any) -> List[Tuple[str, Any]]:
 def model_fingerprint(forward_func: Any) -> Dict[str, str]:
     """``{"parameter '<name>'": sha256, "buffer '<name>'": sha256, ...}`` of the
     parameters and buffers ``forward_func`` computes with (names sorted, so the
-    order is deterministic); empty when none can be reached."""
+    order is deterministic); empty when none can be reached. One module is
+    named as itself (``'0.weight'``), several by where they were found
+    (``'model.0.weight'`` for a closure variable ``model``)."""
     entries: Dict[str, str] = {}
-    for prefix, obj in find_modules(forward_func):
+    found = find_modules(forward_func)
+    if len(found) == 1:  # one model, however reached: its own parameter names
+        found = [("", found[0][1])] if isinstance(found[0][1], torch.nn.Module) else found
+    for prefix, obj in found:
         if isinstance(obj, Tensor):
             entries[f"tensor '{prefix.rstrip('.')}'"] = tensor_sha256(obj)
             continue
