@@ -218,7 +218,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         deadline = time.time() + 60
         chunk_dir = out_dir / "chunks"
         while time.time() < deadline and proc.poll() is None:
-            done = [f for f in os.listdir(chunk_dir) if f.endswith(".safetensors")] if chunk_dir.exists() else []
+            done = ([f for f in os.listdir(chunk_dir) if f.endswith(".safetensors")]
+                    if chunk_dir.exists() else [])
             if len(done) >= 3:
                 break
             time.sleep(0.02)
@@ -689,8 +690,8 @@ def test_storage_is_safetensors_and_json_readable_without_this_library(tmp_path)
     result = _reference_run(tmp_path)
     arrays = load_file(_chunk_file(tmp_path, 1))
     assert (arrays["indices"] == list(range(5, 10))).all()
-    torch.testing.assert_close(torch.from_numpy(arrays["interactions"]), result.interactions()[5:10],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(arrays["interactions"]),
+                               result.interactions()[5:10], rtol=0, atol=0)
     with safe_open(_chunk_file(tmp_path, 1), framework="numpy") as fh:
         meta = fh.metadata()
     assert meta["chunk"] == "1" and meta["start"] == "5" and meta["stop"] == "10"

@@ -292,7 +292,7 @@ class DatasetExplanation:
         self.num_finite: int = int(summary["num_finite"])
         self.nonfinite_examples: List[int] = tensors["nonfinite_indices"].tolist()
         finite = tensors["finite"]
-        index = torch.arange(self.num_examples)[finite]
+        index = torch.arange(self.num_examples, device="cpu")[finite]
         dependence = tensors["dependence"][finite]
         self.dependence: Dict[Tuple[int, int], Dict[str, Tensor]] = {
             (int(i), int(j)): {
@@ -481,6 +481,14 @@ def _prepare_out_dir(
         old = old_format_files(out_dir)
         if old:
             raise DatasetStorageError(out_dir, old_format_message(out_dir, old))
+        chunk_dir = os.path.join(out_dir, CHUNK_DIR)
+        if not os.path.exists(manifest_path) and os.path.isdir(chunk_dir) and os.listdir(chunk_dir):
+            warnings.warn(
+                f"explain_dataset: manifest {manifest_path} is missing but {chunk_dir} holds "
+                "files; each chunk file is kept only where its own metadata shows it belongs "
+                "to this run, and recomputed otherwise",
+                RuntimeWarning,
+            )
         if os.path.exists(manifest_path):
             try:
                 previous = read_json(manifest_path, "manifest")
@@ -550,7 +558,7 @@ def _run_on_rank0(world_size: int, rank: int, action: Callable[[], Any]) -> Any:
 def _raise_on_every_rank(message: Optional[str], world_size: int) -> None:
     """Raise ``message`` where it was found, and a pointer to it on the other ranks."""
     if world_size > 1:
-        flag = torch.tensor([0.0 if message is None else 1.0], dtype=torch.float64)
+        flag = torch.tensor([0.0 if message is None else 1.0], dtype=torch.float64, device="cpu")
         if all_reduce_max(flag).item() > 0 and message is None:
             raise ValueError("explain_dataset: another rank refused to go on (see its error)")
     if message is not None:
@@ -952,14 +960,14 @@ def _write_chunk(
     write_tensors(
         chunk_path(out_dir, chunk),
         dict(
-            indices=torch.arange(start, stop),
+            indices=torch.arange(start, stop, device="cpu"),
             interactions=block,
             finite=finite,
             sum=kept.sum(0).reshape(side, side),
             abs_sum=kept.abs().sum(0).reshape(side, side),
             dependence=(
                 torch.cat(dep_pieces) if dep_pieces
-                else torch.zeros(n, 0, 3, dtype=torch.float64)
+                else torch.zeros(n, 0, 3, dtype=torch.float64, device="cpu")
             ),
         ),
         dict(run_digest=run_digest, chunk=str(chunk), start=str(start), stop=str(stop),
@@ -1026,7 +1034,7 @@ def _write_summary(
     else:  # nothing to average: say so with NaN (and the warning), never zeros
         mean = mean_abs = torch.full_like(sums[0], float("nan"))
     side = mean.shape[0]
-    upper_i, upper_j = torch.triu_indices(side, side, offset=1)
+    upper_i, upper_j = torch.triu_indices(side, side, offset=1, device="cpu")
     scores = mean_abs[upper_i, upper_j]
     k = min(top_k, scores.numel()) if num_finite else 0
     values, order = torch.topk(scores, k) if k else (scores[:0], scores[:0].long())

@@ -156,8 +156,9 @@ def value_fingerprint(value: Any, module_names: Optional[Dict[int, str]] = None)
 def find_modules(forward_func: Any) -> List[Tuple[str, Any]]:
     """The modules and tensors that ``forward_func`` computes with, as far as
     they can be reached: the function itself if it is a module, the object of a
-    bound method, the function and arguments of a ``functools.partial``, the
-    variables a closure captures. (prefix, module or tensor) pairs."""
+    bound method (and the modules and tensors among its attributes), the function
+    and arguments of a ``functools.partial``, the variables a closure captures.
+    (prefix, module or tensor) pairs."""
     found: List[Tuple[str, Any]] = []
     seen: set = set()
 
@@ -187,6 +188,12 @@ def find_modules(forward_func: Any) -> List[Tuple[str, Any]]:
                 except ValueError:  # an empty cell
                     continue
                 visit(content, f"{prefix}{name}.", depth + 1)
+        if code is None and func is None and not callable(getattr(obj, "__func__", None)):
+            # a plain object (e.g. a wrapper whose bound method is forward_func):
+            # the modules and tensors among its attributes
+            for name, attr in sorted(getattr(obj, "__dict__", {}).items()):
+                if isinstance(attr, (torch.nn.Module, Tensor)):
+                    visit(attr, f"{prefix}{name}.", depth + 1)
 
     visit(forward_func, "", 0)
     return found
@@ -421,7 +428,7 @@ def read_chunk(
             path, f"chunk file {path} holds chunk {held[0]} (examples {held[1]}-{held[2]}), "
             f"not chunk {chunk} (examples {start}-{stop}): files swapped or renamed?"
         )
-    if not torch.equal(tensors["indices"], torch.arange(start, stop)):
+    if not torch.equal(tensors["indices"], torch.arange(start, stop, device="cpu")):
         raise DatasetStorageError(
             path, f"chunk file {path} holds other example indices than {start}-{stop}"
         )
