@@ -727,3 +727,41 @@ def test_old_format_folder_is_detected_and_never_unpickled(tmp_path, monkeypatch
                             FAULT_KWARGS, resume=False, **FAULT_RUN)
     assert not (out / "summary.pt").exists() and not (out / "chunks" / "chunk_000000.pt").exists()
     assert len(fresh) == N_EXAMPLES
+
+
+def test_model_fingerprint_reaches_the_model_however_it_is_wrapped():
+    """The weights are found through a module, a bound method of a wrapper, a
+    functools.partial and a closure, under the module's own parameter names;
+    they depend on the bytes, not on the device or on other state."""
+    import functools
+
+    from captum_interactions._utils.dataset_storage import model_fingerprint
+
+    model = make_problem()[0]
+
+    class Wrapper:
+        def __init__(self, net):
+            self.net = net
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+    def closure(inputs):
+        return model(inputs)
+
+    direct = model_fingerprint(model)
+    assert list(direct) == ["parameter '0.bias'", "parameter '0.weight'",
+                            "parameter '2.bias'", "parameter '2.weight'"]
+    for wrapped in (model.forward, Wrapper(model).forward,
+                    functools.partial(lambda net, inputs: net(inputs), model), closure):
+        assert model_fingerprint(wrapped) == direct
+    model.train()  # a flag, not a parameter
+    assert model_fingerprint(model) == direct
+    with torch.no_grad():
+        model[0].weight[1, 1] = model[0].weight[1, 1].item()  # same bytes
+    assert model_fingerprint(model) == direct
+    with torch.no_grad():
+        model[0].weight[1, 1] = torch.nextafter(model[0].weight[1, 1], torch.tensor(2.0,
+                                                                                     dtype=DTYPE))
+    changed = model_fingerprint(model)
+    assert [k for k in direct if direct[k] != changed[k]] == ["parameter '0.weight'"]
