@@ -273,7 +273,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         def attribute(self, inputs):
             return inputs * 2  # (N, D): not an interaction matrix
 
-    with pytest.raises(ValueError, match="interaction matrix|needs"):
+    with pytest.raises(ValueError, match="interaction matrix|needs"), \
+            pytest.warns(RuntimeWarning, match="found no parameters or buffers"):
         explain_dataset(FirstOrder(), loader_of(x, labels), tmp_path / "d", progress=False)
 
 

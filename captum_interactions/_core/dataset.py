@@ -14,6 +14,7 @@ every file carries checksums, and a lock guards the folder. The storage (file
 layout, safetensors + JSON, fingerprints, checksums, lock) lives in
 :mod:`captum_interactions._utils.dataset_storage`.
 """
+import hashlib
 import json
 import math
 import os
@@ -68,8 +69,6 @@ _SHOWN_NONFINITE = 20
 
 def _chunk_seed(seed: int, chunk: int) -> int:
     # distinct, well-spread 63-bit seeds per chunk, the same for any world size
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}:{chunk}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -506,7 +505,10 @@ def _prepare_out_dir(
                 )
             else:
                 if previous.get("run_digest") != run_digest:
-                    changes = describe_differences(previous.get("fingerprint", {}), fingerprint)
+                    stored = previous.get("fingerprint")
+                    changes = describe_differences(
+                        stored if isinstance(stored, dict) else {}, fingerprint
+                    )
                     raise ValueError(
                         f"explain_dataset: {out_dir} holds results of a different run; "
                         "refusing to mix them with this one: "

@@ -336,7 +336,8 @@ def read_json(path: str, what: str) -> Dict[str, Any]:
         raise DatasetStorageError(path, f"{what} {path} is not a JSON object")
     stored = obj.get("sha256")
     body = {k: v for k, v in obj.items() if k != "sha256"}
-    if stored is None and obj.get("version", FORMAT_VERSION) < FORMAT_VERSION:
+    version = obj.get("version")
+    if stored is None and isinstance(version, int) and version < FORMAT_VERSION:
         return obj  # format 1 had no checksum; the caller rejects the version
     if stored != json_sha256(body):
         raise DatasetStorageError(
