@@ -5,6 +5,8 @@ Output layouts, ``captum.attr.visualization`` on row sums (image and text),
 pipelines, ``captum.metrics.sensitivity_max``, and evaluating a Taylor
 polynomial at a batch of points.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -328,6 +330,34 @@ def test_sensitivity_max_of_ih_row_sums_equals_integrated_gradients():
     sens = sensitivity_max(single.attribute, x, perturb_func=offsets_perturbation,
                            n_perturb_samples=2, target=0, n_steps=4, output_layout="per_input")
     assert sens.shape == (3,) and torch.isfinite(sens).all()
+
+
+# -- docs/captum_parity.rst runs as written ------------------------------------------------
+
+PARITY_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "docs", "captum_parity.rst")
+
+
+def _doc_snippets():
+    snippets, current = [], None
+    for line in open(PARITY_DOC, encoding="utf-8").read().splitlines():
+        if line.startswith(".. code-block:: python"):
+            current = []
+            snippets.append(current)
+        elif current is not None:
+            if line and not line.startswith("   "):
+                current = None
+            else:
+                current.append(line[3:])
+    return ["\n".join(s) for s in snippets]
+
+
+def test_captum_parity_doc_snippets_run():
+    snippets = _doc_snippets()
+    assert len(snippets) == 3
+    for snippet in snippets:
+        torch.manual_seed(0)
+        exec(compile(snippet, PARITY_DOC, "exec"), {"__name__": "__doc__"})
 
 
 # -- TaylorPolynomial.evaluate on a batch of points ---------------------------------------
