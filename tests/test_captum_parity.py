@@ -124,6 +124,20 @@ def test_output_layouts_hold_the_same_matrix():
             grouped, rtol=0, atol=0)
     with pytest.raises(ValueError, match="output_layout"):
         ih.attribute(inputs, target=1, output_layout="rows")
+    # SmoothHess: the Hessian and its standard error in the layout, SmoothGrad per input
+    torch.manual_seed(0)
+    hess, grad, hess_se, grad_se = SmoothHess(model).attribute(
+        inputs, target=1, n_samples=8, output_layout="per_input",
+        return_smoothgrad=True, return_stderr=True)
+    torch.manual_seed(0)
+    hess_flat, _, se_flat, _ = SmoothHess(model).attribute(
+        inputs, target=1, n_samples=8, output_layout="flat",
+        return_smoothgrad=True, return_stderr=True)
+    torch.testing.assert_close(torch.cat([h.reshape(n, -1, d) for h in hess], 1), hess_flat,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([h.reshape(n, -1, d) for h in hess_se], 1), se_flat,
+                               rtol=0, atol=0)
+    assert [g.shape for g in grad] == [x.shape for x in inputs]
 
 
 @pytest.mark.parametrize("order", [2, 3])
