@@ -296,3 +296,50 @@ def test_layer_integrated_hessians_grouping_full_through_noise_tunnel():
     # the string form is refused by NoiseTunnel itself (Captum expands masks as tensors)
     with pytest.raises(AssertionError, match="str"):
         NoiseTunnel(lih).attribute(x, nt_samples=S, stdevs=STDEV, feature_mask="full")
+
+
+@pytest.mark.parametrize("name", ["IH", "EH", "SmoothHess", "HOPE"])
+def test_nested_layout_of_tuple_inputs_is_refused_under_noise_tunnel_with_the_fix(name):
+    model, data = make_model(), make_data()
+    method, inputs, kwargs = method_and_kwargs(name, "tuple", model, data)
+    del kwargs["output_layout"]  # the default nested out[i][j] layout
+    with pytest.raises(ValueError, match="output_layout='per_input'"):
+        NoiseTunnel(method).attribute(inputs, nt_samples=S, stdevs=STDEV, **kwargs)
+    # the same call outside NoiseTunnel returns the nested layout
+    torch.manual_seed(0)
+    nested = method.attribute(inputs, **kwargs)
+    assert isinstance(nested[0], tuple) and nested[0][1].shape == (N, 3, 1, 2)
+
+
+def test_layer_with_tuple_output_under_noise_tunnel_needs_per_input():
+    class Split(nn.Module):
+        def forward(self, x):
+            return x[:, :2] * 1.0, x[:, 2:] * 1.0
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.split, self.out = Split(), nn.Linear(5, 1)
+
+        def forward(self, x):
+            first, second = self.split(x)
+            return self.out(torch.tanh(torch.cat([first, second.pow(2)], dim=1)))
+
+    torch.manual_seed(0)
+    model = Model().to(DTYPE)
+    x = torch.randn(N, 5, dtype=DTYPE)
+    lih = LayerIntegratedHessians(model, model.split)
+    with pytest.raises(ValueError, match="output_layout='per_input'"):
+        NoiseTunnel(lih).attribute(x, nt_samples=S, stdevs=STDEV, n_steps=4, grouping="full")
+    torch.manual_seed(3)
+    rows = NoiseTunnel(lih).attribute(x, nt_samples=S, stdevs=STDEV, n_steps=4,
+                                      grouping="full", output_layout="per_input")
+    assert [r.shape for r in rows] == [(N, 2, 5), (N, 3, 5)]
+    # equals the per-noisy-copy runs averaged (deterministic method: separate runs)
+    torch.manual_seed(3)
+    (noisy,) = noisy_inputs_like_noise_tunnel((x,), STDEV, S)
+    runs = [lih.attribute(noisy.view(N, S, 5)[:, s], n_steps=4, grouping="full",
+                          output_layout="per_input") for s in range(S)]
+    for i in range(2):
+        expected = torch.stack([r[i] for r in runs], dim=1).mean(dim=1)
+        torch.testing.assert_close(rows[i], expected, rtol=1e-10, atol=1e-12)

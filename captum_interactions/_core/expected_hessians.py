@@ -139,7 +139,7 @@ class ExpectedHessians(GradientAttribution):
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_samples, "n_samples")
         validate_internal_batch_size(internal_batch_size)
-        validate_output_layout(output_layout)
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         references = format_baseline_distribution(baselines, inputs_t, inputs)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)

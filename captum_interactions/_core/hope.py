@@ -328,7 +328,7 @@ class HOPE(GradientAttribution):
         validate_positive_int(order, "order")
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
-        validate_output_layout(output_layout)
+        validate_output_layout(output_layout, is_tuple and feature_mask is None and order > 1)
         groups = FeatureGroups(feature_mask, inputs_t)
         coeffs = self._coefficients(
             inputs_t, groups, [order], target, additional_forward_args,

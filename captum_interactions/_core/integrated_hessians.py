@@ -200,7 +200,7 @@ class IntegratedHessians(GradientAttribution):
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_steps, "n_steps")
         validate_internal_batch_size(internal_batch_size)
-        validate_output_layout(output_layout)
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         baselines_t = format_baselines(baselines, inputs_t)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)

@@ -173,7 +173,7 @@ class SmoothHess(GradientAttribution):
                 f"got {n_samples}"
             )
         sigmas = normalize_stdevs(stdevs, len(inputs_t))
-        validate_output_layout(output_layout)
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
