@@ -222,7 +222,8 @@ def test_expected_hessians_baseline_forms_match_gradient_shap_under_noise_tunnel
         background = torch.randn(num_refs, 5, generator=g, dtype=DTYPE)
         for draw in (False, True):
             outcomes = []
-            for method, extra in ((GradientShap(model), {}), (ExpectedHessians(model), {"n_samples": 4})):
+            pairs = ((GradientShap(model), {}), (ExpectedHessians(model), {"n_samples": 4}))
+            for method, extra in pairs:
                 try:
                     NoiseTunnel(method).attribute(
                         x, nt_samples=S, stdevs=STDEV, baselines=background, target=1,
