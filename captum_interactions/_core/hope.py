@@ -20,6 +20,7 @@ from captum_interactions._utils.common import (
     validate_target,
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
+from captum_interactions._utils.hessian import validate_output_layout
 from captum_interactions._utils.jets import Jet, UnsupportedJetOperation
 from captum_interactions._utils.taylor_polynomial import (
     RecoveryPlan,
@@ -285,6 +286,7 @@ class HOPE(GradientAttribution):
         additional_forward_args: Any = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         internal_batch_size: Optional[int] = None,
+        output_layout: str = "nested",
     ) -> Any:
         r"""
         The exact order-``order`` derivative tensor of the selected output.
@@ -297,6 +299,14 @@ class HOPE(GradientAttribution):
             order (int, optional): k >= 1. Default: 2 (the Hessian)
             target, additional_forward_args, feature_mask, internal_batch_size:
                 as in :meth:`expand`.
+            output_layout (str, optional): layout of the ungrouped result.
+                ``"nested"``: as below. ``"per_input"``: one tensor per input,
+                ``out[i]`` of shape (N, *F_i, D, ..., D) (k - 1 axes of the D
+                flattened, concatenated features): a tuple aligned with the
+                inputs, for ``NoiseTunnel`` and ``captum.metrics`` on tuple
+                inputs. ``"flat"``: one (N, D, ..., D) tensor. With
+                ``feature_mask`` every layout is (N, G, ..., G).
+                Default: "nested"
 
         Returns:
             **derivatives**: for one input (N, *F): order 1 -> (N, *F), order 2 ->
@@ -318,6 +328,7 @@ class HOPE(GradientAttribution):
         validate_positive_int(order, "order")
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
+        validate_output_layout(output_layout, is_tuple and feature_mask is None and order > 1)
         groups = FeatureGroups(feature_mask, inputs_t)
         coeffs = self._coefficients(
             inputs_t, groups, [order], target, additional_forward_args,
@@ -330,8 +341,17 @@ class HOPE(GradientAttribution):
             inputs_t[0].new_zeros((inputs_t[0].shape[0], p)),
         )
         flat = poly.derivative_tensor(order)  # (N, p, ..., p)
-        if not groups.is_identity:
+        if not groups.is_identity or output_layout == "flat":
             return flat
+        if output_layout == "per_input":
+            sizes = [int(torch.Size(s).numel()) for s in groups.feature_shapes]
+            rows = tuple(
+                block.reshape(block.shape[:1] + tuple(shape) + block.shape[2:]).contiguous()
+                for block, shape in zip(
+                    torch.split(flat, sizes, dim=1), groups.feature_shapes
+                )
+            )
+            return rows if is_tuple else rows[0]
         return _split_derivative(flat, groups.feature_shapes, order, is_tuple)
 
 

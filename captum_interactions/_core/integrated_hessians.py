@@ -22,6 +22,7 @@ from captum_interactions._utils.hessian import (
     CostCounter,
     accumulate_path_interactions,
     format_interaction_output,
+    validate_output_layout,
 )
 from captum_interactions._utils.quadrature import log_weight_rule
 
@@ -126,6 +127,7 @@ class IntegratedHessians(GradientAttribution):
         internal_batch_size: Optional[int] = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         return_convergence_delta: bool = False,
+        output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
         Args:
@@ -159,6 +161,17 @@ class IntegratedHessians(GradientAttribution):
                 HVPs per path point. Default: None
             return_convergence_delta (bool, optional): also return
                 sum(Gamma) - (f(x) - f(x')) per example. Default: False
+            output_layout (str, optional): how the full (unmasked) matrix is
+                returned. ``"nested"``: (N, *F, *F) for one input,
+                ``out[i][j]`` of shape (N, *F_i, *F_j) for a tuple.
+                ``"per_input"``: one tensor per input, ``out[i]`` of shape
+                (N, *F_i, D), D the total number of features (columns in the
+                flattened, concatenated order of the inputs): a tuple aligned
+                with the inputs, to use with Captum's ``NoiseTunnel`` and
+                ``captum.metrics`` on tuple inputs; ``out[i].sum(-1)`` are the
+                row sums, shaped like ``inputs[i]``. ``"flat"``: one (N, D, D)
+                tensor. With ``feature_mask`` every layout is (N, G, G).
+                Default: "nested"
 
         Returns:
             **interactions** or (**interactions**, **delta**):
@@ -167,6 +180,7 @@ class IntegratedHessians(GradientAttribution):
               j is the interaction of feature i with feature j, the diagonal holds
               the main effects. For a tuple of inputs, ``interactions[i][j]`` of
               shape (N, *F_i, *F_j). With ``feature_mask``, one (N, G, G) tensor.
+              Other layouts: see ``output_layout``.
             - **delta** (Tensor): completeness error of shape (N,), returned when
               ``return_convergence_delta=True``.
 
@@ -186,6 +200,7 @@ class IntegratedHessians(GradientAttribution):
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_steps, "n_steps")
         validate_internal_batch_size(internal_batch_size)
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         baselines_t = format_baselines(baselines, inputs_t)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
@@ -216,7 +231,9 @@ class IntegratedHessians(GradientAttribution):
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
             )
-            result = format_interaction_output(interactions, groups, is_inputs_tuple)
+            result = format_interaction_output(
+                interactions, groups, is_inputs_tuple, output_layout
+            )
             if not return_convergence_delta:
                 return result
             delta = interactions.sum(dim=(1, 2)) - output_difference(

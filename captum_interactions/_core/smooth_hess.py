@@ -21,7 +21,11 @@ from captum_interactions._utils.feature_groups import (
     flatten_features,
     split_features,
 )
-from captum_interactions._utils.hessian import CostCounter, format_interaction_output
+from captum_interactions._utils.hessian import (
+    CostCounter,
+    format_interaction_output,
+    validate_output_layout,
+)
 from captum_interactions._utils.stein import (
     NOISE_BLOCK_NUMEL,
     SteinAccumulator,
@@ -88,6 +92,7 @@ class SmoothHess(GradientAttribution):
         return_smoothgrad: bool = False,
         return_stderr: bool = False,
         antithetic: bool = True,
+        output_layout: str = "nested",
     ) -> Any:
         r"""
         Args:
@@ -125,6 +130,11 @@ class SmoothHess(GradientAttribution):
                 when ``antithetic``). Default: False
             antithetic (bool, optional): draw noise in pairs (z, -z).
                 Default: True
+            output_layout (str, optional): layout of the ungrouped Hessian
+                (and its standard error): ``"nested"``, ``"per_input"`` (a
+                tuple aligned with the inputs, for ``NoiseTunnel`` and
+                ``captum.metrics`` on tuple inputs) or ``"flat"``, as in
+                :meth:`IntegratedHessians.attribute`. Default: "nested"
 
         Returns:
             **hessian**, followed by **smoothgrad** if ``return_smoothgrad``,
@@ -163,6 +173,7 @@ class SmoothHess(GradientAttribution):
                 f"got {n_samples}"
             )
         sigmas = normalize_stdevs(stdevs, len(inputs_t))
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
@@ -231,7 +242,7 @@ class SmoothHess(GradientAttribution):
                         self.last_call_cost.batches += 1
 
         hessian = format_interaction_output(
-            accumulator.mean_hessian(num_units), groups, is_inputs_tuple
+            accumulator.mean_hessian(num_units), groups, is_inputs_tuple, output_layout
         )
         outputs = [hessian]
         if return_smoothgrad:
@@ -243,7 +254,10 @@ class SmoothHess(GradientAttribution):
         if return_stderr:
             outputs.append(
                 format_interaction_output(
-                    accumulator.stderr_hessian(num_units), groups, is_inputs_tuple
+                    accumulator.stderr_hessian(num_units),
+                    groups,
+                    is_inputs_tuple,
+                    output_layout,
                 )
             )
             if return_smoothgrad:

@@ -14,11 +14,13 @@ variant) reduce to :func:`accumulate_path_interactions`:
 where s is the per-row scale (Delta = x - x' for Integrated Hessians). With G
 groups the cost is G HVPs per row, never D.
 """
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 import torch
+from captum.attr import NoiseTunnel
 from torch import Tensor
 
 from captum_interactions._utils.common import RowExpansion, run_scalar_forward
@@ -209,21 +211,76 @@ def accumulate_path_interactions(
     return result
 
 
+#: Values of ``output_layout`` (see :func:`format_interaction_output`).
+OUTPUT_LAYOUTS = ("nested", "per_input", "flat")
+
+
+def _called_by_noise_tunnel(max_depth: int = 6) -> bool:
+    """Whether a caller up the stack is Captum's NoiseTunnel running a method."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_compute_partial_attribution" and isinstance(
+            frame.f_locals.get("self"), NoiseTunnel
+        ):
+            return True
+    return False
+
+
+def validate_output_layout(output_layout: Any, nested_tuple: bool = False) -> None:
+    """Check ``output_layout``; ``nested_tuple``: the result would be a tuple of
+    tuples (a tuple of inputs, no ``feature_mask``), which NoiseTunnel cannot
+    average: refuse it there with the fix instead of Captum's AttributeError."""
+    if output_layout not in OUTPUT_LAYOUTS:
+        raise ValueError(
+            f"`output_layout` must be one of {', '.join(map(repr, OUTPUT_LAYOUTS))}, "
+            f"got {output_layout!r}"
+        )
+    if nested_tuple and output_layout == "nested" and _called_by_noise_tunnel():
+        raise ValueError(
+            "NoiseTunnel is not supported with `output_layout='nested'` for a tuple "
+            "of inputs: that layout is a tuple of tuples (out[i][j]) and NoiseTunnel "
+            "averages one tensor per input. Pass `output_layout='per_input'` "
+            "(out[i] of shape (N, *F_i, D)) or 'flat', or a `feature_mask`"
+        )
+
+
 def format_interaction_output(
     interactions: Tensor,
     groups: FeatureGroups,
     is_inputs_tuple: bool,
+    output_layout: str = "nested",
 ) -> Any:
-    """(N, G, G) -> Captum-style layout (DESIGN.md section 2).
+    """(N, G, G) -> the layout asked for by ``output_layout``.
 
-    Grouped: (N, G, G). Full, one tensor: (N, *F, *F). Full, tuple of inputs:
-    ``out[i][j]`` of shape (N, *F_i, *F_j).
+    With a ``feature_mask`` every layout is the (N, G, G) tensor. Without one
+    (G = D, the flattened features of all inputs):
+
+    - ``"nested"`` (default, DESIGN layout): one input -> (N, *F, *F); a tuple
+      of inputs -> ``out[i][j]`` of shape (N, *F_i, *F_j).
+    - ``"per_input"``: one tensor per input, ``out[i]`` of shape
+      (N, *F_i, D): the rows of input i against every feature (columns in the
+      flattened, concatenated order). A tuple aligned with the inputs, as
+      Captum's NoiseTunnel and metrics expect; ``out[i].sum(-1)`` are the row
+      sums, shaped like ``inputs[i]``. One input -> a tensor (N, *F, D).
+    - ``"flat"``: one tensor (N, D, D).
     """
-    if not groups.is_identity:
+    validate_output_layout(
+        output_layout, nested_tuple=is_inputs_tuple and groups.is_identity
+    )
+    if not groups.is_identity or output_layout == "flat":
         return interactions
     n = interactions.shape[0]
     shapes = groups.feature_shapes
     sizes = [int(torch.Size(s).numel()) for s in shapes]
+    if output_layout == "per_input":
+        rows = tuple(
+            block.reshape((n,) + tuple(shape) + (groups.num_features,)).contiguous()
+            for block, shape in zip(torch.split(interactions, sizes, dim=1), shapes)
+        )
+        return rows if is_inputs_tuple else rows[0]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
     blocks = tuple(
         tuple(

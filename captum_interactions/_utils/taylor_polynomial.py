@@ -310,26 +310,44 @@ class TaylorPolynomial:
         return torch.prod(delta.unsqueeze(-2) ** exps, dim=-1)
 
     def evaluate(self, x: Tensor) -> Tensor:
-        """Value of each polynomial at points ``x``.
+        """Value of the polynomials at points ``x`` (absolute, not offsets).
 
         Args:
-            x (Tensor): (N, p) one point per polynomial, or (N, P, p) P points
-                per polynomial, in the variables' space (absolute, not offsets).
+            x (Tensor): points in the variables' space, last axis p:
+
+                - one polynomial (N = 1, one expansion point): any batch of
+                  points, shape (*B, p) -> values of shape (*B), e.g. a grid
+                  or samples (M, p) -> (M,); a single point (p,) -> (1,).
+                - N polynomials: (N, p) one point each -> (N,), or
+                  (N, P, p) P points each -> (N, P) (more generally
+                  (N, *B, p) -> (N, *B)).
         Returns:
-            Tensor of shape (N,) or (N, P).
+            Tensor of values, shaped as above.
         """
-        x = x.to(self.coefficients.dtype)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`x` must be a tensor, got {type(x).__name__}")
+        x = x.to(self.coefficients.device, self.coefficients.dtype)
+        p, n = self.num_variables, len(self)
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        if x.shape[0] != len(self) or x.shape[-1] != self.num_variables:
+        if x.shape[-1] != p:
             raise ValueError(
-                f"`x` must have shape ({len(self)}, {self.num_variables}) or "
-                f"({len(self)}, P, {self.num_variables}), got {tuple(x.shape)}"
+                f"`x` must have its variables on the last axis, of size {p}, "
+                f"got shape {tuple(x.shape)}"
             )
-        center = self.center.reshape((len(self),) + (1,) * (x.dim() - 2) + (-1,))
-        values = self._monomial_values(x - center)
-        coeffs = self.coefficients.reshape((len(self),) + (1,) * (x.dim() - 2) + (-1,))
-        return (values * coeffs).sum(-1)
+        if n == 1:
+            # one expansion point: broadcast it to every point of any batch
+            delta = x - self.center[0]
+            return self._monomial_values(delta) @ self.coefficients[0]
+        if x.dim() < 2 or x.shape[0] != n:
+            raise ValueError(
+                f"`x` must have shape ({n}, {p}) or ({n}, P, {p}) for these {n} "
+                f"polynomials (or select one, poly[i], to evaluate it at any "
+                f"batch of points), got {tuple(x.shape)}"
+            )
+        batch = (n,) + (1,) * (x.dim() - 2)
+        values = self._monomial_values(x - self.center.reshape(batch + (p,)))
+        return (values * self.coefficients.reshape(batch + (-1,))).sum(-1)
 
     def derivative_tensor(self, k: int) -> Tensor:
         """The full symmetric k-th derivative tensor (N, p, ..., p) at the center.
