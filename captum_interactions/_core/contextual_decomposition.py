@@ -13,6 +13,7 @@ from captum_interactions._utils.cd_rules import CDTensor, MaskedIndices
 from captum_interactions._utils.common import (
     RowExpansion,
     check_finite,
+    check_target_range,
     explained_dtype_errors,
     format_inputs,
     model_modules,
@@ -144,6 +145,8 @@ class ContextualDecomposition(Attribution):
     @staticmethod
     def _select(output: Tensor, target: TargetType) -> Tensor:
         rows = output.shape[0]
+        if target is not None and output.dim() >= 2:
+            check_target_range(target, tuple(output.shape[1:]))
         try:
             selected = _select_targets(output, target)
         except (AssertionError, IndexError) as err:
@@ -161,7 +164,8 @@ class ContextualDecomposition(Attribution):
             )
             raise ValueError(
                 "the forward function must give one scalar per example after target "
-                f"selection; got shape {tuple(selected.shape)} for {rows} rows.{hint}"
+                f"selection; it gives an output of shape {tuple(selected.shape[1:])} "
+                f"per example.{hint}"
             )
         return selected
 

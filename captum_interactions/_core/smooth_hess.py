@@ -190,10 +190,13 @@ class SmoothHess(GradientAttribution):
 
         # before the (N, G, G) accumulators are allocated: the budget bounds the
         # gradient rows per pass (and raises if the output cannot fit)
+        units_per_block = max(
+            1, min(num_units, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
+        )
         internal_batch_size = smooth_hess_rows(
             num_examples, num_features, groups.num_groups, inputs_t[0].element_size(),
-            rows_per_unit, return_stderr, NOISE_BLOCK_NUMEL, internal_batch_size,
-            get_memory_budget(device),
+            rows_per_unit, return_stderr, units_per_block * num_examples * num_features,
+            internal_batch_size, get_memory_budget(device),
         )
         accumulator = SteinAccumulator(
             num_examples, groups, dtype, device, with_stderr=return_stderr
@@ -201,9 +204,6 @@ class SmoothHess(GradientAttribution):
         base_expansion = RowExpansion(target, additional_forward_args, num_examples, 1)
         examples_per_pass, units_per_pass = example_chunks(
             num_examples, rows_per_unit, num_units, internal_batch_size
-        )
-        units_per_block = max(
-            1, min(num_units, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
         )
         self.last_call_cost = CostCounter()
         with preserved_module_state(self.forward_func):

@@ -194,7 +194,7 @@ def smooth_hess_rows(
     itemsize: int,
     rows_per_unit: int,
     with_stderr: bool,
-    noise_block_numel: int,
+    noise_numel: int,
     internal_batch_size: Optional[int],
     budget: int,
 ) -> int:
@@ -207,7 +207,7 @@ def smooth_hess_rows(
     """
     d, g = num_features, num_groups
     output_bytes = num_examples * g * g * itemsize
-    fixed = (3 + (3 if with_stderr else 0)) * output_bytes + noise_block_numel * itemsize
+    fixed = (3 + (3 if with_stderr else 0)) * output_bytes + noise_numel * itemsize
     row_bytes = (4 * (d + 8 * d) + 6 * d + 3 * g) * itemsize
     available = budget - fixed
     if available < rows_per_unit * row_bytes:
