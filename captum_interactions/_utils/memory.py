@@ -380,7 +380,12 @@ class ActivationMeter:
                 stack.extend(item.values())
 
     def __enter__(self) -> "ActivationMeter":
-        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        try:
+            for module in self.modules:
+                self._handles.append(module.register_forward_hook(self._hook))
+        except RuntimeError:  # e.g. a TorchScript module: no measurement
+            self.__exit__()
+            self.measured = False
         return self
 
     def __exit__(self, *exc) -> None:
