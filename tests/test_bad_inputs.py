@@ -313,15 +313,11 @@ def test_bad_input(case, method):
     expected = TABLE[case][method]
     if isinstance(expected, NA):
         pytest.skip(f"not applicable: {expected.reason}")
-    model_before = make_model().state_dict()
     if isinstance(expected, Raises):
         with pytest.raises(expected.error, match=expected.match):
             case(method)
     else:
         expected.check(method)
-    # a raising call leaves nothing behind (the model is rebuilt per call; this
-    # guards the helper itself)
-    assert all(torch.equal(v, make_model().state_dict()[k]) for k, v in model_before.items())
 
 
 def test_missing_target_reports_the_users_batch_not_internal_rows():
