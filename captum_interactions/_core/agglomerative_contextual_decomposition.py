@@ -10,7 +10,12 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_interactions._core.contextual_decomposition import ContextualDecomposition
-from captum_interactions._utils.common import validate_internal_batch_size, validate_target
+from captum_interactions._utils.common import (
+    check_finite,
+    format_inputs,
+    validate_internal_batch_size,
+    validate_target,
+)
 
 
 @dataclass
@@ -330,6 +335,8 @@ class AgglomerativeContextualDecomposition(Attribution):
         """
         if not isinstance(inputs, Tensor):
             raise TypeError(f"`inputs` must be one tensor, got {type(inputs).__name__}")
+        format_inputs(inputs, allow_integer=True)  # batch dimension, N >= 1, dtype
+        check_finite(inputs, "inputs")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}")
         if not isinstance(percentile, (int, float)) or not 0 <= percentile < 100:

@@ -10,6 +10,7 @@ from torch import Tensor
 from captum_interactions._core.integrated_hessians import InteractionsType, path_rows
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
     format_baseline_distribution,
     format_inputs,
     preserved_module_state,
@@ -108,7 +109,8 @@ class ExpectedHessians(GradientAttribution):
             n_samples (int, optional): paired (x', alpha, beta) draws per
                 example; the error falls like n_samples^(-1/2). Default: 200
             internal_batch_size (int, optional): the most Hessian-vector products
-                evaluated in one batch. Default: None (all at once)
+                evaluated in one batch. Default: None (as many as the memory
+                budget allows; see :func:`~captum_interactions.set_memory_budget`)
             feature_mask (Tensor or tuple[Tensor, ...], optional): group ids;
                 the result is then (N, G, G). Default: None
             return_convergence_delta (bool, optional): also return
@@ -141,6 +143,8 @@ class ExpectedHessians(GradientAttribution):
         validate_internal_batch_size(internal_batch_size)
         validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         references = format_baseline_distribution(baselines, inputs_t, inputs)
+        check_finite(inputs_t, "inputs")
+        check_finite(references, "baselines", what="reference samples")
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         groups = FeatureGroups(feature_mask, inputs_t)
@@ -177,6 +181,7 @@ class ExpectedHessians(GradientAttribution):
                 groups=groups,
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
+                method_name=type(self).__name__,
             )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
     format_baselines,
     format_inputs,
     preserved_module_state,
@@ -152,8 +153,9 @@ class IntegratedHessians(GradientAttribution):
                 Default: "gausslog"
             internal_batch_size (int, optional): the most Hessian-vector products
                 evaluated in one batch (rows x directions); bounds memory, does
-                not change the result. None evaluates everything at once.
-                Default: None
+                not change the result. None lets the memory budget choose (see
+                :func:`~captum_interactions.set_memory_budget`), which also
+                lowers a given value that would not fit. Default: None
             feature_mask (Tensor or tuple[Tensor, ...], optional): integer group
                 ids broadcastable to each input (Captum's meaning; ids are global
                 across the tuple). The result is then the (N, G, G) matrix of
@@ -172,6 +174,13 @@ class IntegratedHessians(GradientAttribution):
                 row sums, shaped like ``inputs[i]``. ``"flat"``: one (N, D, D)
                 tensor. With ``feature_mask`` every layout is (N, G, G).
                 Default: "nested"
+
+        Raises:
+            ValueError: NaN/inf in ``inputs`` or ``baselines`` (naming the
+                example indices), no examples (N = 0), ``target`` out of the
+                output's range; ``MemoryBudgetError`` (a ValueError) when the
+                (N, G, G) output cannot fit in the memory budget.
+            TypeError: inputs whose dtype the model does not accept.
 
         Returns:
             **interactions** or (**interactions**, **delta**):
@@ -202,6 +211,8 @@ class IntegratedHessians(GradientAttribution):
         validate_internal_batch_size(internal_batch_size)
         validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         baselines_t = format_baselines(baselines, inputs_t)
+        check_finite(inputs_t, "inputs")
+        check_finite(baselines_t, "baselines")
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         groups = FeatureGroups(feature_mask, inputs_t)
@@ -230,6 +241,7 @@ class IntegratedHessians(GradientAttribution):
                 groups=groups,
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
+                method_name=type(self).__name__,
             )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
+    check_noise_resolution,
     format_inputs,
     normalize_stdevs,
     preserved_module_state,
@@ -26,6 +28,7 @@ from captum_interactions._utils.hessian import (
     format_interaction_output,
     validate_output_layout,
 )
+from captum_interactions._utils.memory import get_memory_budget, smooth_hess_rows
 from captum_interactions._utils.stein import (
     NOISE_BLOCK_NUMEL,
     SteinAccumulator,
@@ -111,8 +114,9 @@ class SmoothHess(GradientAttribution):
                 one per input tensor. Must be > 0. Default: 0.1
             internal_batch_size (int, optional): the most gradient evaluations
                 in one forward/backward pass. Results do not depend on it.
-                Default: None (as many as possible; the noise is drawn in
-                blocks of about 4M numbers, which also bounds a pass)
+                Default: None (as many as the memory budget allows, see
+                :func:`~captum_interactions.set_memory_budget`; the noise is
+                drawn in blocks of about 4M numbers, which also bounds a pass)
             feature_mask (Tensor or tuple[Tensor, ...], optional): integer group
                 ids, broadcastable to each input (Captum's meaning). The result
                 is then the (N, G, G) smoothed Hessian summed over group pairs,
@@ -175,6 +179,8 @@ class SmoothHess(GradientAttribution):
         sigmas = normalize_stdevs(stdevs, len(inputs_t))
         validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         validate_internal_batch_size(internal_batch_size)
+        check_finite(inputs_t, "inputs")
+        check_noise_resolution(sigmas, inputs_t)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         rows_per_unit = 2 if antithetic else 1
@@ -193,15 +199,22 @@ class SmoothHess(GradientAttribution):
             [torch.full_like(x[:1], s) for x, s in zip(inputs_t, sigmas)]
         )  # (1, D)
 
+        # before the (N, G, G) accumulators are allocated: the budget bounds the
+        # gradient rows per pass (and raises if the output cannot fit)
+        units_per_block = max(
+            1, min(num_units, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
+        )
+        internal_batch_size = smooth_hess_rows(
+            num_examples, num_features, groups.num_groups, inputs_t[0].element_size(),
+            rows_per_unit, return_stderr, units_per_block * num_examples * num_features,
+            internal_batch_size, get_memory_budget(device),
+        )
         accumulator = SteinAccumulator(
             num_examples, groups, dtype, device, with_stderr=return_stderr
         )
         base_expansion = RowExpansion(target, additional_forward_args, num_examples, 1)
         examples_per_pass, units_per_pass = example_chunks(
             num_examples, rows_per_unit, num_units, internal_batch_size
-        )
-        units_per_block = max(
-            1, min(num_units, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
         )
         self.last_call_cost = CostCounter()
         with preserved_module_state(self.forward_func):

@@ -4,10 +4,7 @@ import warnings
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
-from captum._utils.common import (
-    _format_additional_forward_args,
-    _format_tensor_into_tuples,
-)
+from captum._utils.common import _format_additional_forward_args
 from captum._utils.gradient import _forward_layer_eval
 from captum._utils.typing import BaselineType, TargetType
 from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
@@ -18,6 +15,9 @@ from torch.nn import Module
 from captum_interactions._core.integrated_hessians import output_difference, path_rows
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
+    explained_dtype_errors,
+    format_inputs,
     format_baselines,
     preserved_module_state,
     validate_internal_batch_size,
@@ -214,14 +214,15 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
     ) -> Tuple[Tensor, ...]:
-        activations = _forward_layer_eval(
-            self.forward_func,
-            inputs,
-            self.layer,
-            additional_forward_args=additional_forward_args,
-            device_ids=self.device_ids,
-            attribute_to_layer_input=attribute_to_layer_input,
-        )
+        with explained_dtype_errors(self.forward_func, inputs):
+            activations = _forward_layer_eval(
+                self.forward_func,
+                inputs,
+                self.layer,
+                additional_forward_args=additional_forward_args,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
+            )
         activations = tuple(a.detach() for a in _as_tuple(activations))
         where = "input" if attribute_to_layer_input else "output"
         for i, act in enumerate(activations):
@@ -334,9 +335,7 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             >>> gamma.shape  # token x token
             torch.Size([2, 5, 5])
         """
-        inputs_t = _format_tensor_into_tuples(inputs)
-        if not isinstance(inputs_t, tuple) or not all(isinstance(x, Tensor) for x in inputs_t):
-            raise TypeError("`inputs` must be a tensor or a tuple of tensors")
+        inputs_t = format_inputs(inputs, allow_integer=True)
         validate_positive_int(n_steps, "n_steps")
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
@@ -367,6 +366,8 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             )
         validate_output_layout(output_layout)
         baselines_t = self._format_input_baselines(baselines, inputs_t)
+        check_finite(inputs_t, "inputs")
+        check_finite(baselines_t, "baselines")
         extra_args = _format_additional_forward_args(additional_forward_args)
 
         with preserved_module_state(self.forward_func):
@@ -438,6 +439,7 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
                 run_rows=run_rows,
+                method_name=type(self).__name__,
             )
             result = format_interaction_output(
                 interactions, groups, layer_is_tuple, output_layout
