@@ -656,12 +656,16 @@ def test_second_run_on_a_live_folder_fails_clearly_or_waits(tmp_path):
     args = (IntegratedHessians(model), loader_of(x, labels, batch_size=2), out, {"n_steps": 4})
     run = dict(batch_to_inputs=with_labels, chunk_size=2, progress=False)
     try:
-        deadline = time.time() + 60
+        # wait until the first run is inside its loop (holding the lock); on a
+        # loaded machine its imports alone can take a minute
+        deadline, started = time.time() + 600, False
         while time.time() < deadline and proc.poll() is None:
             chunks = os.listdir(out / "chunks") if (out / "chunks").exists() else []
             if len([c for c in chunks if c.endswith(".safetensors")]) >= 2:
+                started = True
                 break
             time.sleep(0.02)
+        assert started, "the first run did not write two chunks"
         assert proc.poll() is None, "the first run finished before the test could race it"
         with pytest.raises(TimeoutError, match=f"{out} is in use by another run.*pid "
                                                f"{proc.pid}.*lock_timeout=0.1"):
