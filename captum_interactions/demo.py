@@ -468,8 +468,8 @@ def section_cd(ctx: DemoContext) -> Section:
         f"the colour bar ({colours['negative']} negative, {colours['zero']} 0, "
         f"{colours['positive']} positive; the panels' scores run from "
         f"{_fmt(float(shown.min()))} to {_fmt(float(shown.max()))}); "
-        f"{colour_name(INK_OUTLINE_COLOR)} outline: the digit's strokes; grey: pixels in no "
-        f"region yet. The panels are the first {len(levels)} levels of a hierarchy of "
+        f"{colour_name(INK_OUTLINE_COLOR)} outline: the digit's strokes; grey (light: blank, "
+        f"darker: ink): pixels in no region yet. The panels are the first {len(levels)} levels of a hierarchy of "
         f"{len(hierarchy.levels)}.",
         f"CD is exact: the top level ({len(top.groups)} group) scores "
         f"{_fmt(float(top.scores.sum()))}, the logit is {_fmt(logit)} (difference "

@@ -805,8 +805,11 @@ def _hierarchy_image(hierarchy: Any, image: Optional[ArrayLike], levels: Optiona
             raise ValueError(f"`image` must be {tuple(hierarchy.unit_map.shape)} (after averaging "
                              f"channels), got {background.shape}")
     for ax, k in zip(axes.flat, levels):
-        if background is not None:
-            ax.imshow(background, cmap="Greys", alpha=0.5)
+        if background is not None:  # blank light grey, ink mid grey: never white like a 0 score
+            low, high = float(background.min()), float(background.max())
+            spread = high - low if high > low else 1.0
+            ax.imshow(background, cmap="Greys", vmin=low - 0.25 * spread,
+                      vmax=high + 0.4 * spread)
         values = hierarchy.score_map(k).detach().cpu().double().numpy()
         ax.imshow(np.ma.masked_invalid(values), cmap=overlay, norm=norm)
         if background is not None and np.ptp(background) > 0:
@@ -867,7 +870,8 @@ def visualize_hierarchy(
     per level, one box per phrase, coloured by its CD score and labelled in
     black or white, whichever reads better on the box); for images one panel
     per level with every region coloured by its CD score, the image's ink
-    outlined in blue and pixels outside any region showing the image in grey.
+    outlined in blue and pixels outside any region showing the image in grey
+    (blank light grey, ink darker).
     Colours are Captum's (red negative, white 0, green positive) on a scale
     symmetric around 0, explained by a colour bar.
 
