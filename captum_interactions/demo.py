@@ -6,8 +6,8 @@ figures and an ``index.html`` report that says what each figure shows.
 
 Needs the ``tutorials`` extra (scikit-learn for the bundled datasets, tqdm for
 the progress bar); downloads nothing. Runs on CUDA when it is available
-(``--device`` overrides), in a few minutes on 2 CPU cores; ``--quick`` (smaller
-training and sample counts, a shorter sentence for MiniLM) takes about 15 CPU
+(``--device`` overrides), in about 15 CPU seconds on 2 cores; ``--quick`` (smaller
+training and sample counts, a shorter sentence for MiniLM) takes about 10 CPU
 seconds. Integrated Hessians step counts are raised until each figure's
 completeness error is within 2% of |f(x) - f(x')| (within a cap), and every
 figure states how converged its numbers are.
@@ -839,8 +839,8 @@ def run_demo(
     """Run the demo sections and write ``out_dir/index.html``; returns its path.
 
     ``threads``: torch's intra-op threads while the demo runs (restored after);
-    default 1 with ``quick`` (the models are small: more threads only spin,
-    which costs CPU time on a shared machine), torch's own setting otherwise."""
+    default 1: the models are small, and more threads mostly spin, which on a
+    busy 2-core machine multiplied the full run's CPU time by ten."""
     try:
         import sklearn  # noqa: F401
         from tqdm.auto import tqdm
@@ -882,7 +882,7 @@ def run_demo(
                                 or threads < 1):
         raise ValueError(f"`threads` must be an integer >= 1, got {threads!r}")
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads if threads is not None else 1 if quick else previous_threads)
+    torch.set_num_threads(threads if threads is not None else 1)
     try:
         bar = tqdm(names, desc="captum-interactions demo", unit="section", disable=not progress)
         for name in bar:
@@ -913,15 +913,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "demo", help="train small models, explain them, write figures and an HTML report")
     demo.add_argument("--out", required=True, help="output folder (created if missing)")
     demo.add_argument("--quick", action="store_true",
-                      help="smaller training and sample counts (about 15 CPU seconds); every figure "
+                      help="smaller training and sample counts (about 10 CPU seconds); every figure "
                            "still states how converged its numbers are")
     demo.add_argument("--device", default=None,
                       help="torch device, e.g. cpu or cuda (default: cuda when available)")
     demo.add_argument("--sections", default=None,
                       help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     demo.add_argument("--threads", type=int, default=None,
-                      help="torch threads while the demo runs (default: 1 with --quick, "
-                           "torch's default otherwise)")
+                      help="torch threads while the demo runs (default: 1; the models are "
+                           "small)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     sections = None if args.sections is None else [s.strip() for s in args.sections.split(",")]
