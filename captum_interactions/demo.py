@@ -469,7 +469,8 @@ def section_cd(ctx: DemoContext) -> Section:
         f"{colours['positive']} positive; the panels' scores run from "
         f"{_fmt(float(shown.min()))} to {_fmt(float(shown.max()))}); "
         f"{colour_name(INK_OUTLINE_COLOR)} outline: the digit's strokes; grey (light: blank, "
-        f"darker: ink): pixels in no region yet. The panels are the first {len(levels)} levels of a hierarchy of "
+        f"darker: ink): pixels in no region yet. The panels are the first {len(levels)} "
+        f"levels of a hierarchy of "
         f"{len(hierarchy.levels)}.",
         f"CD is exact: the top level ({len(top.groups)} group) scores "
         f"{_fmt(float(top.scores.sum()))}, the logit is {_fmt(logit)} (difference "
@@ -913,7 +914,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "demo", help="train small models, explain them, write figures and an HTML report")
     demo.add_argument("--out", required=True, help="output folder (created if missing)")
     demo.add_argument("--quick", action="store_true",
-                      help="smaller training and sample counts (about 10 CPU seconds); every figure "
+                      help="smaller training and sample counts (about 10 CPU seconds); "
+                           "every figure "
                            "still states how converged its numbers are")
     demo.add_argument("--device", default=None,
                       help="torch device, e.g. cpu or cuda (default: cuda when available)")
