@@ -128,6 +128,17 @@ def _percent(ratio: float) -> str:
     return f"{100 * ratio:.2g}%" if ratio == ratio and ratio != float("inf") else "n/a"
 
 
+def _figure_cmap(fig):
+    """The colour map of the last colour-mapped image or colour bar drawn in ``fig``:
+    captions name the colours of the figure itself."""
+    mappables = [image for ax in fig.axes for image in ax.get_images()]
+    mappables += [collection for ax in fig.axes for collection in ax.collections
+                  if getattr(collection, "get_cmap", None) and collection.get_array() is not None]
+    if not mappables:
+        raise ValueError("the figure has no colour-mapped artist")
+    return mappables[-1].get_cmap()
+
+
 def _completeness_words(delta: torch.Tensor, change: torch.Tensor, steps: Optional[int] = None,
                         what: str = "f(x) − f(x′)", cap: Optional[int] = None) -> str:
     """'completeness error |Σ Γ − (what)| = ... against |what| = ... (…%)', for one example
@@ -327,7 +338,7 @@ def section_quadrants(ctx: DemoContext) -> Section:
         title="SmoothHess (σ = 0.25) at (0.15, 0.1)",
     )
     h01, e01 = float(hessian[0, 1]), float(stderr[0, 1])
-    colours = colour_scale_words()
+    colours = colour_scale_words(_figure_cmap(fig))  # the colours this figure uses
     sign = "positive" if h01 > 0 else "negative"
     section.figures.append(Figure(
         ctx.save(fig, "quadrants_smoothhess.png"), "SmoothHess of a ReLU classifier",
@@ -403,7 +414,7 @@ def section_digits(ctx: DemoContext) -> Section:
         gamma[0], image[0].cpu(), chosen, feature_mask=patches.cpu(), use_pyplot=False,
         fig_size=(4.2, 4.6), title=f"IH: patch {chosen} with the others",
     )
-    colours = colour_scale_words()
+    colours = colour_scale_words(_figure_cmap(fig))  # Captum's heat map in this figure
     section.figures.append(Figure(
         ctx.save(fig, "digits_ih_patch.png"), "Integrated Hessians over 2×2 patches",
         f"A small CNN (test accuracy {accuracy:.0%}) explained for its class-{target} logit "
@@ -455,7 +466,7 @@ def section_cd(ctx: DemoContext) -> Section:
     levels = list(range(min(4, len(hierarchy.levels))))  # the first steps are the telling ones
     fig, _ = visualize_hierarchy(hierarchy, image=image[0].cpu(), levels=levels, ncols=4,
                                  use_pyplot=False)
-    colours = colour_scale_words()
+    colours = colour_scale_words(_figure_cmap(fig))
     top = hierarchy.levels[-1]
     with torch.no_grad():
         logit = float(model(image)[0, target])
@@ -711,7 +722,7 @@ def section_text(ctx: DemoContext) -> Section:
         interactions[0], sentence, mask_diagonal=True, annotate_top_k=3, use_pyplot=False,
         fig_size=(6.2, 5), title="CD interactions (positive-class logit)",
     )
-    colours = colour_scale_words()
+    colours = colour_scale_words(_figure_cmap(fig))
     value = float(interactions[0, i, j])
     with torch.no_grad():
         logits = model(tokens)[0]
@@ -732,6 +743,7 @@ def section_text(ctx: DemoContext) -> Section:
     hierarchy = AgglomerativeContextualDecomposition(model).attribute(
         tokens, target=0, percentile=50.0)
     fig, _ = visualize_hierarchy(hierarchy, words=sentence, use_pyplot=False)
+    colours = colour_scale_words(_figure_cmap(fig))
     first = [(group, score) for group, score in zip(hierarchy.levels[1].groups,
                                                     hierarchy.levels[1].scores.tolist())
              if group.numel() > 1] if len(hierarchy.levels) > 1 else []

@@ -852,6 +852,7 @@ def main(argv=None):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.pop("CI_SMALL", None)  # committed notebooks use the full settings
     total = time.perf_counter()
+    failed = []
     for tutorial in chosen:
         if not available(tutorial):
             print(f"skip {tutorial.key}: needs {tutorial.requires + tutorial.packages}")
@@ -859,13 +860,20 @@ def main(argv=None):
         path, notebook = build(tutorial)
         if not args.no_execute:
             start = time.perf_counter()
-            execute(notebook)
+            try:
+                execute(notebook)
+            except Exception as error:  # report, keep the committed file, go on with the rest
+                print(f"FAILED {tutorial.filename} (not written): {type(error).__name__}: "
+                      f"{str(error)[-2000:]}", flush=True)
+                failed.append(tutorial.filename)
+                continue
             print(f"executed {tutorial.filename} in {time.perf_counter() - start:.0f} s",
                   flush=True)
         nbformat.write(notebook, path)
         print(f"wrote {path}", flush=True)
-    print(f"total {time.perf_counter() - total:.0f} s")
-    return 0
+    print(f"total {time.perf_counter() - total:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
