@@ -87,6 +87,13 @@ def test_converged_doubles_steps_until_within_tolerance():
     assert demo._converged(attribute, 8, 256)[3] == 64 and calls == [8, 16, 32, 64]
     calls.clear()
     assert demo._converged(attribute, 8, 16)[3] == 16 and calls == [8, 16]  # the cap
+    calls.clear()
+
+    def growing(steps):  # an error that grows with n_steps (a kink): keep the smallest
+        calls.append(steps)
+        return None, torch.tensor([0.03 + steps / 1000]), torch.tensor([1.0])
+
+    assert demo._converged(growing, 8, 64)[3] == 8 and calls == [8, 16, 32, 64]
 
 
 def test_demo_arguments():
