@@ -238,7 +238,7 @@ def section_synthetic(ctx: DemoContext) -> Section:
         f"of their diagonal cells, here {_fmt(float(gamma[0, 0]))} and "
         f"{_fmt(float(gamma[1, 1]))}); x2's diagonal cell is {_fmt(float(gamma[2, 2]))} "
         f"(true: 0.5·x2 = {_fmt(0.5 * x2)}); the unused x3's largest |Γ| is {_fmt(unused)}, "
-        f"{unused / largest:.0%} of the largest cell.",
+        f"{_percent(unused / largest)} of the largest cell.",
         _upper_first(_completeness_words(delta, change, steps, what="f(x) − f(0)", cap=64))
         + ".",
     ))
