@@ -218,6 +218,16 @@ def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
     return tuple(out)
 
 
+def _format_magnitude(value: float, precision: int) -> str:
+    """``value`` (>= 0) with ``precision`` significant digits, without a
+    padded exponent: 0.5, 1.2, 1e-5, 1.23e4."""
+    text = f"{value:.{precision}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
 # --------------------------------------------------------------------------
 # the polynomial
 # --------------------------------------------------------------------------
@@ -468,13 +478,20 @@ class TaylorPolynomial:
 
     # -- reading ------------------------------------------------------------
 
-    def monomial_string(self, exponents: Sequence[int], center=None) -> str:
+    def monomial_string(self, exponents: Sequence[int], center=None,
+                        precision: int = 4) -> str:
+        """The monomial as text, e.g. ``x1^2*x2`` or ``(x1 - 0.4)^2``; ``"1"`` for
+        the constant. ``center`` offsets are printed with ``precision``
+        significant digits."""
         parts = []
         for name, e, c in zip(self.feature_names, exponents,
                               center if center is not None else [0.0] * len(exponents)):
             if e == 0:
                 continue
-            base = name if c == 0 else f"({name} - {c:.4g})" if c > 0 else f"({name} + {-c:.4g})"
+            if c == 0:
+                base = name
+            else:
+                base = f"({name} {'-' if c > 0 else '+'} {_format_magnitude(abs(c), precision)})"
             parts.append(base if e == 1 else f"{base}^{e}")
         return "*".join(parts) if parts else "1"
 
@@ -508,18 +525,37 @@ class TaylorPolynomial:
         return out
 
     def to_string(self, example: int = 0, top: Optional[int] = None, min_abs: float = 0.0,
-                  precision: int = 4) -> str:
+                  precision: int = 3) -> str:
+        """One polynomial as a readable formula, lowest degree first, e.g.
+        ``0.2 + x1 - 0.5*x1*x2 + 1.2*x2^3``.
+
+        Coefficients are printed with ``precision`` significant digits; a
+        coefficient that prints as 1 is left out (``x1^2``, not ``1*x1^2``), and
+        signs join the terms (``a - b``, never ``a + -b``).
+
+        Args:
+            example (int): which polynomial of the batch. Default: 0
+            top (int, optional): keep the ``top`` largest terms. Default: all
+            min_abs (float): drop terms with |coefficient| < min_abs. Default: 0
+            precision (int): significant digits of the coefficients. Default: 3
+        """
+        if isinstance(precision, bool) or not isinstance(precision, int) or precision < 1:
+            raise ValueError(f"`precision` must be an integer >= 1, got {precision!r}")
         center = self.center[example].tolist()
         pieces = []
         for exps, value in sorted(
             self.terms(top=top, min_abs=min_abs, example=example),
             key=lambda t: (sum(t[0]), [-e for e in t[0]]),
         ):
-            mono = self.monomial_string(exps, center)
-            mag = f"{abs(value):.{precision}g}"
-            body = mag if mono == "1" else f"{mag}*{mono}"
-            sign = "-" if value < 0 else "+"
-            pieces.append((sign, body))
+            magnitude = _format_magnitude(abs(value), precision)
+            mono = self.monomial_string(exps, center, precision=max(precision, 4))
+            if mono == "1":
+                body = magnitude
+            elif float(magnitude) == 1.0:
+                body = mono
+            else:
+                body = f"{magnitude}*{mono}"
+            pieces.append(("-" if value < 0 else "+", body))
         if not pieces:
             return "0"
         text = ("-" if pieces[0][0] == "-" else "") + pieces[0][1]
