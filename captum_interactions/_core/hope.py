@@ -301,8 +301,8 @@ class HOPE(GradientAttribution):
         Returns:
             **derivatives**: for one input (N, *F): order 1 -> (N, *F), order 2 ->
             (N, *F, *F), order k -> (N, *F x k). For a tuple of inputs, nested
-            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (DESIGN.md
-            section 2), a tuple of tensors for order 1. With ``feature_mask``:
+            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (the
+            layout of the "Design and math" page), a tuple of tensors for order 1. With ``feature_mask``:
             one tensor (N, G, ..., G) over the groups in sorted id order.
 
         Examples::

@@ -214,7 +214,7 @@ def format_interaction_output(
     groups: FeatureGroups,
     is_inputs_tuple: bool,
 ) -> Any:
-    """(N, G, G) -> Captum-style layout (DESIGN.md section 2).
+    """(N, G, G) -> Captum-style layout (docs/design.rst, "Output layouts").
 
     Grouped: (N, G, G). Full, one tensor: (N, *F, *F). Full, tuple of inputs:
     ``out[i][j]`` of shape (N, *F_i, *F_j).
