@@ -188,3 +188,62 @@ def test_license_is_shipped_with_the_metadata():
     text = open(os.path.join(ROOT, "LICENSE"), encoding="utf-8").read()
     assert text.startswith("BSD 3-Clause License")
     assert "Copyright (c) 2026, the captum_interactions authors" in text
+
+
+# --- docstrings open with a one-line summary, as Captum's do ------------------------------
+
+
+def _public_api_docstrings():
+    """(name, docstring) of every public class, function and method of the package's
+    exported names whose code lives in ``captum_interactions._core`` (``__init__``
+    excepted: as in Captum, it opens with "Args:" and the class docstring summarizes)."""
+    import captum_interactions
+
+    found = []
+    for name in sorted(vars(captum_interactions)):
+        obj = getattr(captum_interactions, name)
+        module = getattr(obj, "__module__", "") or ""
+        if name.startswith("_") or not module.startswith("captum_interactions._core"):
+            continue
+        if inspect.isfunction(obj):
+            found.append((name, obj.__doc__))
+            continue
+        if not inspect.isclass(obj):
+            continue
+        found.append((name, obj.__doc__))
+        for member_name, member in vars(obj).items():
+            if member_name.startswith("_"):
+                continue
+            if isinstance(member, (staticmethod, classmethod)):
+                member = member.__func__
+            if isinstance(member, property) or inspect.isfunction(member):
+                doc = member.__doc__ if not isinstance(member, property) else member.fget.__doc__
+                found.append((f"{name}.{member_name}", doc))
+    return found
+
+
+def test_public_docstrings_found():
+    names = {name for name, _ in _public_api_docstrings()}
+    assert {
+        "IntegratedHessians.attribute",
+        "ExpectedHessians.attribute",
+        "LayerIntegratedHessians.attribute",
+        "SmoothHess.attribute",
+        "HOPE.expand",
+        "ContextualDecomposition.interactions",
+        "AgglomerativeContextualDecomposition.attribute",
+        "explain_dataset",
+    } <= names
+
+
+def test_public_docstrings_open_with_a_one_line_summary():
+    problems = []
+    for name, doc in _public_api_docstrings():
+        lines = inspect.cleandoc(doc or "").splitlines()
+        if not lines or not lines[0].strip():
+            problems.append(f"{name}: no docstring")
+        elif lines[0].rstrip().endswith(":") or lines[0].strip().startswith("Args"):
+            problems.append(f"{name}: opens with {lines[0]!r}, not a summary")
+        elif len(lines) > 1 and lines[1].strip():
+            problems.append(f"{name}: the summary {lines[0]!r} runs on to a second line")
+    assert not problems, "\n".join(problems)

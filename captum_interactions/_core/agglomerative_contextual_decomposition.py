@@ -63,6 +63,7 @@ class Hierarchy:
 
     @property
     def num_units(self) -> int:
+        """Number of units (tokens or pixel blocks) of the hierarchy."""
         return len(self.levels[0].groups)
 
     def __len__(self) -> int:
@@ -105,7 +106,9 @@ class Hierarchy:
         cmap: Any = None,
         fmt: str = "{:.2f}",
     ):
-        """Phrase tree: one row per level (units at the bottom), one box per
+        """Plot the hierarchy of a sequence as a phrase tree.
+
+        One row per level (units at the bottom), one box per
         phrase spanning its words, coloured by score (default: Captum's red -
         white - green). Returns (figure, axis)."""
         import matplotlib.pyplot as plt
@@ -156,7 +159,9 @@ class Hierarchy:
         ncols: int = 4,
         alpha: float = 0.7,
     ):
-        """Component overlays: one panel per level, each group coloured by its CD
+        """Plot the hierarchy of an image as component overlays, one panel per level.
+
+        Each group is coloured by its CD
         score (default: Captum's red - white - green) over the image (grey).
         Returns (figure, array of axes)."""
         import matplotlib.pyplot as plt
@@ -244,6 +249,8 @@ def _components(selected: Tensor, adjacency: Tensor) -> Tensor:
 
 class AgglomerativeContextualDecomposition(Attribution):
     r"""
+    Agglomerative contextual decomposition: a hierarchy of feature groups.
+
     Agglomerative contextual decomposition (ACD; Singh, Murdoch and Yu, ICLR
     2019) builds a hierarchy of feature groups for one prediction, scoring
     groups with contextual decomposition (:class:`ContextualDecomposition`).
@@ -292,6 +299,8 @@ class AgglomerativeContextualDecomposition(Attribution):
         internal_batch_size: Optional[int] = None,
     ) -> Union[Hierarchy, List[Hierarchy]]:
         r"""
+        The ACD hierarchy of feature groups of each example, scored by contextual decomposition.
+
         Args:
             inputs (Tensor): one input tensor, batch first: token ids (N, T) or
                 sequence features (N, T, E) for ``structure="sequence"`` (units

@@ -229,8 +229,10 @@ class _Progress:
 
 
 class DatasetExplanation:
-    r"""The result of :func:`explain_dataset`: global summaries in memory,
-    per-example interactions read lazily from the chunk files, in dataset order.
+    r"""The result of :func:`explain_dataset`.
+
+    Global summaries in memory, per-example interactions read lazily from the
+    chunk files, in dataset order.
 
     Attributes:
         out_dir (str): the folder of the run.
@@ -464,8 +466,10 @@ def explain_dataset(
     method_function: str = "attribute",
 ) -> DatasetExplanation:
     r"""
-    Explain every example of a dataset with an interaction method, streaming
-    the per-example matrices to disk and accumulating global summaries.
+    Explain every example of a dataset, streaming results to disk.
+
+    Runs an interaction method over every batch, writes the per-example
+    matrices to disk and accumulates global summaries.
 
     The dataset is cut into chunks of ``chunk_size`` consecutive examples.
     Each chunk is explained (batch by batch, as the DataLoader's

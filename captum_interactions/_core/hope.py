@@ -74,6 +74,8 @@ def _default_names(groups: FeatureGroups, num_inputs: int) -> List[str]:
 
 class HOPE(GradientAttribution):
     r"""
+    HOPE: the exact Taylor polynomial of a model's output, up to any order.
+
     HOPE (High-order Polynomial Expansion) writes the selected output of a
     network as its Taylor polynomial at the input, up to order K:
 
@@ -118,6 +120,7 @@ class HOPE(GradientAttribution):
 
     @classmethod
     def get_name(cls) -> str:
+        """The method's display name, "HOPE"."""
         return "HOPE"
 
     def _univariate(
