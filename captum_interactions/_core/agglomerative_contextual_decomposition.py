@@ -68,6 +68,7 @@ class Hierarchy:
 
     @property
     def num_units(self) -> int:
+        """Number of units (tokens or pixel blocks) of the hierarchy."""
         return len(self.levels[0].groups)
 
     def __len__(self) -> int:
@@ -110,7 +111,9 @@ class Hierarchy:
         cmap: Any = None,
         fmt: str = "{:.2f}",
     ):
-        """Phrase tree: one row per level (units at the bottom), one box per
+        """Plot the hierarchy of a sequence as a phrase tree.
+
+        One row per level (units at the bottom), one box per
         phrase spanning its words, coloured by score (default: Captum's red -
         white - green) with a colour bar. Returns (figure, axis). Drawn by
         :func:`captum_interactions.visualization.visualize_hierarchy`."""
@@ -126,9 +129,11 @@ class Hierarchy:
         cmap: Any = None,
         ncols: int = 4,
     ):
-        """Region overlays: one panel per level, each group coloured by its CD
-        score (default: Captum's red - white - green, with a colour bar), the
-        image's ink outlined. Returns (figure, array of axes). Drawn by
+        """Plot the hierarchy of an image as region overlays, one panel per level.
+
+        Each group is coloured by its CD score (default: Captum's red - white -
+        green, with a colour bar), the image's ink outlined. Returns (figure,
+        array of axes). Drawn by
         :func:`captum_interactions.visualization.visualize_hierarchy`."""
         from captum_interactions.visualization import visualize_hierarchy
 
@@ -170,6 +175,8 @@ def _components(selected: Tensor, adjacency: Tensor) -> Tensor:
 
 class AgglomerativeContextualDecomposition(Attribution):
     r"""
+    Agglomerative contextual decomposition: a hierarchy of feature groups.
+
     Agglomerative contextual decomposition (ACD; Singh, Murdoch and Yu, ICLR
     2019) builds a hierarchy of feature groups for one prediction, scoring
     groups with contextual decomposition (:class:`ContextualDecomposition`).
@@ -218,6 +225,8 @@ class AgglomerativeContextualDecomposition(Attribution):
         internal_batch_size: Optional[int] = None,
     ) -> Union[Hierarchy, List[Hierarchy]]:
         r"""
+        The ACD hierarchy of feature groups of each example, scored by contextual decomposition.
+
         Args:
             inputs (Tensor): one input tensor, batch first: token ids (N, T) or
                 sequence features (N, T, E) for ``structure="sequence"`` (units

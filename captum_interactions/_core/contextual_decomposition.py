@@ -40,6 +40,8 @@ def _output_dtype(inputs: Tuple[Tensor, ...]) -> torch.dtype:
 
 class ContextualDecomposition(Attribution):
     r"""
+    Contextual decomposition: the part of the output due to a group of features.
+
     Contextual decomposition (CD) splits every activation of a network into a
     part due to a group of input features (relevant, :math:`\beta`) and a part
     due to everything else (irrelevant, :math:`\gamma`), with

@@ -212,8 +212,10 @@ def _bounds(chunk: int, chunk_size: int, num_examples: int) -> Tuple[int, int]:
 
 
 class DatasetExplanation:
-    r"""The result of :func:`explain_dataset`: global summaries in memory,
-    per-example interactions read lazily from the chunk files, in dataset order.
+    r"""The result of :func:`explain_dataset`.
+
+    Global summaries in memory, per-example interactions read lazily from the
+    chunk files, in dataset order.
 
     Every read is checked: each chunk file must belong to this run, hold the
     chunk and examples expected, and match its checksums; a file that does not
@@ -584,8 +586,10 @@ def explain_dataset(
     lock_timeout: Optional[float] = 0.0,
 ) -> DatasetExplanation:
     r"""
-    Explain every example of a dataset with an interaction method, streaming
-    the per-example matrices to disk and accumulating global summaries.
+    Explain every example of a dataset, streaming results to disk.
+
+    Runs an interaction method over every batch, writes the per-example
+    matrices to disk and accumulates global summaries.
 
     The dataset is cut into chunks of ``chunk_size`` consecutive examples.
     Each chunk is explained (batch by batch, as the DataLoader's

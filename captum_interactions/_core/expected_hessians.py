@@ -30,6 +30,8 @@ from captum_interactions._utils.hessian import (
 
 class ExpectedHessians(GradientAttribution):
     r"""
+    Expected Hessians: Integrated Hessians averaged over a distribution of baselines.
+
     Expected Hessians: Integrated Hessians averaged over a distribution of
     baselines (Janizek, Sturmfels and Lee), estimated with the paper's *paired*
     Monte Carlo estimator. Each of ``n_samples`` draws per example takes a
@@ -80,6 +82,7 @@ class ExpectedHessians(GradientAttribution):
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``return_convergence_delta=True`` reports the completeness error."""
         return True
 
     @log_usage()
@@ -96,6 +99,8 @@ class ExpectedHessians(GradientAttribution):
         output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
+        Expected Hessians: Integrated Hessians averaged over baselines drawn from ``baselines``.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch first.
             baselines (Tensor, tuple[Tensor, ...] or Callable): samples of the

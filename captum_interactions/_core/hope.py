@@ -84,6 +84,8 @@ def _default_names(groups: FeatureGroups, num_inputs: int) -> List[str]:
 
 class HOPE(GradientAttribution):
     r"""
+    HOPE: the exact Taylor polynomial of a model's output, up to any order.
+
     HOPE (High-order Polynomial Expansion) writes the selected output of a
     network as its Taylor polynomial at the input, up to order K:
 
@@ -128,6 +130,7 @@ class HOPE(GradientAttribution):
 
     @classmethod
     def get_name(cls) -> str:
+        """The method's display name, "HOPE"."""
         return "HOPE"
 
     def _univariate(
@@ -361,8 +364,8 @@ class HOPE(GradientAttribution):
         Returns:
             **derivatives**: for one input (N, *F): order 1 -> (N, *F), order 2 ->
             (N, *F, *F), order k -> (N, *F x k). For a tuple of inputs, nested
-            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (DESIGN.md
-            section 2), a tuple of tensors for order 1. With ``feature_mask``:
+            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (the
+            layout of the "Design and math" page), a tuple of tensors for order 1. With ``feature_mask``:
             one tensor (N, G, ..., G) over the groups in sorted id order.
 
         Examples::

@@ -66,6 +66,8 @@ def path_rows(
 
 class IntegratedHessians(GradientAttribution):
     r"""
+    Integrated Hessians: pairwise feature interactions that add up to f(x) - f(x').
+
     Integrated Hessians explain, for every pair of input features (i, j), how
     much of the change f(x) - f(x') is due to their interaction. They are the
     Integrated Gradients of Integrated Gradients (Janizek, Sturmfels and Lee):
@@ -111,9 +113,11 @@ class IntegratedHessians(GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the Delta = x - x' factors are applied (``multiply_by_inputs``)."""
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``return_convergence_delta=True`` reports the completeness error."""
         return True
 
     @log_usage()
@@ -131,6 +135,8 @@ class IntegratedHessians(GradientAttribution):
         output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
+        Integrated Hessians of the selected output: every pair of features' interaction.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch first,
                 floating point. A tuple is explained jointly (interactions across

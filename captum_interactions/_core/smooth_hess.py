@@ -41,6 +41,8 @@ InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
 class SmoothHess(GradientAttribution):
     r"""
+    SmoothHess: the Hessian of the Gaussian-smoothed model, from gradient calls only.
+
     SmoothHess (Torop et al.): the Hessian of the network convolved with a
     Gaussian, estimated from gradient calls only through Stein's identity.
     ReLU networks have a zero Hessian almost everywhere; their Gaussian
@@ -80,6 +82,7 @@ class SmoothHess(GradientAttribution):
         self.last_call_cost = CostCounter()
 
     def has_convergence_delta(self) -> bool:
+        """False: SmoothHess has no completeness property to report an error of."""
         return False
 
     @log_usage()
@@ -98,6 +101,8 @@ class SmoothHess(GradientAttribution):
         output_layout: str = "nested",
     ) -> Any:
         r"""
+        Hessian of the Gaussian-smoothed model at ``inputs`` (and SmoothGrad), from gradients only.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch
                 first: (N, *F) or a tuple of (N, *F_i).

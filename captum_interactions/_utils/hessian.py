@@ -374,12 +374,12 @@ def format_interaction_output(
     is_inputs_tuple: bool,
     output_layout: str = "nested",
 ) -> Any:
-    """(N, G, G) -> the layout asked for by ``output_layout``.
+    """(N, G, G) -> the layout asked for by ``output_layout`` (docs/design.rst).
 
     With a ``feature_mask`` every layout is the (N, G, G) tensor. Without one
     (G = D, the flattened features of all inputs):
 
-    - ``"nested"`` (default, DESIGN layout): one input -> (N, *F, *F); a tuple
+    - ``"nested"`` (default): one input -> (N, *F, *F); a tuple
       of inputs -> ``out[i][j]`` of shape (N, *F_i, *F_j).
     - ``"per_input"``: one tensor per input, ``out[i]`` of shape
       (N, *F_i, D): the rows of input i against every feature (columns in the

@@ -136,7 +136,7 @@ def flatten_hessian(
     feature_shapes: Tuple[Tuple[int, ...], ...],
     name: str = "hessian",
 ) -> Tensor:
-    """A Hessian in the layout of DESIGN.md section 2 -> (N, D, D).
+    """A Hessian in the layout of docs/design.rst ("Output layouts") -> (N, D, D).
 
     One input: (N, *F, *F) (or already (N, D, D)). Tuple inputs: ``h[i][j]`` of
     shape (N, *F_i, *F_j).

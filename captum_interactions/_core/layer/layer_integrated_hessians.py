@@ -120,6 +120,8 @@ class _LayerInjection:
 
 class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
     r"""
+    Integrated Hessians between the units of a layer (e.g. token x token).
+
     Integrated Hessians in the space of a layer's activations: the
     interactions between the units of ``layer`` (its output, or its input with
     ``attribute_to_layer_input=True``) that explain the change f(x) - f(x')
@@ -203,9 +205,11 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the Delta = x - x' factors are applied (``multiply_by_inputs``)."""
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``return_convergence_delta=True`` reports the completeness error."""
         return True
 
     def _layer_activations(
@@ -251,6 +255,8 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
+        Integrated Hessians between the units (or groups of units) of ``layer``.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): the model's inputs, batch
                 first (e.g. token ids; they need not be floating point, only
