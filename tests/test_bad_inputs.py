@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Every public method x every bad input: a clear error naming the argument, or a
-documented result (DESIGN.md section 6, "Values").
+documented result (docs/design.rst).
 
 The table ``TABLE`` below is the specification: one row per bad input, one
 column per public method. A cell is ``Raises(type, pattern)`` (the message must
