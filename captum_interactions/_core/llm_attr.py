@@ -14,6 +14,7 @@ attribution that ``LLMGradientAttribution(LayerIntegratedGradients(...))``
 gives for the same input.
 """
 import contextlib
+import inspect
 import warnings
 from copy import copy
 from dataclasses import dataclass, field
@@ -73,13 +74,25 @@ class _TargetLogProbs(nn.Module):
         self.model = model
         self.prompt_length = prompt_length
         self.register_buffer("target_ids", target_ids, persistent=False)
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        # the vocabulary projection of the prompt positions is never used: models
+        # that can skip it (Hugging Face's `logits_to_keep`) compute K + 1 positions
+        self.keeps_logits = "logits_to_keep" in parameters
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        logits = self.model(input_ids=input_ids).logits
+        count = self.target_ids.shape[0]
+        if self.keeps_logits:
+            # the last K + 1 positions are P - 1, ..., P + K - 1; the first K predict the target
+            logits = self.model(input_ids=input_ids, logits_to_keep=count + 1).logits
+            start = 0
+        else:
+            logits = self.model(input_ids=input_ids).logits
+            start = self.prompt_length - 1
         if logits.dim() == 4:  # (rows, 1, L, V) heads, as Captum handles for Llama 4
             logits = logits[:, 0]
-        count = self.target_ids.shape[0]
-        start = self.prompt_length - 1
         log_probs = torch.log_softmax(logits[:, start : start + count], dim=-1)
         index = self.target_ids.view(1, count, 1).expand(logits.shape[0], count, 1)
         per_token = log_probs.gather(-1, index).squeeze(-1)  # (rows, K)

@@ -64,12 +64,14 @@ def tiny_gpt2(
     attn_implementation: str = "eager",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    n_inner: Optional[int] = None,
 ) -> Any:
-    """A GPT-2 with random weights, no dropout, in eval mode."""
+    """A GPT-2 with random weights, no dropout, in eval mode (MLP width
+    ``n_inner``, default 2 x n_embd; GPT-2's own is 4 x n_embd)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=2 * n_embd,
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=n_inner or 2 * n_embd,
         vocab_size=vocab_size, n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, attn_implementation=attn_implementation,
         **(_special_ids(tokenizer) if tokenizer is not None else {}),
