@@ -208,6 +208,14 @@ def test_half_precision_model_is_upcast_for_the_hessian_and_restored(half, token
     in_dtype_error = relative(in_dtype.seq_interactions.double(), reference.seq_interactions)
     assert in_dtype_error > 10 * upcast_error
     assert same_state(model, before)
+    # restored when the call raises after the cast, too
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="no second derivative"):
+            LLMInteractionAttribution(model, tokenizer).attribute(inp, target="a dog")
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert same_state(model, before) and all(p.dtype == half for p in model.parameters())
 
 
 def test_trained_lm_ranks_the_planted_negation_pair_first():
@@ -303,3 +311,14 @@ def test_training_mode_with_dropout_warns(tokenizer):
         warnings.filterwarnings("ignore", "the interactions add up")
         LLMInteractionAttribution(model, tokenizer).attribute(inp, target="sat", n_steps=2)
     assert model.training
+
+
+def test_narrower_compute_dtype_keeps_and_restores_the_original_weights(tokenizer, gpt2):
+    before = state(gpt2)
+    inp = TextTokenInput("the cat sat on a mat", tokenizer, skip_tokens=["<bos>"])
+    exact = LLMInteractionAttribution(gpt2, tokenizer).attribute(inp, target="not", n_steps=8)
+    single = LLMInteractionAttribution(gpt2, tokenizer, compute_dtype=torch.float32).attribute(
+        inp, target="not", n_steps=8)
+    assert single.seq_interactions.dtype == torch.float32
+    assert relative(single.seq_interactions.double(), exact.seq_interactions) < 1e-4
+    assert same_state(gpt2, before) and all(p.dtype == torch.float64 for p in gpt2.parameters())

@@ -321,9 +321,8 @@ def _computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     try:
         for param in params:
             original = param.data
-            exact = torch.finfo(dtype).bits > torch.finfo(original.dtype).bits and not (
-                original.dtype == torch.float16 and dtype == torch.bfloat16
-            )
+            # a cast to more bits holds every value of the narrower type exactly
+            exact = torch.finfo(dtype).bits > torch.finfo(original.dtype).bits
             restore.append((param, original.dtype if exact else original))
             param.data = original.to(dtype)
         for module, name, buf in buffers:
