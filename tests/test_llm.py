@@ -247,10 +247,11 @@ def test_result_conversions_and_plots(tokenizer, gpt2):
     assert torch.equal(captum.seq_attr, result.seq_attr)
     assert torch.equal(captum.token_attr, result.token_attr)
     assert torch.allclose(captum.output_probs, result.output_log_probs.exp())
-    pairs = result.top_pairs(3)
+    pairs, indices = result.top_pairs(3), result.top_pair_indices(3)
     matrix = result.seq_interactions
-    i, j = result.input_tokens.index(pairs[0][0]), result.input_tokens.index(pairs[0][1])
-    assert pairs[0][2] == pytest.approx(float(matrix[i, j] + matrix[j, i]))
+    i, j, value = indices[0]
+    assert pairs[0] == (result.input_tokens[i], result.input_tokens[j], value)
+    assert i < j and value == pytest.approx(float(matrix[i, j] + matrix[j, i]))
     off_diagonal = (matrix + matrix.T).triu(1).abs().max()
     assert abs(pairs[0][2]) == pytest.approx(float(off_diagonal))
     for fig, _ in [result.plot_interactions(use_pyplot=False),

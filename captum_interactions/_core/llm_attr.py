@@ -174,10 +174,11 @@ class LLMInteractionResult:
             )
         return self.token_interactions[output_token]
 
-    def top_pairs(
+    def top_pair_indices(
         self, k: int = 10, output_token: Optional[int] = None, include_diagonal: bool = False
-    ) -> List[Tuple[str, str, float]]:
-        """The k pairs of features with the largest |interaction|, strongest first.
+    ) -> List[Tuple[int, int, float]]:
+        """The k pairs (i, j), i <= j, of largest |interaction|, strongest first,
+        as feature indices (tokens may repeat, indices do not).
 
         A pair's value is Gamma_ij + Gamma_ji (the whole interaction of the two
         features); with ``include_diagonal`` the main effects Gamma_ii compete too.
@@ -191,9 +192,15 @@ class LLMInteractionResult:
             rows == cols, matrix[rows, cols], matrix[rows, cols] + matrix[cols, rows]
         )
         order = torch.argsort(-values.abs(), stable=True)[:k]
+        return [(int(rows[o]), int(cols[o]), float(values[o])) for o in order.tolist()]
+
+    def top_pairs(
+        self, k: int = 10, output_token: Optional[int] = None, include_diagonal: bool = False
+    ) -> List[Tuple[str, str, float]]:
+        """:meth:`top_pair_indices` with the features' labels: (label_i, label_j, value)."""
         return [
-            (self.input_tokens[rows[o]], self.input_tokens[cols[o]], float(values[o]))
-            for o in order.tolist()
+            (self.input_tokens[i], self.input_tokens[j], value)
+            for i, j, value in self.top_pair_indices(k, output_token, include_diagonal)
         ]
 
     def to_llm_attribution_result(self) -> LLMAttributionResult:
