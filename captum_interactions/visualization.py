@@ -771,6 +771,13 @@ def visualize_hierarchy(
 # --- Generative language models (LLMInteractionResult) ---------------------------------
 
 
+def _distinct_labels(tokens: Sequence[str]) -> List[str]:
+    """Token labels, a repeated token marked with its position ("the@0", "the@4")."""
+    tokens = [str(t) for t in tokens]
+    counts = {t: tokens.count(t) for t in tokens}
+    return [f"{t}@{i}" if counts[t] > 1 else t for i, t in enumerate(tokens)]
+
+
 def _llm_result_matrix(result: Any, output_token: Optional[int]) -> Tuple[np.ndarray, str]:
     """The (F, F) matrix of an LLMInteractionResult and the output it explains."""
     if not hasattr(result, "seq_interactions") or not hasattr(result, "input_tokens"):
@@ -823,7 +830,7 @@ def visualize_llm_interactions(
     matrix, explained = _llm_result_matrix(result, output_token)
     return visualize_interaction_matrix(
         matrix,
-        feature_names=list(result.input_tokens),
+        feature_names=_distinct_labels(result.input_tokens),
         mask_diagonal=mask_diagonal,
         annotate_top_k=annotate_top_k,
         title=title if title is not None else f"interactions for {explained}",
@@ -862,7 +869,7 @@ def visualize_llm_top_pairs(
     matrix, explained = _llm_result_matrix(result, output_token)
     return visualize_top_interactions(
         matrix,
-        feature_names=list(result.input_tokens),
+        feature_names=_distinct_labels(result.input_tokens),
         k=k,
         include_diagonal=include_diagonal,
         title=title if title is not None else f"top pairs for {explained}",
@@ -916,7 +923,7 @@ def visualize_llm_token_interactions(
         )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
-    names = list(result.input_tokens)
+    names = _distinct_labels(result.input_tokens)
     seq = _to_numpy(result.seq_interactions, "result")
     per_token = _to_numpy(result.token_interactions, "result")
     i, j, values = _pair_values(seq, include_diagonal, combine_symmetric=True)

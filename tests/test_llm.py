@@ -265,6 +265,11 @@ def test_result_conversions_and_plots(tokenizer, gpt2):
     seq_only = llm.attribute(inp, target="not good", n_steps=2)
     with pytest.raises(ValueError, match="per_output_token=True"):
         seq_only.plot_token_interactions(use_pyplot=False)
+    repeated = llm.attribute(TextTokenInput("the cat sat on the mat", tokenizer,
+                                            skip_tokens=["<bos>"]), target="not", n_steps=2)
+    _, ax = repeated.plot_interactions(use_pyplot=False)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["the@0", "cat", "sat", "on", "the@4", "mat"]
 
 
 def test_bad_arguments_raise_clear_errors(tokenizer, gpt2):
