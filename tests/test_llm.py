@@ -328,3 +328,14 @@ def test_narrower_compute_dtype_keeps_and_restores_the_original_weights(tokenize
     assert single.seq_interactions.dtype == torch.float32
     assert relative(single.seq_interactions.double(), exact.seq_interactions) < 1e-4
     assert same_state(gpt2, before) and all(p.dtype == torch.float64 for p in gpt2.parameters())
+
+
+def test_non_finite_interactions_raise_and_name_the_fix(tokenizer):
+    model = tiny_gpt2(len(WORDS), tokenizer, dtype=torch.float16)
+    inp = TextTokenInput("the cat sat on the mat", tokenizer, skip_tokens=["<bos>"])
+    # GPT-2's float16 second derivatives overflow here (measured: NaN entries)
+    with pytest.raises(FloatingPointError, match="compute_dtype"):
+        LLMInteractionAttribution(model, tokenizer, compute_dtype=torch.float16).attribute(
+            inp, target="a dog", n_steps=8)
+    result = LLMInteractionAttribution(model, tokenizer).attribute(inp, target="a dog", n_steps=8)
+    assert torch.isfinite(result.seq_interactions).all()

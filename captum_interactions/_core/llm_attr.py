@@ -773,6 +773,17 @@ class LLMInteractionAttribution(BaseLLMAttribution):
             self.attr_method.forward_func = self.model
         interactions = interactions.detach()
         self.last_call_cost = self.attr_method.last_call_cost
+        if not torch.isfinite(interactions).all() or not torch.isfinite(log_probs).all():
+            bad = int((~torch.isfinite(interactions)).sum())
+            raise FloatingPointError(
+                f"{bad} interaction entries are not finite (log-probabilities at the prompt "
+                f"and the baseline: {log_probs[:, 0].tolist()}) computed in {dtype}. "
+                + ("Half precision overflows in second derivatives: leave `compute_dtype` "
+                   "at None (float32) or pass torch.float32."
+                   if dtype in (torch.float16, torch.bfloat16) else
+                   "Check the model's weights and the target (a token of probability 0 "
+                   "has log-probability -inf).")
+            )
         # scatter the groups present into F x F (a template segment may have no token)
         index = torch.tensor(present, device=interactions.device)
         full = interactions.new_zeros(rows, num_features, num_features)
