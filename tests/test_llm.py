@@ -339,3 +339,15 @@ def test_non_finite_interactions_raise_and_name_the_fix(tokenizer):
             inp, target="a dog", n_steps=8)
     result = LLMInteractionAttribution(model, tokenizer).attribute(inp, target="a dog", n_steps=8)
     assert torch.isfinite(result.seq_interactions).all()
+
+
+@pytest.mark.slow
+def test_demo_section_writes_figures_with_captions_from_the_numbers(tmp_path):
+    from captum_interactions._demo_llm import llm_section
+
+    section = llm_section(str(tmp_path), quick=True)
+    assert section["method"] == "LLMInteractionAttribution"
+    assert len(section["figures"]) == 2
+    for figure in section["figures"]:
+        assert (tmp_path / figure["file"]).stat().st_size > 0
+    assert "The strongest pair is 'not' x 'good'" in section["figures"][0]["caption"]

@@ -342,7 +342,9 @@ def _computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
             module._buffers[name] = buf
 
 
-def _template_segments(inp: TextTemplateInput, values: Sequence[str]) -> Tuple[str, List[Tuple[int, int]]]:
+def _template_segments(
+    inp: TextTemplateInput, values: Sequence[str]
+) -> Tuple[str, List[Tuple[int, int]]]:
     """The formatted text and the character span of every segment value."""
     template = inp.template
     if not isinstance(template, str):
@@ -513,7 +515,9 @@ class LLMInteractionAttribution(BaseLLMAttribution):
         gen_args: Optional[Dict[str, Any]],
     ) -> Tensor:
         if target is not None and gen_args is not None:
-            raise ValueError("`gen_args` is only used to generate a target: pass it with target=None")
+            raise ValueError(
+                "`gen_args` is only used to generate a target: pass it with target=None"
+            )
         if isinstance(target, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in target):
                 raise TypeError("`target` as a list must hold integer token ids")
@@ -615,7 +619,10 @@ class LLMInteractionAttribution(BaseLLMAttribution):
             base_text, base_spans = _template_segments(inp, baselines)
             base_ids, base_offsets = self._encode_spans(base_text)
             base_segments = [
-                next((s for s, (a, b) in enumerate(base_spans) if o0 < b and a < o1 and b > a), None)
+                next(
+                    (s for s, (a, b) in enumerate(base_spans) if o0 < b and a < o1 and b > a),
+                    None,
+                )
                 for o0, o1 in base_offsets
             ]
         for segment in range(len(inp.values)):
@@ -823,4 +830,6 @@ class LLMInteractionAttribution(BaseLLMAttribution):
 
     def attribute_future(self) -> Any:
         r"""Not implemented, as for Captum's LLM attribution classes."""
-        raise NotImplementedError("attribute_future is not implemented for LLMInteractionAttribution")
+        raise NotImplementedError(
+            "attribute_future is not implemented for LLMInteractionAttribution"
+        )
