@@ -75,12 +75,26 @@ def relative(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-# HF's Llama computes RMSNorm in float32 even in a float64 model, so its round-off
-# is float32's; GPT-2 is float64 throughout
-@pytest.mark.parametrize("arch, rounding", [("gpt2", 1e-12), ("llama", 1e-6)])
+def llama_family(name, tokenizer):
+    """Qwen2 (biased q/k/v) and Mistral: the Llama family's RoPE, RMSNorm, SiLU, GQA."""
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=64,
+        attn_implementation="sdpa", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForCausalLM")(config).to(torch.float64).eval()
+
+
+# HF's Llama-family models compute RMSNorm in float32 even in a float64 model, so
+# their round-off is float32's; GPT-2 is float64 throughout
+@pytest.mark.parametrize("arch, rounding", [("gpt2", 1e-12), ("llama", 1e-6),
+                                            ("Qwen2", 1e-6), ("Mistral", 1e-6)])
 def test_axioms_and_row_sums_equal_captum_llm_gradient_attribution(
         arch, rounding, tokenizer, gpt2, llama):
-    model = gpt2 if arch == "gpt2" else llama
+    model = {"gpt2": gpt2, "llama": llama}.get(arch) or llama_family(arch, tokenizer)
     before = state(model)
     inp = TextTokenInput("the cat sat on the mat", tokenizer, skip_tokens=["<bos>"])
     llm = LLMInteractionAttribution(
