@@ -365,3 +365,16 @@ def test_demo_section_writes_figures_with_captions_from_the_numbers(tmp_path):
     for figure in section["figures"]:
         assert (tmp_path / figure["file"]).stat().st_size > 0
     assert "The strongest pair is 'not' x 'good'" in section["figures"][0]["caption"]
+
+
+def test_eager_and_sdpa_attention_give_the_same_interactions(tokenizer):
+    inp = TextTokenInput("the cat sat on the mat", tokenizer, skip_tokens=["<bos>"])
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_llama(len(WORDS), tokenizer, attn_implementation=implementation,
+                           dtype=torch.float64)  # same seed: same weights
+        results[implementation] = LLMInteractionAttribution(model, tokenizer).attribute(
+            inp, target="a dog", n_steps=8).seq_interactions
+        assert model.config._attn_implementation == implementation  # left as it was
+    # eager Llama attention takes its softmax in float32: float32 round-off
+    assert relative(results["eager"], results["sdpa"]) < 1e-5
