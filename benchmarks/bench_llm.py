@@ -25,7 +25,8 @@ For each prompt length T, compared in the same run:
 - ``unchunked peak``: the unit's peak memory with all T directions in one
   batch (what ``internal_batch_size=None`` needs), where it fits.
 
-Memory is the growth of resident memory over the loaded model on the CPU
+Wall-clock times; for whole calls the process CPU time too (on a shared
+machine the wall-clock time includes waiting for a core). Memory is the growth of resident memory over the loaded model on the CPU
 (sampled), ``torch.cuda.max_memory_allocated`` growth on CUDA. Prints a table
 and writes ``benchmarks/results/llm_<device>[_quick].json``.
 
@@ -167,13 +168,15 @@ def main(argv=None):
                 warnings.simplefilter("ignore")  # random weights: completeness is reported below
                 with PeakMemory(device) as peak:
                     sync(device)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     result = llm.attribute(inp, target=target, n_steps=n_steps,
                                            internal_batch_size=chunk)
                     sync(device)
                     elapsed = time.perf_counter() - start
+                    cpu_elapsed = time.process_time() - cpu_start
             change = float((result.output_log_probs - result.baseline_log_probs).sum())
-            row.update(grouped_measured_s=elapsed, grouped_measured_peak_bytes=peak.growth_bytes,
+            row.update(grouped_measured_s=elapsed, grouped_measured_cpu_s=cpu_elapsed,
+                       grouped_measured_peak_bytes=peak.growth_bytes,
                        grouped_measured_hvps=result.hvps,
                        completeness_relative_error=abs(result.seq_delta) / max(abs(change), 1e-12))
             assert result.hvps == grouped_hvps
@@ -184,7 +187,8 @@ def main(argv=None):
         measured = row.get("grouped_measured_s")
         print(
             f"T={length:4d}  grouped: {grouped_hvps:6d} HVPs, "
-            + (f"{measured:8.2f} s measured, " if measured is not None else "")
+            + (f"{measured:8.2f} s measured ({row['grouped_measured_cpu_s']:.2f} s CPU), "
+               if measured is not None else "")
             + f"{grouped_estimate:8.2f} s from unit, peak {unit_peak / 2**20:7.1f} MiB"
             + (f" (whole call {row['grouped_measured_peak_bytes'] / 2**20:7.1f} MiB)"
                if measured is not None else "")

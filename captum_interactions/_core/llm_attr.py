@@ -699,13 +699,17 @@ class LLMInteractionAttribution(BaseLLMAttribution):
 
             >>> from captum.attr import TextTokenInput
             >>> from captum_interactions import LLMInteractionAttribution
-            >>> # model: a Hugging Face causal LM (eager or SDPA attention)
+            >>> from captum_interactions._utils.tiny_lm import tiny_gpt2, word_level_tokenizer
+            >>> tokenizer = word_level_tokenizer()  # any Hugging Face tokenizer
+            >>> model = tiny_gpt2(len(tokenizer), tokenizer)  # any HF causal LM
             >>> llm = LLMInteractionAttribution(model, tokenizer)
-            >>> inp = TextTokenInput("the movie was not good", tokenizer)
-            >>> result = llm.attribute(inp, target="sad")
-            >>> result.seq_interactions.shape  # (F, F), F prompt tokens
-            >>> result.top_pairs(3)
-            >>> result.plot_interactions()
+            >>> inp = TextTokenInput("the movie was not good", tokenizer,
+            ...                      skip_tokens=["<bos>"])
+            >>> result = llm.attribute(inp, target="sad", n_steps=8)
+            >>> result.seq_interactions.shape  # (F, F) for F prompt tokens
+            torch.Size([5, 5])
+            >>> pairs = result.top_pairs(3)  # [(token, token, value), ...]
+            >>> fig, ax = result.plot_interactions(use_pyplot=False)
         """
         if not isinstance(inp, self.SUPPORTED_INPUTS):
             raise TypeError(
