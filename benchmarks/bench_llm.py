@@ -86,21 +86,21 @@ def unit_cost(model, ids, target_ids, prompt_length, directions, device):
     count = target_ids.shape[0]
     with PeakMemory(device) as peak:
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         leaf = embeddings.clone().requires_grad_(True)
         # as the class does: only the K + 1 last positions go through the vocabulary head
         logits = model(inputs_embeds=leaf, logits_to_keep=count + 1).logits[:, :count]
         log_prob = logits.log_softmax(-1).gather(-1, target_ids.view(1, -1, 1)).sum()
         (grad,) = torch.autograd.grad(log_prob, leaf, create_graph=True)
         sync(device)
-        t_grad = time.perf_counter() - start
+        t_grad, cpu_grad = time.perf_counter() - start, time.process_time() - cpu_start
         vectors = torch.randn((directions,) + tuple(leaf.shape), device=device, dtype=leaf.dtype)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         hessian_vector_products((leaf,), (grad,), (vectors,))
         sync(device)
-        t_hvp = time.perf_counter() - start
+        t_hvp, cpu_hvp = time.perf_counter() - start, time.process_time() - cpu_start
         del grad, logits, log_prob, leaf
-    return t_grad, t_hvp, peak.growth_bytes
+    return t_grad, t_hvp, peak.growth_bytes, cpu_grad, cpu_hvp
 
 
 def main(argv=None):
@@ -151,16 +151,24 @@ def main(argv=None):
         t_grad = min(u[0] for u in units)
         t_hvp = min(u[1] for u in units)
         unit_peak = max(u[2] for u in units)
+        cpu_grad = min(u[3] for u in units)
+        cpu_hvp = min(u[4] for u in units)
         grouped_hvps = n_steps * length
         coordinate_hvps = n_steps * length * embed
         per_hvp = t_hvp / chunk
         grouped_estimate = n_steps * (t_grad + length * per_hvp)
         coordinate_estimate = n_steps * (t_grad + length * embed * per_hvp)
+        # the same from CPU time (one thread: the work done, not the waits of a shared machine)
+        grouped_cpu_estimate = n_steps * (cpu_grad + length * cpu_hvp / chunk)
+        coordinate_cpu_estimate = n_steps * (cpu_grad + length * embed * cpu_hvp / chunk)
         row = dict(prompt_tokens=length, target_tokens=2, n_steps=n_steps,
                    internal_batch_size=chunk, unit_gradient_s=t_grad, unit_hvp_batch_s=t_hvp,
                    grouped_hvps=grouped_hvps, grouped_estimate_s=grouped_estimate,
                    per_coordinate_hvps=coordinate_hvps,
                    per_coordinate_estimate_s=coordinate_estimate,
+                   unit_gradient_cpu_s=cpu_grad, unit_hvp_batch_cpu_s=cpu_hvp,
+                   grouped_estimate_cpu_s=grouped_cpu_estimate,
+                   per_coordinate_estimate_cpu_s=coordinate_cpu_estimate,
                    chunked_unit_peak_bytes=unit_peak)
         if length <= full_max:
             inp = TextTokenInput(text, tokenizer)
@@ -181,7 +189,7 @@ def main(argv=None):
                        completeness_relative_error=abs(result.seq_delta) / max(abs(change), 1e-12))
             assert result.hvps == grouped_hvps
         if length <= 64 or args.quick:
-            _, _, unchunked_peak = unit_cost(model, ids, target, length, length, device)
+            unchunked_peak = unit_cost(model, ids, target, length, length, device)[2]
             row["unchunked_unit_peak_bytes"] = unchunked_peak
         rows.append(row)
         measured = row.get("grouped_measured_s")
@@ -189,13 +197,14 @@ def main(argv=None):
             f"T={length:4d}  grouped: {grouped_hvps:6d} HVPs, "
             + (f"{measured:8.2f} s measured ({row['grouped_measured_cpu_s']:.2f} s CPU), "
                if measured is not None else "")
-            + f"{grouped_estimate:8.2f} s from unit, peak {unit_peak / 2**20:7.1f} MiB"
+            + f"{grouped_estimate:8.2f} s ({grouped_cpu_estimate:.2f} s CPU) from unit, "
+            f"peak {unit_peak / 2**20:7.1f} MiB"
             + (f" (whole call {row['grouped_measured_peak_bytes'] / 2**20:7.1f} MiB)"
                if measured is not None else "")
             + (f" (unchunked {row['unchunked_unit_peak_bytes'] / 2**20:7.1f} MiB)"
                if "unchunked_unit_peak_bytes" in row else "")
             + f" | per-coordinate: {coordinate_hvps:9d} HVPs, {coordinate_estimate:10.1f} s "
-            f"(x{coordinate_estimate / grouped_estimate:.0f})",
+            f"({coordinate_cpu_estimate:.1f} s CPU, x{coordinate_cpu_estimate / grouped_cpu_estimate:.0f})",
             flush=True,
         )
     name = f"llm_{device.type}{'_quick' if args.quick else ''}.json"
