@@ -625,6 +625,15 @@ class LLMInteractionAttribution(BaseLLMAttribution):
                 )
                 for o0, o1 in base_offsets
             ]
+            fixed = [i for i, seg in zip(ids, segment_of_token) if seg is None]
+            base_fixed = [i for i, seg in zip(base_ids, base_segments) if seg is None]
+            if fixed != base_fixed:
+                raise ValueError(
+                    "with the baseline strings in place, the template's own text is "
+                    "tokenized differently than with the values, so the token positions "
+                    "do not correspond; use baselines that keep the template's tokens "
+                    "(e.g. the same leading spaces) or '' to use `baseline_token`"
+                )
         for segment in range(len(inp.values)):
             positions = [t for t, s in enumerate(segment_of_token) if s == segment]
             replacement = [fallback] * len(positions)
