@@ -378,3 +378,15 @@ def test_eager_and_sdpa_attention_give_the_same_interactions(tokenizer):
         assert model.config._attn_implementation == implementation  # left as it was
     # eager Llama attention takes its softmax in float32: float32 round-off
     assert relative(results["eager"], results["sdpa"]) < 1e-5
+
+
+def test_frozen_weights_and_no_grad_context_give_the_same_result(tokenizer):
+    model = tiny_gpt2(len(WORDS), tokenizer, dtype=torch.float64)
+    inp = TextTokenInput("the cat sat on a mat", tokenizer, skip_tokens=["<bos>"])
+    llm = LLMInteractionAttribution(model, tokenizer)
+    expected = llm.attribute(inp, target="not", n_steps=4).seq_interactions
+    model.requires_grad_(False)  # inference setups freeze the weights
+    with torch.no_grad():
+        frozen = llm.attribute(inp, target="not", n_steps=4).seq_interactions
+    assert torch.equal(frozen, expected)
+    assert not any(p.requires_grad for p in model.parameters())
