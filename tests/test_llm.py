@@ -388,5 +388,5 @@ def test_frozen_weights_and_no_grad_context_give_the_same_result(tokenizer):
     model.requires_grad_(False)  # inference setups freeze the weights
     with torch.no_grad():
         frozen = llm.attribute(inp, target="not", n_steps=4).seq_interactions
-    assert torch.equal(frozen, expected)
+    assert relative(frozen, expected) < 1e-12  # float64 round-off (another graph)
     assert not any(p.requires_grad for p in model.parameters())
