@@ -23,3 +23,4 @@ from captum_interactions._utils.memory import (  # noqa: F401
     memory_budget,
     set_memory_budget,
 )
+from captum_interactions._core.llm_attr import LLMInteractionAttribution, LLMInteractionResult  # noqa: F401

