@@ -74,7 +74,7 @@ def call(method: str, inputs: Any, model: Optional[nn.Module] = None,
         base = None if baselines is _DEFAULT else baselines
         layer = model[0] if isinstance(model, nn.Sequential) else next(model.children())
         return LayerIntegratedHessians(model, layer).attribute(
-            inputs, base, target=target, n_steps=2, feature_mask="full"
+            inputs, base, target=target, n_steps=2, grouping="full"
         )
     if method == "SmoothHess":
         return SmoothHess(model).attribute(inputs, target=target, n_samples=4, stdevs=stdevs)

@@ -108,7 +108,7 @@ def test_every_method_raises_before_allocating_an_output_that_cannot_fit():
             lambda: IntegratedHessians(model).attribute(x),
             lambda: ExpectedHessians(model).attribute(x, torch.zeros(3, 600, dtype=torch.float64)),
             lambda: LayerIntegratedHessians(model, model[0]).attribute(
-                x, feature_mask="full", attribute_to_layer_input=True),
+                x, grouping="full", attribute_to_layer_input=True),
             lambda: SmoothHess(model).attribute(x, n_samples=4),
             lambda: ContextualDecomposition(model).interactions(x),
         ):

@@ -364,8 +364,9 @@ class DatasetExplanation:
         return out
 
     def verify(self) -> None:
-        """Read and check every chunk file (all tensors); raise
-        :class:`DatasetStorageError` listing every damaged file."""
+        """Read and check every chunk file (all tensors).
+
+        Raises :class:`DatasetStorageError` listing every damaged file."""
         problems = []
         for chunk in range(self.num_chunks):
             try:

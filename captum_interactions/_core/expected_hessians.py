@@ -79,6 +79,7 @@ class ExpectedHessians(GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the interactions are multiplied by (x - x'), as GradientShap's are."""
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:

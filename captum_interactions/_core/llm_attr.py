@@ -177,8 +177,9 @@ class LLMInteractionResult:
     def top_pair_indices(
         self, k: int = 10, output_token: Optional[int] = None, include_diagonal: bool = False
     ) -> List[Tuple[int, int, float]]:
-        """The k pairs (i, j), i <= j, of largest |interaction|, strongest first,
-        as feature indices (tokens may repeat, indices do not).
+        """The k pairs (i, j), i <= j, of largest |interaction|, strongest first.
+
+        As feature indices (tokens may repeat, indices do not).
 
         A pair's value is Gamma_ij + Gamma_ji (the whole interaction of the two
         features); with ``include_diagonal`` the main effects Gamma_ii compete too.
@@ -229,8 +230,9 @@ class LLMInteractionResult:
         )
 
     def plot_interactions(self, output_token: Optional[int] = None, **kwargs: Any) -> Any:
-        """Heatmap with token labels; see
-        :func:`captum_interactions.visualization.visualize_llm_interactions`."""
+        """Heatmap of the interaction matrix with token labels.
+
+        See :func:`captum_interactions.visualization.visualize_llm_interactions`."""
         from captum_interactions import visualization
 
         return visualization.visualize_llm_interactions(self, output_token=output_token, **kwargs)
@@ -238,8 +240,9 @@ class LLMInteractionResult:
     def plot_top_pairs(
         self, k: int = 10, output_token: Optional[int] = None, **kwargs: Any
     ) -> Any:
-        """Bar chart of the k strongest pairs; see
-        :func:`captum_interactions.visualization.visualize_llm_top_pairs`."""
+        """Bar chart of the k strongest pairs.
+
+        See :func:`captum_interactions.visualization.visualize_llm_top_pairs`."""
         from captum_interactions import visualization
 
         return visualization.visualize_llm_top_pairs(
@@ -247,8 +250,9 @@ class LLMInteractionResult:
         )
 
     def plot_token_interactions(self, k: int = 8, **kwargs: Any) -> Any:
-        """Output tokens x top pairs; see
-        :func:`captum_interactions.visualization.visualize_llm_token_interactions`."""
+        """Heatmap of output tokens x the strongest pairs.
+
+        See :func:`captum_interactions.visualization.visualize_llm_token_interactions`."""
         from captum_interactions import visualization
 
         return visualization.visualize_llm_token_interactions(self, k=k, **kwargs)
@@ -389,6 +393,8 @@ def _template_segments(
 
 class LLMInteractionAttribution(BaseLLMAttribution):
     r"""
+    Token x token interactions of a causal LM's prompt for the log-probability of a target.
+
     Integrated Hessians interactions of the prompt's tokens (or template
     features) for the log-probability a causal language model gives a target
     text, in Captum's LLM attribution family.
@@ -672,6 +678,8 @@ class LLMInteractionAttribution(BaseLLMAttribution):
         **kwargs: Any,
     ) -> LLMInteractionResult:
         r"""
+        Interactions of the prompt's features for the log-probability of ``target``.
+
         Args:
             inp (TextTokenInput or TextTemplateInput): the prompt. Its
                 interpretable features (tokens not in ``skip_tokens``, or
