@@ -413,7 +413,7 @@ def run_acd(case: Case, cfg: dict) -> Dict[str, Tuple]:
             mask = np.zeros(d)
             mask[list(members)] = 1
             rel, _ = acd_cd(x, model, mask=torch.tensor(mask, dtype=torch.float32), device="cpu")
-            return float(rel.flatten()[0])
+            return float(rel.detach().flatten()[0])
 
         single = [cd_score([i]) for i in range(d)]
         vals = [cd_score([i, j]) - single[i] - single[j]

@@ -66,6 +66,7 @@ def test_dependence_2d_points_positions_and_colours():
     assert ax.get_xlabel() == "value of a" and ax.get_ylabel() == "value of b"
 
 
+@pytest.mark.filterwarnings("ignore:explain_dataset found no parameters")
 def test_dependence_2d_from_explain_dataset(tmp_path):
     f, x, gamma = _product_data(12)
     loader = DataLoader(TensorDataset(x), batch_size=4)
