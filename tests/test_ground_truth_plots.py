@@ -80,6 +80,19 @@ def test_dependence_2d_from_explain_dataset(tmp_path):
     assert len(_colorbars(fig)) == 1
     with pytest.raises(ValueError, match="dependence_pairs"):
         visualize_interaction_dependence_2d(result, None, 0, 2, use_pyplot=False)
+    # top_interactions and to_shapiq read the run's mean interactions
+    from captum_interactions import top_interactions
+
+    table = top_interactions(result, k=1)
+    mean_pair = float((gamma[:, 0, 1] + gamma[:, 1, 0]).mean())
+    assert (table[0].i, table[0].j) == (0, 1)
+    assert table[0].value == pytest.approx(mean_pair, abs=1e-12)
+    shapiq = pytest.importorskip("shapiq")
+    from captum_interactions import to_shapiq
+
+    iv = to_shapiq(result)
+    assert isinstance(iv, shapiq.InteractionValues)
+    assert iv.dict_values[(0, 1)] == pytest.approx(mean_pair, abs=1e-12)
     # the beeswarm reads the per-example interactions of the run
     fig, ax = visualize_interaction_beeswarm(result, k=2, use_pyplot=False)
     assert len(ax.collections) == 2 and all(len(c.get_offsets()) == 12 for c in ax.collections)
