@@ -147,8 +147,10 @@ def to_shapiq(
 
 def from_shapiq(values: Any, pair_value: str = "sum") -> Tensor:
     r"""
-    A shapiq ``InteractionValues`` (orders 1 and 2) as a (D, D) float64 matrix in
-    this library's layout: main effects on the diagonal, each pair's value
+    Convert a shapiq ``InteractionValues`` back to a (D, D) interaction matrix.
+
+    Orders 1 and 2 become a float64 matrix in this library's layout: main
+    effects on the diagonal, each pair's value
     split into two equal halves :math:`\Gamma_{ij} = \Gamma_{ji}`
     (``pair_value="sum"``) or stored whole in both entries (``"entry"``). The
     inverse of :func:`to_shapiq` on symmetric matrices. Orders above 2 are

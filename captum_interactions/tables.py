@@ -10,8 +10,10 @@ __all__ = ["TopInteraction", "InteractionTable", "top_interactions"]
 
 
 class TopInteraction(NamedTuple):
-    """One ranked pair: rank (1 = strongest), feature indices i < j, their
-    names, and the pair's value."""
+    """One ranked pair of :func:`top_interactions`.
+
+    Fields: rank (1 = strongest), feature indices i <= j, their names, and the
+    pair's value."""
 
     rank: int
     i: int
@@ -22,8 +24,9 @@ class TopInteraction(NamedTuple):
 
 
 class InteractionTable(tuple):
-    """The ranked pairs of :func:`top_interactions`: a tuple of
-    :class:`TopInteraction` that prints as an aligned table."""
+    """The ranked pairs of :func:`top_interactions`, printed as an aligned table.
+
+    A tuple of :class:`TopInteraction`; ``value_label`` names the value column."""
 
     def __new__(cls, rows: Sequence[TopInteraction], value_label: str = "value"):
         table = super().__new__(cls, rows)
@@ -96,11 +99,12 @@ def top_interactions(
 
     Examples::
 
-        >>> gamma = IntegratedHessians(model).attribute(x)     # (N, D, D)
-        >>> print(top_interactions(gamma, k=3, feature_names=names))
-        rank  pair        mean |value|
-           1  age × bmi      +0.412
-           ...
+        >>> gamma = torch.zeros(3, 3)
+        >>> gamma[0, 2] = gamma[2, 0] = 0.25
+        >>> table = top_interactions(gamma, k=1, feature_names=["a", "b", "c"])
+        >>> print(table)
+        rank  pair   value
+           1  a × c   +0.5
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be an integer >= 1, got {k!r}")

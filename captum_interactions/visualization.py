@@ -993,9 +993,11 @@ def visualize_interaction_dependence_2d(
     use_pyplot: bool = True,
 ) -> Tuple[Figure, Axes]:
     r"""
-    Two-feature dependence plot: over a dataset, each example at (value of
-    feature i, value of feature j), coloured by the interaction of i and j
-    (red negative, white 0, green positive, on a scale symmetric around 0).
+    Two-feature dependence plot: examples at (x_i, x_j), coloured by their interaction.
+
+    Over a dataset, each example sits at (value of feature i, value of feature
+    j), coloured by the interaction of i and j (red negative, white 0, green
+    positive, on a scale symmetric around 0).
 
     Where :func:`visualize_interaction_scatter` shows how the interaction
     varies with one feature, this shows *where* in the (x_i, x_j) plane the
@@ -1092,9 +1094,10 @@ def visualize_interaction_beeswarm(
     use_pyplot: bool = True,
 ) -> Tuple[Figure, Axes]:
     r"""
-    Interaction beeswarm over a dataset: one row per pair (the ``k`` pairs of
-    largest mean magnitude, strongest at the top), one point per example at
-    its interaction value.
+    Interaction beeswarm over a dataset: one row per pair, one point per example.
+
+    The rows are the ``k`` pairs of largest mean magnitude, strongest at the
+    top; each example's point sits at its interaction value.
 
     Colour: with ``inputs``, the example's value of the pair's *first*
     feature (blue low to red high, ranked within the row, as SHAP's beeswarm),
