@@ -24,3 +24,5 @@ from captum_interactions._utils.memory import (  # noqa: F401
     set_memory_budget,
 )
 from captum_interactions._core.llm_attr import LLMInteractionAttribution, LLMInteractionResult  # noqa: F401
+from captum_interactions.tables import InteractionTable, TopInteraction, top_interactions  # noqa: F401
+from captum_interactions.interop import from_shapiq, to_shapiq  # noqa: F401

@@ -1132,3 +1132,279 @@ __all__ += [
     "visualize_llm_top_pairs",
     "visualize_llm_token_interactions",
 ]
+
+
+def _dependence_from(
+    interactions: Any, inputs: Optional[ArrayLike], feature: int, interacting_feature: int,
+    combine_symmetric: bool,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
+    """(x_i, x_j, pair value, D or -1, combined) from an (N, D, D) batch with its
+    inputs, or from an explain_dataset result's stored dependence pairs."""
+    dependence = getattr(interactions, "dependence", None)
+    if isinstance(dependence, dict) and hasattr(interactions, "run_digest"):
+        key = (feature, interacting_feature)
+        if key not in dependence:
+            raise ValueError(
+                f"the explain_dataset result stores the dependence of pairs "
+                f"{sorted(dependence)}, not {key}: pass dependence_pairs=[{key}] to "
+                "explain_dataset, or pass the (N, D, D) interactions and inputs"
+            )
+        entry = dependence[key]
+        value = _to_numpy(entry["interaction"], "interactions")
+        combined = False
+        if combine_symmetric and (interacting_feature, feature) in dependence:
+            value = value + _to_numpy(
+                dependence[(interacting_feature, feature)]["interaction"], "interactions")
+            combined = True
+        return (_to_numpy(entry["x_i"], "inputs"), _to_numpy(entry["x_j"], "inputs"), value,
+                -1, combined)
+    if inputs is None:
+        raise ValueError("`inputs` (N, D) are required with an (N, D, D) `interactions`")
+    gamma = _to_numpy(interactions, "interactions")
+    values = _to_numpy(inputs, "inputs")
+    if gamma.ndim != 3 or gamma.shape[1] != gamma.shape[2]:
+        raise ValueError(f"`interactions` must have shape (N, D, D), got {gamma.shape}")
+    values = values.reshape(values.shape[0], -1)
+    if values.shape != gamma.shape[:2]:
+        raise ValueError(
+            f"`inputs` must have shape (N, D) = {gamma.shape[:2]}, got {values.shape}")
+    d = gamma.shape[1]
+    for name, index in (("feature", feature), ("interacting_feature", interacting_feature)):
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
+            0 <= index < d
+        ):
+            raise ValueError(f"`{name}` must be an integer in [0, {d}), got {index!r}")
+    value = gamma[:, feature, interacting_feature]
+    combined = combine_symmetric and feature != interacting_feature
+    if combined:
+        value = value + gamma[:, interacting_feature, feature]
+    return values[:, feature], values[:, interacting_feature], value, d, combined
+
+
+def visualize_interaction_dependence_2d(
+    interactions: Any,
+    inputs: Optional[ArrayLike],
+    feature: int,
+    interacting_feature: int,
+    feature_names: Optional[Sequence[str]] = None,
+    combine_symmetric: bool = True,
+    point_size: float = 16.0,
+    title: Optional[str] = None,
+    plt_fig_axis: Optional[Tuple[Figure, Axes]] = None,
+    fig_size: Tuple[float, float] = (6, 4.5),
+    use_pyplot: bool = True,
+) -> Tuple[Figure, Axes]:
+    r"""
+    Two-feature dependence plot: examples at (x_i, x_j), coloured by their interaction.
+
+    Over a dataset, each example sits at (value of feature i, value of feature
+    j), coloured by the interaction of i and j (red negative, white 0, green
+    positive, on a scale symmetric around 0).
+
+    Where :func:`visualize_interaction_scatter` shows how the interaction
+    varies with one feature, this shows *where* in the (x_i, x_j) plane the
+    pair interacts, e.g. the quadrants of x_i * x_j or the diagonal of max.
+
+    Args:
+        interactions (Tensor, array or DatasetExplanation): (N, D, D)
+            interactions of N examples, or an :func:`explain_dataset` result
+            whose ``dependence_pairs`` include (i, j) (then ``inputs`` may be
+            None: the stored x_i, x_j are used).
+        inputs (Tensor or array, optional): (N, D) the explained inputs.
+        feature (int): i, on the horizontal axis.
+        interacting_feature (int): j, on the vertical axis.
+        feature_names (sequence of str, optional): D names (with a
+            DatasetExplanation: names of at least max(i, j) + 1 features).
+            Default: x0, x1, ...
+        combine_symmetric (bool, optional): colour by
+            :math:`\Gamma_{ij} + \Gamma_{ji}` (the pair's whole share) rather
+            than :math:`\Gamma_{ij}`; for a DatasetExplanation, only when both
+            (i, j) and (j, i) were stored. Default: True
+        point_size (float, optional): marker area. Default: 16
+        title (str, optional): axis title. Default: None
+        plt_fig_axis (tuple, optional): (figure, axis). Default: None
+        fig_size (tuple, optional): size of a new figure. Default: (6, 4.5)
+        use_pyplot (bool, optional): pyplot figure + ``plt.show()``.
+            Default: True
+
+    Returns:
+        (**figure**, **axis**)
+
+    Examples::
+
+        >>> gamma = ExpectedHessians(model).attribute(x, baselines=x_train)
+        >>> fig, ax = visualize_interaction_dependence_2d(gamma, x, 0, 3, names)
+    """
+    x_i, x_j, value, d, combined = _dependence_from(
+        interactions, inputs, feature, interacting_feature, combine_symmetric)
+    if d < 0:
+        count = max(feature, interacting_feature) + 1
+        names = [str(n) for n in feature_names] if feature_names is not None else [
+            f"x{k}" for k in range(count)]
+        if len(names) < count:
+            raise ValueError(f"`feature_names` must have at least {count} entries")
+    else:
+        names = _names(feature_names, d, "feature_names")
+    limit = _symmetric_limit(value)
+    fig, ax = _create_figure(plt_fig_axis, use_pyplot, fig_size)
+    points = ax.scatter(x_i, x_j, c=value, cmap=interaction_cmap(),
+                        norm=Normalize(-limit, limit), s=point_size,
+                        edgecolors="grey", linewidths=0.3)
+    colorbar = fig.colorbar(points, ax=ax)
+    symbol = (f"\u0393[{names[feature]},{names[interacting_feature]}] + "
+              f"\u0393[{names[interacting_feature]},{names[feature]}]" if combined
+              else f"\u0393[{names[feature]},{names[interacting_feature]}]")
+    colorbar.set_label(f"interaction {symbol}")
+    ax.set_xlabel(f"value of {names[feature]}")
+    ax.set_ylabel(f"value of {names[interacting_feature]}")
+    if title:
+        ax.set_title(title)
+    _finish(fig, use_pyplot, plt_fig_axis)
+    return fig, ax
+
+
+def _swarm_offsets(values: np.ndarray, width: float, bins: int = 60) -> np.ndarray:
+    """Vertical offsets that spread points of similar value (a beeswarm):
+    within each of ``bins`` value bins, alternately above and below the row,
+    scaled so the fullest bin spans ``width``."""
+    offsets = np.zeros(len(values))
+    if len(values) == 0:
+        return offsets
+    low, high = float(values.min()), float(values.max())
+    span = high - low if high > low else 1.0
+    which = np.minimum(((values - low) / span * bins).astype(int), bins - 1)
+    fullest = max(1, int(np.bincount(which).max()))
+    for b in np.unique(which):
+        members = np.nonzero(which == b)[0]
+        members = members[np.argsort(values[members], kind="stable")]
+        rank = np.arange(len(members))
+        # 0, +1, -1, +2, -2, ...
+        offsets[members] = np.where(rank % 2, 1, -1) * np.ceil(rank / 2.0)
+    return offsets * (width / fullest)
+
+
+def visualize_interaction_beeswarm(
+    interactions: Any,
+    inputs: Optional[ArrayLike] = None,
+    feature_names: Optional[Sequence[str]] = None,
+    k: int = 10,
+    combine_symmetric: bool = True,
+    point_size: float = 10.0,
+    title: Optional[str] = None,
+    plt_fig_axis: Optional[Tuple[Figure, Axes]] = None,
+    fig_size: Optional[Tuple[float, float]] = None,
+    use_pyplot: bool = True,
+) -> Tuple[Figure, Axes]:
+    r"""
+    Interaction beeswarm over a dataset: one row per pair, one point per example.
+
+    The rows are the ``k`` pairs of largest mean magnitude, strongest at the
+    top; each example's point sits at its interaction value.
+
+    Colour: with ``inputs``, the example's value of the pair's *first*
+    feature (blue low to red high, ranked within the row, as SHAP's beeswarm),
+    so a trend shows how the interaction depends on that feature; without
+    inputs, the interaction value itself (red negative, green positive).
+
+    Args:
+        interactions (Tensor, array or DatasetExplanation): (N, D, D)
+            interactions of N examples, or an :func:`explain_dataset` result
+            (its per-example interactions are loaded: for runs that fit in
+            memory).
+        inputs (Tensor or array, optional): (N, D) the explained inputs, for
+            the colour. Default: None
+        feature_names (sequence of str, optional): D names. Default: x0, ...
+        k (int, optional): number of pairs shown. Default: 10
+        combine_symmetric (bool, optional): a pair's value is
+            :math:`\Gamma_{ij} + \Gamma_{ji}`; False: :math:`\Gamma_{ij}`.
+            Default: True
+        point_size (float, optional): marker area. Default: 10
+        title (str, optional): axis title. Default: None
+        plt_fig_axis (tuple, optional): (figure, axis). Default: None
+        fig_size (tuple, optional): size of a new figure. Default: grows with k
+        use_pyplot (bool, optional): pyplot figure + ``plt.show()``.
+            Default: True
+
+    Returns:
+        (**figure**, **axis**): the axis holds one scatter collection per row,
+        top row first.
+
+    Examples::
+
+        >>> result = explain_dataset(ExpectedHessians(model), loader, "runs/eh",
+        ...                          baselines=x_train)
+        >>> fig, ax = visualize_interaction_beeswarm(result, feature_names=names, k=8)
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
+    if hasattr(interactions, "run_digest") and hasattr(interactions, "interactions"):
+        loaded = interactions.interactions()
+        interactions = loaded.reshape(loaded.shape[0], *_flat_square(loaded.shape[1:]))
+    gamma = _to_numpy(interactions, "interactions")
+    if gamma.ndim != 3 or gamma.shape[1] != gamma.shape[2]:
+        raise ValueError(f"`interactions` must have shape (N, D, D), got {gamma.shape}")
+    n, d = gamma.shape[0], gamma.shape[1]
+    if n == 0 or d < 2:
+        raise ValueError(f"`interactions` needs examples and at least 2 features, got {gamma.shape}")
+    names = _names(feature_names, d, "feature_names")
+    rows, cols = np.triu_indices(d, 1)
+    values = gamma[:, rows, cols]
+    if combine_symmetric:
+        values = values + gamma[:, cols, rows]
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.any():
+        raise ValueError("`interactions` has no example with all-finite values")
+    values = values[finite]
+    feature_values = None
+    if inputs is not None:
+        feature_values = _to_numpy(inputs, "inputs").reshape(gamma.shape[0], -1)
+        if feature_values.shape != (n, d):
+            raise ValueError(f"`inputs` must have shape (N, D) = {(n, d)}, got "
+                             f"{feature_values.shape}")
+        feature_values = feature_values[finite]
+    order = np.argsort(-np.abs(values).mean(axis=0), kind="stable")[:k]
+    if fig_size is None:
+        fig_size = (7, 1.2 + 0.45 * len(order))
+    fig, ax = _create_figure(plt_fig_axis, use_pyplot, fig_size)
+    limit = _symmetric_limit(values[:, order])
+    mappable = None
+    for row, pair in enumerate(order):
+        y = len(order) - 1 - row
+        v = values[:, pair]
+        offsets = _swarm_offsets(v, 0.35)
+        if feature_values is None:
+            mappable = ax.scatter(v, y + offsets, c=v, cmap=interaction_cmap(),
+                                  norm=Normalize(-limit, limit), s=point_size,
+                                  edgecolors="grey", linewidths=0.2)
+        else:
+            colour = feature_values[:, rows[pair]]
+            ranks = np.argsort(np.argsort(colour, kind="stable"), kind="stable")
+            scaled = ranks / max(1, len(colour) - 1)
+            mappable = ax.scatter(v, y + offsets, c=scaled, cmap="coolwarm",
+                                  norm=Normalize(0.0, 1.0), s=point_size, linewidths=0)
+    ax.axvline(0.0, color="grey", lw=0.8, zorder=0)
+    ax.set_yticks(np.arange(len(order))[::-1])
+    ax.set_yticklabels([f"{names[rows[p]]} \u00d7 {names[cols[p]]}" for p in order])
+    ax.set_ylim(-0.6, len(order) - 0.4)
+    ax.set_xlabel("interaction value (per example)")
+    colorbar = fig.colorbar(mappable, ax=ax)
+    if feature_values is None:
+        colorbar.set_label("interaction value")
+    else:
+        colorbar.set_ticks([0.0, 1.0])
+        colorbar.set_ticklabels(["low", "high"])
+        colorbar.set_label("value of the pair's first feature")
+    if title:
+        ax.set_title(title)
+    _finish(fig, use_pyplot, plt_fig_axis)
+    return fig, ax
+
+
+def _flat_square(shape: Sequence[int]) -> Tuple[int, int]:
+    if len(shape) % 2:
+        raise ValueError(f"per-example interactions must be (*F, *F), got {tuple(shape)}")
+    size = int(np.prod(shape[: len(shape) // 2]))
+    return size, size
+
+
+__all__ += ["visualize_interaction_dependence_2d", "visualize_interaction_beeswarm"]
