@@ -9,7 +9,7 @@ the progress bar); downloads nothing. Runs on CUDA when it is available
 (``--device`` overrides), in about 15 CPU seconds on 2 cores; ``--quick`` (smaller
 training and sample counts, a shorter sentence for MiniLM) takes about 10 CPU
 seconds. Integrated Hessians step counts are raised until each figure's
-completeness error is within 2% of |f(x) - f(x')| (within a cap), and every
+completeness error is within 2% of the absolute change abs(f(x) - f(x')) (within a cap), and every
 figure states how converged its numbers are.
 """
 import argparse
