@@ -23,7 +23,16 @@ from captum_interactions._utils.hessian import (
     accumulate_path_interactions,
     format_interaction_output,
 )
-from captum_interactions._utils.quadrature import log_weight_rule
+from captum_interactions._utils.quadrature import (
+    DEFAULT_METHOD,
+    DEFAULT_N_STEPS,
+    DEFAULT_MAX_STEPS,
+    log_weight_rule,
+    refine_until_complete,
+    select_examples,
+    validate_adaptive_arguments,
+    validate_method,
+)
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
@@ -106,6 +115,7 @@ class IntegratedHessians(GradientAttribution):
         GradientAttribution.__init__(self, forward_func)
         self._multiply_by_inputs = multiply_by_inputs
         self.last_call_cost = CostCounter()
+        self.last_call_steps: Optional[Tensor] = None
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -121,11 +131,13 @@ class IntegratedHessians(GradientAttribution):
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 16,
-        method: str = "gausslog",
+        n_steps: int = DEFAULT_N_STEPS,
+        method: str = DEFAULT_METHOD,
         internal_batch_size: Optional[int] = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         return_convergence_delta: bool = False,
+        completeness_tol: Optional[float] = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
         Args:
@@ -185,6 +197,10 @@ class IntegratedHessians(GradientAttribution):
         is_inputs_tuple = isinstance(inputs, tuple)
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_steps, "n_steps")
+        validate_method(method)
+        validate_adaptive_arguments(
+            completeness_tol, max_steps, n_steps, self._multiply_by_inputs
+        )
         validate_internal_batch_size(internal_batch_size)
         baselines_t = format_baselines(baselines, inputs_t)
         num_examples = inputs_t[0].shape[0]
@@ -192,34 +208,67 @@ class IntegratedHessians(GradientAttribution):
         groups = FeatureGroups(feature_mask, inputs_t)
         dtype, device = inputs_t[0].dtype, inputs_t[0].device
 
-        nodes, weights = log_weight_rule(method, n_steps)
-        t = torch.tensor(nodes, dtype=dtype, device=device)
-        w = torch.tensor(weights, dtype=dtype, device=device)
-        points, deltas = path_rows(inputs_t, baselines_t, t)
-        scales = deltas if self._multiply_by_inputs else tuple(
-            torch.ones_like(d) for d in deltas
-        )
-        self.last_call_cost = CostCounter()
-        with preserved_module_state(self.forward_func):
+        def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
+            """(N, G, G) interactions at ``steps`` path points, or those of ``index``."""
+            nodes, weights = log_weight_rule(method, steps)
+            t = torch.tensor(nodes, dtype=dtype, device=device)
+            w = torch.tensor(weights, dtype=dtype, device=device)
+            if index is None:
+                examples = torch.arange(num_examples, device=device)
+                sub_inputs, sub_baselines = inputs_t, baselines_t
+                sub_target, sub_args = target, additional_forward_args
+            else:
+                examples = index
+                sub_inputs = tuple(x[index] for x in inputs_t)
+                sub_baselines = tuple(
+                    b[index] if b.shape[0] == num_examples else b for b in baselines_t
+                )
+                sub_target, sub_args = select_examples(
+                    target, additional_forward_args, index, num_examples
+                )
+            points, deltas = path_rows(sub_inputs, sub_baselines, t)
+            scales = deltas if self._multiply_by_inputs else tuple(
+                torch.ones_like(d) for d in deltas
+            )
+            # rows keep their original example index (per-example feature
+            # masks are looked up by it); the result is cut to ``index`` after
             interactions = accumulate_path_interactions(
                 self.forward_func,
                 points,
                 scales,
-                example_index=torch.arange(num_examples, device=device).repeat(n_steps),
+                example_index=examples.repeat(steps),
                 num_examples=num_examples,
-                first_order_weight=w.repeat_interleave(num_examples),
-                second_order_weight=(w * t).repeat_interleave(num_examples),
-                expansion=RowExpansion(
-                    target, additional_forward_args, num_examples, n_steps
-                ),
+                first_order_weight=w.repeat_interleave(examples.numel()),
+                second_order_weight=(w * t).repeat_interleave(examples.numel()),
+                expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
                 groups=groups,
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
             )
+            return interactions if index is None else interactions[index]
+
+        self.last_call_cost = CostCounter()
+        with preserved_module_state(self.forward_func):
+            if completeness_tol is None:
+                interactions = integrate(n_steps, None)
+                self.last_call_steps = torch.full(
+                    (num_examples,), n_steps, dtype=torch.long, device=device
+                )
+            else:
+                interactions, self.last_call_steps, delta = refine_until_complete(
+                    integrate,
+                    output_difference(
+                        self.forward_func, inputs_t, baselines_t, target,
+                        additional_forward_args,
+                    ),
+                    n_steps, completeness_tol, max_steps, type(self).__name__,
+                )
             result = format_interaction_output(interactions, groups, is_inputs_tuple)
             if not return_convergence_delta:
                 return result
-            delta = interactions.sum(dim=(1, 2)) - output_difference(
-                self.forward_func, inputs_t, baselines_t, target, additional_forward_args
-            )
+            if completeness_tol is None:
+                delta = interactions.sum(dim=(1, 2)) - output_difference(
+                    self.forward_func, inputs_t, baselines_t, target,
+                    additional_forward_args,
+                )
         return result, delta

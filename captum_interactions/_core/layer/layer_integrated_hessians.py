@@ -30,7 +30,16 @@ from captum_interactions._utils.hessian import (
     format_interaction_output,
     gradients_with_graph,
 )
-from captum_interactions._utils.quadrature import log_weight_rule
+from captum_interactions._utils.quadrature import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_METHOD,
+    DEFAULT_N_STEPS,
+    log_weight_rule,
+    refine_until_complete,
+    select_examples,
+    validate_adaptive_arguments,
+    validate_method,
+)
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 FeatureMaskType = Union[None, str, Tensor, Tuple[Tensor, ...]]
@@ -196,6 +205,7 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         GradientAttribution.__init__(self, forward_func)
         self._multiply_by_inputs = multiply_by_inputs
         self.last_call_cost = CostCounter()
+        self.last_call_steps: Optional[Tensor] = None
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -236,12 +246,14 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 16,
-        method: str = "gausslog",
+        n_steps: int = DEFAULT_N_STEPS,
+        method: str = DEFAULT_METHOD,
         internal_batch_size: Optional[int] = None,
         feature_mask: FeatureMaskType = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
+        completeness_tol: Optional[float] = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
         Args:
@@ -319,6 +331,10 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         if not isinstance(inputs_t, tuple) or not all(isinstance(x, Tensor) for x in inputs_t):
             raise TypeError("`inputs` must be a tensor or a tuple of tensors")
         validate_positive_int(n_steps, "n_steps")
+        validate_method(method)
+        validate_adaptive_arguments(
+            completeness_tol, max_steps, n_steps, self._multiply_by_inputs
+        )
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
@@ -351,13 +367,6 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             groups = FeatureGroups(mask, layer_inputs)
             dtype, device = layer_inputs[0].dtype, layer_inputs[0].device
 
-            nodes, weights = log_weight_rule(method, n_steps)
-            t = torch.tensor(nodes, dtype=dtype, device=device)
-            w = torch.tensor(weights, dtype=dtype, device=device)
-            points, deltas = path_rows(layer_inputs, layer_baselines, t)
-            scales = deltas if self._multiply_by_inputs else tuple(
-                torch.ones_like(d) for d in deltas
-            )
             # The model inputs travel with the rows as leading "additional
             # arguments" (as in Captum's LayerIntegratedGradients), so that any
             # slice of path rows comes with its copies of the original inputs.
@@ -382,27 +391,64 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 return gradients_with_graph(injected_forward, rows, row_target, row_args)
 
             all_args = inputs_t + (extra_args if extra_args is not None else ())
+
+            def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
+                """(N, G, G) interactions at ``steps`` path points, or those of ``index``."""
+                nodes, weights = log_weight_rule(method, steps)
+                t = torch.tensor(nodes, dtype=dtype, device=device)
+                w = torch.tensor(weights, dtype=dtype, device=device)
+                if index is None:
+                    examples = torch.arange(num_examples, device=device)
+                    sub_inputs, sub_baselines = layer_inputs, layer_baselines
+                    sub_target, sub_args = target, all_args
+                else:
+                    examples = index
+                    sub_inputs = tuple(a[index] for a in layer_inputs)
+                    sub_baselines = tuple(b[index] for b in layer_baselines)
+                    sub_target, sub_args = select_examples(
+                        target, all_args, index, num_examples
+                    )
+                points, deltas = path_rows(sub_inputs, sub_baselines, t)
+                scales = deltas if self._multiply_by_inputs else tuple(
+                    torch.ones_like(d) for d in deltas
+                )
+                # rows keep their original example index (per-example masks
+                # are looked up by it); the result is cut to ``index`` after
+                interactions = accumulate_path_interactions(
+                    forward_func,
+                    points,
+                    scales,
+                    example_index=examples.repeat(steps),
+                    num_examples=num_examples,
+                    first_order_weight=w.repeat_interleave(examples.numel()),
+                    second_order_weight=(w * t).repeat_interleave(examples.numel()),
+                    expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
+                    groups=groups,
+                    internal_batch_size=internal_batch_size,
+                    counter=self.last_call_cost,
+                    run_rows=run_rows,
+                )
+                return interactions if index is None else interactions[index]
+
             self.last_call_cost = CostCounter()
-            interactions = accumulate_path_interactions(
-                forward_func,
-                points,
-                scales,
-                example_index=torch.arange(num_examples, device=device).repeat(n_steps),
-                num_examples=num_examples,
-                first_order_weight=w.repeat_interleave(num_examples),
-                second_order_weight=(w * t).repeat_interleave(num_examples),
-                expansion=RowExpansion(target, all_args, num_examples, n_steps),
-                groups=groups,
-                internal_batch_size=internal_batch_size,
-                counter=self.last_call_cost,
-                run_rows=run_rows,
-            )
+            if completeness_tol is None:
+                interactions = integrate(n_steps, None)
+                self.last_call_steps = torch.full(
+                    (num_examples,), n_steps, dtype=torch.long, device=device
+                )
+            else:
+                interactions, self.last_call_steps, delta = refine_until_complete(
+                    integrate,
+                    output_difference(forward_func, inputs_t, baselines_t, target, extra_args),
+                    n_steps, completeness_tol, max_steps, type(self).__name__,
+                )
             result = format_interaction_output(interactions, groups, layer_is_tuple)
             if not return_convergence_delta:
                 return result
-            delta = interactions.sum(dim=(1, 2)) - output_difference(
-                forward_func, inputs_t, baselines_t, target, extra_args
-            ).to(interactions.dtype)
+            if completeness_tol is None:
+                delta = interactions.sum(dim=(1, 2)) - output_difference(
+                    forward_func, inputs_t, baselines_t, target, extra_args
+                ).to(interactions.dtype)
         return result, delta
 
     @staticmethod
