@@ -273,3 +273,22 @@ def test_adaptive_needs_multiply_by_inputs():
     ih = IntegratedHessians(sharp_mlp(), multiply_by_inputs=False)
     with pytest.raises(ValueError, match="multiply_by_inputs"):
         ih.attribute(torch.randn(2, 4, dtype=DTYPE), completeness_tol=1e-4)
+
+
+def test_fixed_steps_warn_when_completeness_is_missed_and_stay_quiet_otherwise():
+    model = sharp_mlp(beta=200.0)
+    torch.manual_seed(1)
+    x = 3 * torch.randn(3, 4, dtype=DTYPE)
+    ih = IntegratedHessians(model)
+    with pytest.warns(UserWarning, match=r"miss completeness by more than 0.01 .* n_steps=4") as rec:
+        _, delta = ih.attribute(x, n_steps=4, return_convergence_delta=True)
+    with torch.no_grad():
+        change = (model(x) - model(torch.zeros_like(x)))[:, 0]
+    bad = [i for i in range(3) if delta[i].abs() > 1e-2 * change[i].abs()]
+    assert bad and all(f"{i}: " in str(rec[0].message) for i in bad)
+    assert "completeness_tol" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IntegratedHessians(sharp_mlp(beta=1.0)).attribute(x, n_steps=16)
+        # without the Delta factors completeness is not expected: no check
+        IntegratedHessians(model, multiply_by_inputs=False).attribute(x, n_steps=4)

@@ -46,7 +46,7 @@ SUPPORTED_METHODS = ("gausslog_composite", "gausslog", "gausslegendre", "riemann
 DEFAULT_METHOD = "gausslog"
 #: Path points per panel of ``"gausslog_composite"`` (chosen by
 #: benchmarks/bench_quadrature.py).
-POINTS_PER_PANEL = 4
+POINTS_PER_PANEL = 16
 #: Default path points of IntegratedHessians / LayerIntegratedHessians.
 DEFAULT_N_STEPS = 16
 #: Default budget of the adaptive mode (``completeness_tol``): steps per example.
@@ -355,3 +355,39 @@ def select_examples(
             for a in args
         )
     return target, args
+
+
+#: Relative completeness error above which a fixed-steps call warns.
+COMPLETENESS_WARNING = 1e-2
+
+
+def warn_if_incomplete(
+    delta: Tensor,
+    output_change: Tensor,
+    n_steps: int,
+    method: str,
+    method_name: str,
+    other_cause: str = "",
+) -> None:
+    """Warn when |delta| > COMPLETENESS_WARNING * |f(x) - f(x')| for some example.
+
+    The check costs two forward passes; it catches the rule not resolving a
+    sharp layer along the path, which no fixed rule avoids before enough steps.
+    """
+    change = output_change.to(delta.dtype)
+    bad = torch.nonzero(delta.abs() > COMPLETENESS_WARNING * change.abs()).flatten()
+    if bad.numel() == 0:
+        return
+    shown = bad[:10]
+    errors = (delta[shown].abs() / change[shown].abs()).tolist()
+    listed = ", ".join(f"{i}: {e:.1e}" for i, e in zip(shown.tolist(), errors))
+    more = f" (and {bad.numel() - 10} more)" if bad.numel() > 10 else ""
+    warnings.warn(
+        f"{method_name}: the interactions miss completeness by more than "
+        f"{COMPLETENESS_WARNING:g} of |f(x) - f(x')| with n_steps={n_steps}, "
+        f"method={method!r} (relative error by example index: {listed}{more}): the "
+        f"path crosses layers too sharp for this many steps{other_cause}. Pass "
+        "`completeness_tol` (e.g. 1e-4) to refine per example, raise `n_steps`, "
+        "or smooth the model more (a smaller `beta` in replace_relu_with_softplus).",
+        stacklevel=4,
+    )

@@ -39,6 +39,7 @@ from captum_interactions._utils.quadrature import (
     select_examples,
     validate_adaptive_arguments,
     validate_method,
+    warn_if_incomplete,
 )
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
@@ -273,11 +274,21 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 forward function after the inputs (e.g. attention masks); the
                 same for the inputs, the baselines and every path point.
                 Default: None
-            n_steps (int, optional): path points of the quadrature.
-                Default: 16
-            method (str, optional): ``"gausslog"`` (Gauss rule for the -ln(t)
-                weight), ``"gausslegendre"`` or ``"riemann_middle"``.
-                Default: "gausslog"
+            n_steps (int, optional): path points of the quadrature rule, any
+                integer >= 1 (with ``completeness_tol``: the first level of
+                the refinement). Default: 16
+            method (str, optional): the quadrature rule for the -ln(t) weight
+                of the double path integral:
+                ``"gausslog_composite"``: [0, 1] cut into equal panels of 16
+                points, each with the Gauss rule of the -ln(t) weight on that
+                panel (the first panel takes the log singularity exactly);
+                more steps refine the panels, so a sharp layer is resolved
+                as ``n_steps`` grows. ``"gausslog"``: one Gauss rule for
+                -ln(t) on [0, 1], exact for polynomials of degree
+                2 n_steps - 1: spectrally accurate on smooth networks.
+                ``"gausslegendre"`` and ``"riemann_middle"``: Gauss-Legendre
+                nodes or midpoints with -ln(t) folded into the weights (less
+                accurate; for comparison). Default: "gausslog"
             internal_batch_size (int, optional): the most Hessian-vector
                 products evaluated in one batch (rows x directions); bounds
                 memory, does not change the result. Default: None
@@ -293,6 +304,20 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             attribute_to_layer_input (bool, optional): explain the layer's
                 input (injected with a forward pre-hook) instead of its output.
                 Default: False
+            completeness_tol (float, optional): adaptive mode. Per example,
+                ``n_steps`` is doubled until
+                |sum(Gamma) - (f(x) - f(x'))| <= completeness_tol * |f(x) - f(x')|
+                or the next level would exceed ``max_steps``; each example's
+                result comes from the first level that meets the tolerance,
+                only the examples not yet within it are recomputed, and the
+                steps used are stored in ``self.last_call_steps``. Examples
+                that miss it get a warning naming them, their error and the
+                fix. Needs ``multiply_by_inputs=True``. None: one fixed rule of
+                ``n_steps`` points. Default: None
+            max_steps (int, optional): the budget of the adaptive mode: the
+                most path points per example (levels n_steps, 2 n_steps, ...
+                up to it; the work done is at most about twice the last
+                level's). Ignored without ``completeness_tol``. Default: 1024
 
         Returns:
             **interactions** or (**interactions**, **delta**):
@@ -304,7 +329,9 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
               diagonal holds the main effects, so row sums are the layer
               Integrated Gradients (summed over the group).
             - **delta** (Tensor): sum(Gamma) - (f(x) - f(x')), shape (N,),
-              returned when ``return_convergence_delta=True``.
+              returned when ``return_convergence_delta=True``: the error of
+              the quadrature rule (plus round-off) when the layer is the only
+              path from the inputs to the output.
 
         Examples::
 
@@ -436,6 +463,15 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 self.last_call_steps = torch.full(
                     (num_examples,), n_steps, dtype=torch.long, device=device
                 )
+                delta = interactions.sum(dim=(1, 2)) - output_difference(
+                    forward_func, inputs_t, baselines_t, target, extra_args
+                ).to(interactions.dtype)
+                if self._multiply_by_inputs:
+                    warn_if_incomplete(
+                        delta, interactions.sum(dim=(1, 2)) - delta, n_steps, method,
+                        type(self).__name__,
+                        " (or `layer` is not the only path from the inputs to the output)",
+                    )
             else:
                 interactions, self.last_call_steps, delta = refine_until_complete(
                     integrate,
@@ -443,13 +479,10 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                     n_steps, completeness_tol, max_steps, type(self).__name__,
                 )
             result = format_interaction_output(interactions, groups, layer_is_tuple)
-            if not return_convergence_delta:
-                return result
-            if completeness_tol is None:
-                delta = interactions.sum(dim=(1, 2)) - output_difference(
-                    forward_func, inputs_t, baselines_t, target, extra_args
-                ).to(interactions.dtype)
-        return result, delta
+        if return_convergence_delta:
+            return result, delta
+        return result
+
 
     @staticmethod
     def _format_input_baselines(
