@@ -159,17 +159,21 @@ class IntegratedHessians(GradientAttribution):
                 integer >= 1 (with ``completeness_tol``: the first level of
                 the refinement). Default: 16
             method (str, optional): the quadrature rule for the -ln(t) weight
-                of the double path integral:
-                ``"gausslog_composite"``: [0, 1] cut into equal panels of 16
-                points, each with the Gauss rule of the -ln(t) weight on that
-                panel (the first panel takes the log singularity exactly);
-                more steps refine the panels, so a sharp layer is resolved
-                as ``n_steps`` grows. ``"gausslog"``: one Gauss rule for
-                -ln(t) on [0, 1], exact for polynomials of degree
-                2 n_steps - 1: spectrally accurate on smooth networks.
-                ``"gausslegendre"`` and ``"riemann_middle"``: Gauss-Legendre
-                nodes or midpoints with -ln(t) folded into the weights (less
-                accurate; for comparison). Default: "gausslog"
+                of the double path integral (every rule is valid for any
+                ``n_steps``). ``"gausslog"``: one Gauss rule for -ln(t) on
+                [0, 1], exact for polynomials of degree 2 n_steps - 1: the
+                most accurate rule (or tied) on the models of
+                ``benchmarks/bench_quadrature.py`` once the path's sharpest
+                layer is resolved. ``"gausslog_composite"``:
+                [0, 1] cut into equal panels of 16 points, each with the Gauss
+                rule of -ln(t) on that panel (the same rule as ``"gausslog"``
+                up to 16 steps). ``"gausslegendre"`` and ``"riemann_middle"``:
+                Gauss-Legendre nodes or midpoints with -ln(t) folded into the
+                weights (less accurate; for comparison). On a model with a
+                layer too sharp for ``n_steps`` (a large softplus ``beta``,
+                inputs of large magnitude) every rule's error can grow from
+                one ``n_steps`` to the next until the layer is resolved: use
+                ``completeness_tol``. Default: "gausslog"
             internal_batch_size (int, optional): the most Hessian-vector products
                 evaluated in one batch (rows x directions); bounds memory, does
                 not change the result. None evaluates everything at once.
@@ -219,6 +223,10 @@ class IntegratedHessians(GradientAttribution):
             >>> gamma, delta = ih.attribute(x, target=1, return_convergence_delta=True)
             >>> gamma.shape
             torch.Size([4, 3, 3])
+            >>> # adaptive: double the steps per example until completeness holds
+            >>> gamma = ih.attribute(x, target=1, completeness_tol=1e-4)
+            >>> ih.last_call_steps.shape  # path points used, per example
+            torch.Size([4])
         """
         is_inputs_tuple = isinstance(inputs, tuple)
         inputs_t = format_inputs(inputs)

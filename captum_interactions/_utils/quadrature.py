@@ -11,22 +11,29 @@ so one path of ``n_steps`` points replaces an ``n_steps``\ :sup:`2` grid.
 
 Rules (``method``):
 
-- ``"gausslog_composite"`` (the default): [0, 1] cut into equal panels of
-  :data:`POINTS_PER_PANEL` points each; on every panel the Gauss rule for the
+- ``"gausslog"`` (the default): one Gauss rule for the weight -ln(t) on
+  [0, 1], exact for degree 2 n - 1, computed from modified moments scaled so
+  that nothing overflows at any n. Spectrally accurate on analytic
+  integrands (softplus networks); on the models of
+  benchmarks/bench_quadrature.py the most accurate rule (or tied) wherever
+  the path's sharpest layer is resolved; before that no rule is reliably
+  better.
+- ``"gausslog_composite"``: [0, 1] cut into equal panels of
+  :data:`POINTS_PER_PANEL` points; on every panel the Gauss rule for the
   weight -ln(t) restricted to that panel. The first panel [0, a] carries the
   log singularity exactly, as
   :math:`\int_0^a -\ln t\, g = a\int_0^1 (-\ln a - \ln s)\, g(as)\, ds`, a
   Gauss rule for the positive weight :math:`-\ln a - \ln s`. Exact for
-  polynomials of degree 2 * POINTS_PER_PANEL - 1 times the log weight; more
-  steps refine the panels (nested partitions when ``n_steps`` doubles), so an
-  integrand with a sharp layer or a kink is resolved as the steps grow
-  instead of being sampled at unrelated points.
-- ``"gausslog"``: one Gauss rule for the weight -ln(t) on [0, 1], exact for
-  degree 2 n - 1: the most accurate on integrands analytic near [0, 1], but
-  its error need not fall with ``n_steps`` on sharp integrands.
+  polynomials of degree 2 * POINTS_PER_PANEL - 1 times the log weight; the
+  panels nest when ``n_steps`` doubles.
 - ``"gausslegendre"``: Gauss-Legendre nodes with -ln(t) folded into the
   weights (as a port of Captum's IG rule would do); ``"riemann_middle"``:
   midpoints, -ln(t) folded in.
+
+No fixed rule's error is monotone in n_steps before a sharp layer along the
+path is resolved (it depends on where the layer falls between nodes); the
+adaptive mode (:func:`refine_until_complete`) checks completeness per
+example instead.
 
 All rules are valid for every ``n_steps >= 1``; the Gauss-type rules have
 positive weights summing to 1 (= the integral of -ln t).
