@@ -284,7 +284,8 @@ def main():
                                  relative_error=relative_errors(delta, change),
                                  hvps=lih.last_call_cost.hvps))
 
-    default_label = f"{quadrature.DEFAULT_METHOD} p={quadrature.POINTS_PER_PANEL}"
+    default_label = quadrature.DEFAULT_METHOD + (
+        f" p={quadrature.POINTS_PER_PANEL}" if quadrature.DEFAULT_METHOD == "gausslog_composite" else "")
     print(f"Completeness error |sum(Gamma) - (f(x) - f(x'))| / |f(x) - f(x')| (max over examples), "
           f"float64, device={device}; default: {default_label}, n_steps={quadrature.DEFAULT_N_STEPS}")
     for row in rows:
