@@ -25,7 +25,17 @@ from captum_interactions._utils.hessian import (
     format_interaction_output,
     validate_output_layout,
 )
-from captum_interactions._utils.quadrature import log_weight_rule
+from captum_interactions._utils.quadrature import (
+    DEFAULT_METHOD,
+    DEFAULT_N_STEPS,
+    DEFAULT_MAX_STEPS,
+    log_weight_rule,
+    refine_until_complete,
+    select_examples,
+    validate_adaptive_arguments,
+    validate_method,
+    warn_if_incomplete,
+)
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
@@ -110,6 +120,7 @@ class IntegratedHessians(GradientAttribution):
         GradientAttribution.__init__(self, forward_func)
         self._multiply_by_inputs = multiply_by_inputs
         self.last_call_cost = CostCounter()
+        self.last_call_steps: Optional[Tensor] = None
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -127,12 +138,14 @@ class IntegratedHessians(GradientAttribution):
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 16,
-        method: str = "gausslog",
+        n_steps: int = DEFAULT_N_STEPS,
+        method: str = DEFAULT_METHOD,
         internal_batch_size: Optional[int] = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         return_convergence_delta: bool = False,
         output_layout: str = "nested",
+        completeness_tol: Optional[float] = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
         Integrated Hessians of the selected output: every pair of features' interaction.
@@ -151,12 +164,25 @@ class IntegratedHessians(GradientAttribution):
             additional_forward_args (Any, optional): further arguments of the
                 forward function, after the inputs; tensors with a batch
                 dimension are repeated along the path. Default: None
-            n_steps (int, optional): path points of the quadrature; the
-                default Gauss rule reaches float64 round-off on smooth networks
-                with 8-16 points. Default: 16
-            method (str, optional): ``"gausslog"`` (Gauss rule for the -ln(t)
-                weight), ``"gausslegendre"`` or ``"riemann_middle"``.
-                Default: "gausslog"
+            n_steps (int, optional): path points of the quadrature rule, any
+                integer >= 1 (with ``completeness_tol``: the first level of
+                the refinement). Default: 16
+            method (str, optional): the quadrature rule for the -ln(t) weight
+                of the double path integral (every rule is valid for any
+                ``n_steps``). ``"gausslog"``: one Gauss rule for -ln(t) on
+                [0, 1], exact for polynomials of degree 2 n_steps - 1: the
+                most accurate rule (or tied) on the models of
+                ``benchmarks/bench_quadrature.py`` once the path's sharpest
+                layer is resolved. ``"gausslog_composite"``:
+                [0, 1] cut into equal panels of 16 points, each with the Gauss
+                rule of -ln(t) on that panel (the same rule as ``"gausslog"``
+                up to 16 steps). ``"gausslegendre"`` and ``"riemann_middle"``:
+                Gauss-Legendre nodes or midpoints with -ln(t) folded into the
+                weights (less accurate; for comparison). On a model with a
+                layer too sharp for ``n_steps`` (a large softplus ``beta``,
+                inputs of large magnitude) every rule's error can grow from
+                one ``n_steps`` to the next until the layer is resolved: use
+                ``completeness_tol``. Default: "gausslog"
             internal_batch_size (int, optional): the most Hessian-vector products
                 evaluated in one batch (rows x directions); bounds memory, does
                 not change the result. None lets the memory budget choose (see
@@ -180,6 +206,20 @@ class IntegratedHessians(GradientAttribution):
                 row sums, shaped like ``inputs[i]``. ``"flat"``: one (N, D, D)
                 tensor. With ``feature_mask`` every layout is (N, G, G).
                 Default: "nested"
+            completeness_tol (float, optional): adaptive mode. Per example,
+                ``n_steps`` is doubled until
+                |sum(Gamma) - (f(x) - f(x'))| <= completeness_tol * |f(x) - f(x')|
+                or the next level would exceed ``max_steps``; each example's
+                result comes from the first level that meets the tolerance,
+                only the examples not yet within it are recomputed, and the
+                steps used are stored in ``self.last_call_steps``. Examples
+                that miss it get a warning naming them, their error and the
+                fix. Needs ``multiply_by_inputs=True``. None: one fixed rule of
+                ``n_steps`` points. Default: None
+            max_steps (int, optional): the budget of the adaptive mode: the
+                most path points per example (levels n_steps, 2 n_steps, ...
+                up to it; the work done is at most about twice the last
+                level's). Ignored without ``completeness_tol``. Default: 1024
 
         Raises:
             ValueError: NaN/inf in ``inputs`` or ``baselines`` (naming the
@@ -197,7 +237,9 @@ class IntegratedHessians(GradientAttribution):
               shape (N, *F_i, *F_j). With ``feature_mask``, one (N, G, G) tensor.
               Other layouts: see ``output_layout``.
             - **delta** (Tensor): completeness error of shape (N,), returned when
-              ``return_convergence_delta=True``.
+              ``return_convergence_delta=True``. The interactions sum to
+              f(x) - f(x') exactly only in the limit of the quadrature, so
+              delta measures the error of the rule (plus round-off).
 
         Examples::
 
@@ -210,10 +252,18 @@ class IntegratedHessians(GradientAttribution):
             >>> gamma, delta = ih.attribute(x, target=1, return_convergence_delta=True)
             >>> gamma.shape
             torch.Size([4, 3, 3])
+            >>> # adaptive: double the steps per example until completeness holds
+            >>> gamma = ih.attribute(x, target=1, completeness_tol=1e-4)
+            >>> ih.last_call_steps.shape  # path points used, per example
+            torch.Size([4])
         """
         is_inputs_tuple = isinstance(inputs, tuple)
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_steps, "n_steps")
+        validate_method(method)
+        validate_adaptive_arguments(
+            completeness_tol, max_steps, n_steps, self._multiply_by_inputs
+        )
         validate_internal_batch_size(internal_batch_size)
         validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         baselines_t = format_baselines(baselines, inputs_t)
@@ -224,37 +274,74 @@ class IntegratedHessians(GradientAttribution):
         groups = FeatureGroups(feature_mask, inputs_t)
         dtype, device = inputs_t[0].dtype, inputs_t[0].device
 
-        nodes, weights = log_weight_rule(method, n_steps)
-        t = torch.tensor(nodes, dtype=dtype, device=device)
-        w = torch.tensor(weights, dtype=dtype, device=device)
-        points, deltas = path_rows(inputs_t, baselines_t, t)
-        scales = deltas if self._multiply_by_inputs else tuple(
-            torch.ones_like(d) for d in deltas
-        )
-        self.last_call_cost = CostCounter()
-        with preserved_module_state(self.forward_func):
+        def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
+            """(N, G, G) interactions at ``steps`` path points, or those of ``index``."""
+            nodes, weights = log_weight_rule(method, steps)
+            t = torch.tensor(nodes, dtype=dtype, device=device)
+            w = torch.tensor(weights, dtype=dtype, device=device)
+            if index is None:
+                examples = torch.arange(num_examples, device=device)
+                sub_inputs, sub_baselines = inputs_t, baselines_t
+                sub_target, sub_args = target, additional_forward_args
+            else:
+                examples = index
+                sub_inputs = tuple(x[index] for x in inputs_t)
+                sub_baselines = tuple(
+                    b[index] if b.shape[0] == num_examples else b for b in baselines_t
+                )
+                sub_target, sub_args = select_examples(
+                    target, additional_forward_args, index, num_examples
+                )
+            points, deltas = path_rows(sub_inputs, sub_baselines, t)
+            scales = deltas if self._multiply_by_inputs else tuple(
+                torch.ones_like(d) for d in deltas
+            )
+            # rows keep their original example index (per-example feature
+            # masks are looked up by it); the result is cut to ``index`` after
             interactions = accumulate_path_interactions(
                 self.forward_func,
                 points,
                 scales,
-                example_index=torch.arange(num_examples, device=device).repeat(n_steps),
+                example_index=examples.repeat(steps),
                 num_examples=num_examples,
-                first_order_weight=w.repeat_interleave(num_examples),
-                second_order_weight=(w * t).repeat_interleave(num_examples),
-                expansion=RowExpansion(
-                    target, additional_forward_args, num_examples, n_steps
-                ),
+                first_order_weight=w.repeat_interleave(examples.numel()),
+                second_order_weight=(w * t).repeat_interleave(examples.numel()),
+                expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
                 groups=groups,
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
                 method_name=type(self).__name__,
             )
+            return interactions if index is None else interactions[index]
+
+        self.last_call_cost = CostCounter()
+        with preserved_module_state(self.forward_func):
+            if completeness_tol is None:
+                interactions = integrate(n_steps, None)
+                self.last_call_steps = torch.full(
+                    (num_examples,), n_steps, dtype=torch.long, device=device
+                )
+                delta = interactions.sum(dim=(1, 2)) - output_difference(
+                    self.forward_func, inputs_t, baselines_t, target,
+                    additional_forward_args,
+                ).to(interactions.dtype)
+                if self._multiply_by_inputs:
+                    warn_if_incomplete(
+                        delta, interactions.sum(dim=(1, 2)) - delta, n_steps, method,
+                        type(self).__name__,
+                    )
+            else:
+                interactions, self.last_call_steps, delta = refine_until_complete(
+                    integrate,
+                    output_difference(
+                        self.forward_func, inputs_t, baselines_t, target,
+                        additional_forward_args,
+                    ),
+                    n_steps, completeness_tol, max_steps, type(self).__name__,
+                )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout
             )
-            if not return_convergence_delta:
-                return result
-            delta = interactions.sum(dim=(1, 2)) - output_difference(
-                self.forward_func, inputs_t, baselines_t, target, additional_forward_args
-            )
-        return result, delta
+        if return_convergence_delta:
+            return result, delta
+        return result

@@ -32,7 +32,17 @@ from captum_interactions._utils.hessian import (
     gradients_with_graph,
     validate_output_layout,
 )
-from captum_interactions._utils.quadrature import log_weight_rule
+from captum_interactions._utils.quadrature import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_METHOD,
+    DEFAULT_N_STEPS,
+    log_weight_rule,
+    refine_until_complete,
+    select_examples,
+    validate_adaptive_arguments,
+    validate_method,
+    warn_if_incomplete,
+)
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 FeatureMaskType = Union[None, str, Tensor, Tuple[Tensor, ...]]
@@ -202,6 +212,7 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         GradientAttribution.__init__(self, forward_func)
         self._multiply_by_inputs = multiply_by_inputs
         self.last_call_cost = CostCounter()
+        self.last_call_steps: Optional[Tensor] = None
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -245,14 +256,16 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        n_steps: int = 16,
-        method: str = "gausslog",
+        n_steps: int = DEFAULT_N_STEPS,
+        method: str = DEFAULT_METHOD,
         internal_batch_size: Optional[int] = None,
         feature_mask: FeatureMaskType = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grouping: str = TOKENS,
         output_layout: str = "nested",
+        completeness_tol: Optional[float] = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
         Integrated Hessians between the units (or groups of units) of ``layer``.
@@ -274,11 +287,25 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 forward function after the inputs (e.g. attention masks); the
                 same for the inputs, the baselines and every path point.
                 Default: None
-            n_steps (int, optional): path points of the quadrature.
-                Default: 16
-            method (str, optional): ``"gausslog"`` (Gauss rule for the -ln(t)
-                weight), ``"gausslegendre"`` or ``"riemann_middle"``.
-                Default: "gausslog"
+            n_steps (int, optional): path points of the quadrature rule, any
+                integer >= 1 (with ``completeness_tol``: the first level of
+                the refinement). Default: 16
+            method (str, optional): the quadrature rule for the -ln(t) weight
+                of the double path integral (every rule is valid for any
+                ``n_steps``). ``"gausslog"``: one Gauss rule for -ln(t) on
+                [0, 1], exact for polynomials of degree 2 n_steps - 1: the
+                most accurate rule (or tied) on the models of
+                ``benchmarks/bench_quadrature.py`` once the path's sharpest
+                layer is resolved. ``"gausslog_composite"``:
+                [0, 1] cut into equal panels of 16 points, each with the Gauss
+                rule of -ln(t) on that panel (the same rule as ``"gausslog"``
+                up to 16 steps). ``"gausslegendre"`` and ``"riemann_middle"``:
+                Gauss-Legendre nodes or midpoints with -ln(t) folded into the
+                weights (less accurate; for comparison). On a model with a
+                layer too sharp for ``n_steps`` (a large softplus ``beta``,
+                inputs of large magnitude) every rule's error can grow from
+                one ``n_steps`` to the next until the layer is resolved: use
+                ``completeness_tol``. Default: "gausslog"
             internal_batch_size (int, optional): the most Hessian-vector
                 products evaluated in one batch (rows x directions); bounds
                 memory, does not change the result. Default: None
@@ -306,6 +333,20 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 ``"nested"``, ``"per_input"`` (one tensor per layer tensor,
                 for ``NoiseTunnel``) or ``"flat"``, as in
                 :meth:`IntegratedHessians.attribute`. Default: "nested"
+            completeness_tol (float, optional): adaptive mode. Per example,
+                ``n_steps`` is doubled until
+                |sum(Gamma) - (f(x) - f(x'))| <= completeness_tol * |f(x) - f(x')|
+                or the next level would exceed ``max_steps``; each example's
+                result comes from the first level that meets the tolerance,
+                only the examples not yet within it are recomputed, and the
+                steps used are stored in ``self.last_call_steps``. Examples
+                that miss it get a warning naming them, their error and the
+                fix. Needs ``multiply_by_inputs=True``. None: one fixed rule of
+                ``n_steps`` points. Default: None
+            max_steps (int, optional): the budget of the adaptive mode: the
+                most path points per example (levels n_steps, 2 n_steps, ...
+                up to it; the work done is at most about twice the last
+                level's). Ignored without ``completeness_tol``. Default: 1024
 
         Returns:
             **interactions** or (**interactions**, **delta**):
@@ -318,7 +359,9 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
               diagonal holds the main effects, so row sums are the layer
               Integrated Gradients (summed over the group).
             - **delta** (Tensor): sum(Gamma) - (f(x) - f(x')), shape (N,),
-              returned when ``return_convergence_delta=True``.
+              returned when ``return_convergence_delta=True``: the error of
+              the quadrature rule (plus round-off) when the layer is the only
+              path from the inputs to the output.
 
         Examples::
 
@@ -343,6 +386,10 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         """
         inputs_t = format_inputs(inputs, allow_integer=True)
         validate_positive_int(n_steps, "n_steps")
+        validate_method(method)
+        validate_adaptive_arguments(
+            completeness_tol, max_steps, n_steps, self._multiply_by_inputs
+        )
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
@@ -400,13 +447,6 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             groups = FeatureGroups(mask, layer_inputs)
             dtype, device = layer_inputs[0].dtype, layer_inputs[0].device
 
-            nodes, weights = log_weight_rule(method, n_steps)
-            t = torch.tensor(nodes, dtype=dtype, device=device)
-            w = torch.tensor(weights, dtype=dtype, device=device)
-            points, deltas = path_rows(layer_inputs, layer_baselines, t)
-            scales = deltas if self._multiply_by_inputs else tuple(
-                torch.ones_like(d) for d in deltas
-            )
             # The model inputs travel with the rows as leading "additional
             # arguments" (as in Captum's LayerIntegratedGradients), so that any
             # slice of path rows comes with its copies of the original inputs.
@@ -431,31 +471,74 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 return gradients_with_graph(injected_forward, rows, row_target, row_args)
 
             all_args = inputs_t + (extra_args if extra_args is not None else ())
+
+            def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
+                """(N, G, G) interactions at ``steps`` path points, or those of ``index``."""
+                nodes, weights = log_weight_rule(method, steps)
+                t = torch.tensor(nodes, dtype=dtype, device=device)
+                w = torch.tensor(weights, dtype=dtype, device=device)
+                if index is None:
+                    examples = torch.arange(num_examples, device=device)
+                    sub_inputs, sub_baselines = layer_inputs, layer_baselines
+                    sub_target, sub_args = target, all_args
+                else:
+                    examples = index
+                    sub_inputs = tuple(a[index] for a in layer_inputs)
+                    sub_baselines = tuple(b[index] for b in layer_baselines)
+                    sub_target, sub_args = select_examples(
+                        target, all_args, index, num_examples
+                    )
+                points, deltas = path_rows(sub_inputs, sub_baselines, t)
+                scales = deltas if self._multiply_by_inputs else tuple(
+                    torch.ones_like(d) for d in deltas
+                )
+                # rows keep their original example index (per-example masks
+                # are looked up by it); the result is cut to ``index`` after
+                interactions = accumulate_path_interactions(
+                    forward_func,
+                    points,
+                    scales,
+                    example_index=examples.repeat(steps),
+                    num_examples=num_examples,
+                    first_order_weight=w.repeat_interleave(examples.numel()),
+                    second_order_weight=(w * t).repeat_interleave(examples.numel()),
+                    expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
+                    groups=groups,
+                    internal_batch_size=internal_batch_size,
+                    counter=self.last_call_cost,
+                    run_rows=run_rows,
+                    method_name=type(self).__name__,
+                )
+                return interactions if index is None else interactions[index]
+
             self.last_call_cost = CostCounter()
-            interactions = accumulate_path_interactions(
-                forward_func,
-                points,
-                scales,
-                example_index=torch.arange(num_examples, device=device).repeat(n_steps),
-                num_examples=num_examples,
-                first_order_weight=w.repeat_interleave(num_examples),
-                second_order_weight=(w * t).repeat_interleave(num_examples),
-                expansion=RowExpansion(target, all_args, num_examples, n_steps),
-                groups=groups,
-                internal_batch_size=internal_batch_size,
-                counter=self.last_call_cost,
-                run_rows=run_rows,
-                method_name=type(self).__name__,
-            )
+            if completeness_tol is None:
+                interactions = integrate(n_steps, None)
+                self.last_call_steps = torch.full(
+                    (num_examples,), n_steps, dtype=torch.long, device=device
+                )
+                delta = interactions.sum(dim=(1, 2)) - output_difference(
+                    forward_func, inputs_t, baselines_t, target, extra_args
+                ).to(interactions.dtype)
+                if self._multiply_by_inputs:
+                    warn_if_incomplete(
+                        delta, interactions.sum(dim=(1, 2)) - delta, n_steps, method,
+                        type(self).__name__,
+                        " (or `layer` is not the only path from the inputs to the output)",
+                    )
+            else:
+                interactions, self.last_call_steps, delta = refine_until_complete(
+                    integrate,
+                    output_difference(forward_func, inputs_t, baselines_t, target, extra_args),
+                    n_steps, completeness_tol, max_steps, type(self).__name__,
+                )
             result = format_interaction_output(
                 interactions, groups, layer_is_tuple, output_layout
             )
-            if not return_convergence_delta:
-                return result
-            delta = interactions.sum(dim=(1, 2)) - output_difference(
-                forward_func, inputs_t, baselines_t, target, extra_args
-            ).to(interactions.dtype)
-        return result, delta
+        if return_convergence_delta:
+            return result, delta
+        return result
+
 
     @staticmethod
     def _format_input_baselines(
