@@ -180,6 +180,20 @@ def _softmax_pool(
     return (torch.softmax(logits, dim=-1) * y.masked_fill(~valid, 0.0)).sum(-1)
 
 
+def _detached(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in values.items()}
+    return tuple(v.detach() if isinstance(v, Tensor) else v for v in values)
+
+
+def _exact_indices(original: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tensor:
+    """Indices of the exact max (they carry no gradient), computed out of sight
+    of any torch function mode (the non-smoothness check included)."""
+    with torch._C.DisableTorchFunction():
+        _, indices = original(*_detached(args), **_detached(kwargs))
+    return indices
+
+
 def _smooth_max_pool(
     n: int, original: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any], beta: float
 ) -> Any:
@@ -203,9 +217,7 @@ def _smooth_max_pool(
     ]
     out = _softmax_pool(x, windows, beta)
     if p["return_indices"]:
-        with torch.no_grad():
-            _, indices = original(*args, **kwargs)
-        return out, indices
+        return out, _exact_indices(original, args, kwargs)
     return out
 
 
@@ -221,9 +233,7 @@ def _smooth_adaptive_max_pool(
         windows.append(_adaptive_windows(length, length if sizes[d] is None else sizes[d]))
     out = _softmax_pool(x, windows, beta)
     if p["return_indices"]:
-        with torch.no_grad():
-            _, indices = original(*args, **kwargs)
-        return out, indices
+        return out, _exact_indices(original, args, kwargs)
     return out
 
 
@@ -319,8 +329,8 @@ def _reduction(sign: float, with_indices: bool) -> Callable:
         x = p["input"]
         values = sign * _smooth_reduce_max(sign * x, p["dim"], bool(p["keepdim"]), beta)
         if with_indices and p["dim"] is not None:
-            with torch.no_grad():
-                exact = original(*args, **kwargs)
+            with torch._C.DisableTorchFunction():
+                exact = original(*_detached(args), **_detached(kwargs))
             return type(exact)((values, exact.indices))
         return values
 
