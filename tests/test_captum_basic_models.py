@@ -12,7 +12,7 @@ several Captum models have hand-set weights that make the output constant
 (e.g. ``BasicModel_ConvNet``'s softmax of logits that differ by a constant),
 which would make the comparison vacuous. Models are evaluated in eval mode.
 
-Quadrature: Captum's IG uses 1000 Gauss-Legendre points (converged to
+Quadrature: Captum's IG uses 300 Gauss-Legendre points (converged to
 round-off on these models); IH uses 96 points of its default rule, with feature
 groups on the larger inputs (group row sums are compared with IG summed over
 the group), so that the comparison measures the method, not the step count.
@@ -33,7 +33,7 @@ from captum_interactions import IntegratedHessians, NonSmoothModelWarning, smoot
 DTYPE = torch.float64
 N = 2
 IH_STEPS = 96
-IG_STEPS = 1000
+IG_STEPS = 300
 RTOL = 1e-4
 BETA = 10.0
 
@@ -188,7 +188,7 @@ def build(name: str) -> torch.nn.Module:
     return model
 
 
-def check(name: str, smoothed: bool) -> Dict[str, Any]:
+def check(name: str, smoothed: bool, compare_when_warned: bool = True) -> Dict[str, Any]:
     """Run IH and Captum IG on one model; say whether it warned, and the errors."""
     case = CASES[name]
     model = build(name)
@@ -203,6 +203,9 @@ def check(name: str, smoothed: bool) -> Dict[str, Any]:
             inputs, target=case.target, additional_forward_args=case.args,
             n_steps=IH_STEPS, feature_mask=mask,
         )
+        warned = [w for w in caught if issubclass(w.category, NonSmoothModelWarning)]
+        if warned and not compare_when_warned:
+            return {"warned": True, "passes": None, "message": str(warned[0].message)}
         torch.manual_seed(1)
         ig = IntegratedGradients(forward).attribute(
             inputs, target=case.target, additional_forward_args=case.args,
@@ -261,7 +264,7 @@ class _null:
 @pytest.mark.parametrize("smoothed", [False, True], ids=["raw", "smoothed"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_symmetric_with_ig_row_sums_or_warns(name, smoothed):
-    result = check(name, smoothed)
+    result = check(name, smoothed, compare_when_warned=False)
     assert result["warned"] or result["passes"], (
         f"{name} ({'smoothed' if smoothed else 'raw'}): no warning, yet row sums miss "
         f"Captum IG by {result['row_error']:.2e} (asymmetry {result['asymmetry']:.1e})"
