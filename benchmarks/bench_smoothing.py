@@ -28,7 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import write_results  # noqa: E402
 
-from captum_interactions import IntegratedHessians, NonSmoothModelWarning, smooth_model  # noqa: E402
+from captum_interactions import (  # noqa: E402
+    IntegratedHessians,
+    NonSmoothModelWarning,
+    smooth_model,
+)
 from captum_interactions._utils.smoothing import SmoothingMode  # noqa: E402
 
 

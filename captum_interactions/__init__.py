@@ -6,7 +6,10 @@ __version__ = "0.1.0"
 # Public names. Each method module adds its import here.
 from captum_interactions._core.expected_hessians import ExpectedHessians  # noqa: F401
 from captum_interactions._core.integrated_hessians import IntegratedHessians  # noqa: F401
-from captum_interactions._utils.smoothing import replace_relu_with_softplus, smooth_model  # noqa: F401
+from captum_interactions._utils.smoothing import (  # noqa: F401
+    replace_relu_with_softplus,
+    smooth_model,
+)
 from captum_interactions._core.dataset import DatasetExplanation, explain_dataset  # noqa: F401
 from captum_interactions._core.smooth_hess import SmoothHess  # noqa: F401
 from captum_interactions._core.contextual_decomposition import ContextualDecomposition  # noqa: F401

@@ -347,17 +347,10 @@ def test_the_check_leaves_the_attribution_and_model_as_they_were():
 
 def test_check_covers_only_the_first_differentiated_forward():
     """The mode is active for one forward per call, not for all of them."""
-    calls = []
-
-    class Counting(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     seen = []
 
     def forward(x):
         seen.append(torch._C._len_torch_function_stack())
-        calls.append(1)
         return torch.tanh(x).sum(1)
 
     IntegratedHessians(forward).attribute(randn(3, 4), n_steps=4, internal_batch_size=4,
@@ -370,3 +363,20 @@ def test_smoothed_operation_names_are_all_flagged_by_the_check():
     from captum_interactions._utils.nonsmooth import _NONSMOOTH
 
     assert SMOOTHED_OPERATIONS <= _NONSMOOTH
+
+
+def test_huge_bounds_do_not_cancel_the_other_operand():
+    """maximum(x, finfo.min) (attention masks) and clamps with huge bounds stay x."""
+    low = torch.tensor(torch.finfo(DTYPE).min, dtype=DTYPE)
+    with SmoothingMode(10.0):
+        torch.testing.assert_close(torch.maximum(X, low), X, rtol=1e-15, atol=0)
+        torch.testing.assert_close(X.clamp(-1e300, 1e300), X, rtol=1e-15, atol=0)
+        torch.testing.assert_close(torch.minimum(X, -low), X, rtol=1e-15, atol=0)
+    # and the second derivative at a tie is softplus''(0) = beta / 4
+    x = torch.zeros(3, dtype=DTYPE, requires_grad=True)
+    with SmoothingMode(10.0):
+        out = torch.maximum(x, torch.zeros(3, dtype=DTYPE))
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(g, torch.full_like(g, 0.5))
+    torch.testing.assert_close(h, torch.full_like(h, 2.5))

@@ -12,7 +12,7 @@ original as ``beta`` grows:
 operation                                      smooth surrogate (``sp`` = softplus with ``beta``)
 =============================================  =====================================================
 ``relu``                                       ``sp(x)``
-``maximum(a, b)`` / ``minimum(a, b)``          ``b + sp(a - b)`` / ``a - sp(a - b)``
+``maximum(a, b)`` / ``minimum(a, b)``          ``b + sp(a - b)`` / ``a - sp(a - b)`` (*)
 ``clamp(x, lo, hi)``, ``clip``, ``hardtanh``,   ``min_s(max_s(x, lo), hi)`` with the smooth max/min
 ``relu6``, ``clamp_min``, ``clamp_max``        above (so ``relu6 = min_s(sp(x), 6)``)
 ``abs``                                        ``sp(x) + sp(-x)``
@@ -23,6 +23,9 @@ operation                                      smooth surrogate (``sp`` = softpl
 (reductions)                                   (``-`` of it on ``-v`` for the min)
 ``max_pool{1,2,3}d``, ``adaptive_max_pool*``   the softmax-weighted mean over each window
 =============================================  =====================================================
+
+(*) evaluated as ``a + sp(b - a)`` where ``a >= b`` (the same function), so
+that a huge bound such as ``finfo.min`` does not cancel the other operand.
 
 The softmax-weighted mean lies between the window's mean and its max, equals
 the max when the window is constant, and tends to the max as ``beta`` grows;
@@ -69,12 +72,19 @@ def _sp(x: Tensor, beta: float) -> Tensor:
 
 
 def _smooth_max(a: Any, b: Any, beta: float) -> Tensor:
-    # b + sp(a - b) = a + sp(b - a): symmetric, and maximum(x, 0) = softplus(x)
-    return b + _sp(a - b, beta)
+    # b + sp(a - b) = a + sp(b - a): symmetric, and maximum(x, 0) = softplus(x).
+    # Each example takes the form whose softplus argument is <= 0, so that a
+    # huge bound (a mask value such as finfo.min) does not cancel the other
+    # operand; both forms are the same analytic function, so every derivative
+    # is exact. The choice is made out of sight of torch function modes: it is
+    # not an input-dependent step of the model.
+    with torch._C.DisableTorchFunction():
+        a_first = a >= b
+    return torch.where(a_first, a + _sp(b - a, beta), b + _sp(a - b, beta))
 
 
 def _smooth_min(a: Any, b: Any, beta: float) -> Tensor:
-    return a - _sp(a - b, beta)
+    return -_smooth_max(-a, -b, beta)
 
 
 def _smooth_clamp(x: Tensor, lo: Any, hi: Any, beta: float) -> Tensor:
