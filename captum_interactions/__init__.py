@@ -6,7 +6,10 @@ __version__ = "0.1.0"
 # Public names. Each method module adds its import here.
 from captum_interactions._core.expected_hessians import ExpectedHessians  # noqa: F401
 from captum_interactions._core.integrated_hessians import IntegratedHessians  # noqa: F401
-from captum_interactions._utils.softplus import replace_relu_with_softplus  # noqa: F401
+from captum_interactions._utils.smoothing import (  # noqa: F401
+    replace_relu_with_softplus,
+    smooth_model,
+)
 from captum_interactions._core.dataset import DatasetExplanation, explain_dataset  # noqa: F401
 from captum_interactions._core.smooth_hess import SmoothHess  # noqa: F401
 from captum_interactions._core.contextual_decomposition import ContextualDecomposition  # noqa: F401
@@ -26,3 +29,4 @@ from captum_interactions._utils.memory import (  # noqa: F401
 from captum_interactions._core.llm_attr import LLMInteractionAttribution, LLMInteractionResult  # noqa: F401
 from captum_interactions.tables import InteractionTable, TopInteraction, top_interactions  # noqa: F401
 from captum_interactions.interop import from_shapiq, to_shapiq  # noqa: F401
+from captum_interactions._utils.nonsmooth import NonSmoothModelWarning  # noqa: F401

@@ -3,7 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_interactions import IntegratedHessians, replace_relu_with_softplus
+from captum_interactions import (
+    IntegratedHessians,
+    NonSmoothModelWarning,
+    replace_relu_with_softplus,
+)
 
 DTYPE = torch.float64
 
@@ -81,7 +85,8 @@ def test_relu_network_hessian_is_zero_until_swapped():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1)).to(DTYPE)
     x = torch.randn(3, 2, dtype=DTYPE)
-    relu_gamma = IntegratedHessians(model).attribute(x)
+    with pytest.warns(NonSmoothModelWarning, match="relu"):
+        relu_gamma = IntegratedHessians(model).attribute(x)
     assert relu_gamma[:, 0, 1].abs().max() == 0
     with replace_relu_with_softplus(model, beta=10.0):
         smooth_gamma = IntegratedHessians(model).attribute(x)

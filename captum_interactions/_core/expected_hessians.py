@@ -19,6 +19,7 @@ from captum_interactions._utils.common import (
     validate_positive_int,
     validate_target,
 )
+from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.feature_groups import FeatureGroups
 from captum_interactions._utils.hessian import (
     CostCounter,
@@ -57,6 +58,26 @@ class ExpectedHessians(GradientAttribution):
     pass ``draw_baseline_from_distrib=True`` to NoiseTunnel then: it draws one
     reference per noisy copy from the distribution, and Expected Hessians
     samples its references from those draws.
+    **Smoothness.** The method needs a model that is twice differentiable along
+    the path. ReLU, max pooling, clamps, ``abs``, ``maximum``/``minimum`` have
+    a zero Hessian almost everywhere plus deltas on their kinks, which no
+    quadrature sees: the result is then wrong (row sums need not match
+    Integrated Gradients) though the completeness error may stay small. The
+    first forward of each call is inspected and a ``NonSmoothModelWarning``
+    names the non-smooth operations met on input-dependent values, and warns
+    when the output does not depend differentiably on the inputs (``detach``,
+    ``round``, ``argmax``, integer casts: zero Hessian and gradient). Explain
+    such models through :func:`~captum_interactions.smooth_model` (smooth
+    surrogates, as the paper's softplus swap) or with
+    :class:`~captum_interactions.SmoothHess`.
+
+    **Model state.** The model is evaluated in eval mode for the call, whatever
+    its mode (dropout off, BatchNorm on its running statistics), so each
+    example's result depends on that example alone, not on the rest of the
+    batch nor on the path points batched with it; its train/eval flags and
+    buffers are restored bit for bit afterwards, also when the call raises.
+    BatchNorm without running statistics (``track_running_stats=False``) mixes
+    the rows of any batch and raises a ``ValueError``.
 
     Paper: https://jmlr.org/papers/v22/20-1223.html (arXiv:2002.04138)
     """
@@ -174,7 +195,7 @@ class ExpectedHessians(GradientAttribution):
         expansion = RowExpansion(target, additional_forward_args, num_examples, n_samples)
         t_rows = t.reshape(-1)
         self.last_call_cost = CostCounter()
-        with preserved_module_state(self.forward_func):
+        with preserved_module_state(self.forward_func, eval_mode=True), checked_smoothness(self):
             interactions = accumulate_path_interactions(
                 self.forward_func,
                 points,

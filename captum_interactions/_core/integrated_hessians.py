@@ -18,6 +18,7 @@ from captum_interactions._utils.common import (
     validate_positive_int,
     validate_target,
 )
+from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.feature_groups import FeatureGroups
 from captum_interactions._utils.hessian import (
     CostCounter,
@@ -100,6 +101,27 @@ class IntegratedHessians(GradientAttribution):
 
     ReLU networks have a zero Hessian almost everywhere; explain them through
     :func:`~captum_interactions.replace_relu_with_softplus`, as the paper does.
+
+    **Smoothness.** The method needs a model that is twice differentiable along
+    the path. ReLU, max pooling, clamps, ``abs``, ``maximum``/``minimum`` have
+    a zero Hessian almost everywhere plus deltas on their kinks, which no
+    quadrature sees: the result is then wrong (row sums need not match
+    Integrated Gradients) though the completeness error may stay small. The
+    first forward of each call is inspected and a ``NonSmoothModelWarning``
+    names the non-smooth operations met on input-dependent values, and warns
+    when the output does not depend differentiably on the inputs (``detach``,
+    ``round``, ``argmax``, integer casts: zero Hessian and gradient). Explain
+    such models through :func:`~captum_interactions.smooth_model` (smooth
+    surrogates, as the paper's softplus swap) or with
+    :class:`~captum_interactions.SmoothHess`.
+
+    **Model state.** The model is evaluated in eval mode for the call, whatever
+    its mode (dropout off, BatchNorm on its running statistics), so each
+    example's result depends on that example alone, not on the rest of the
+    batch nor on the path points batched with it; its train/eval flags and
+    buffers are restored bit for bit afterwards, also when the call raises.
+    BatchNorm without running statistics (``track_running_stats=False``) mixes
+    the rows of any batch and raises a ``ValueError``.
 
     Paper: https://jmlr.org/papers/v22/20-1223.html (arXiv:2002.04138)
     """
@@ -315,7 +337,7 @@ class IntegratedHessians(GradientAttribution):
             return interactions if index is None else interactions[index]
 
         self.last_call_cost = CostCounter()
-        with preserved_module_state(self.forward_func):
+        with preserved_module_state(self.forward_func, eval_mode=True), checked_smoothness(self):
             if completeness_tol is None:
                 interactions = integrate(n_steps, None)
                 self.last_call_steps = torch.full(

@@ -66,6 +66,14 @@ class SmoothHess(GradientAttribution):
     Cost: ``n_samples`` gradient evaluations per example, plus rank-one updates
     of a D x D (or G x G with ``feature_mask``) matrix per sample.
 
+    **Model state.** The model is evaluated in eval mode for the call, whatever
+    its mode (dropout off, BatchNorm on its running statistics), so each
+    example's result depends on that example alone, not on the rest of the
+    batch nor on the path points batched with it; its train/eval flags and
+    buffers are restored bit for bit afterwards, also when the call raises.
+    BatchNorm without running statistics (``track_running_stats=False``) mixes
+    the rows of any batch and raises a ``ValueError``.
+
     Paper: https://arxiv.org/abs/2311.00858 (NeurIPS 2023). Note that the
     reference code's ``std`` argument is a variance: its ``std=0.03`` is
     ``stdevs=0.173`` here.
@@ -222,7 +230,7 @@ class SmoothHess(GradientAttribution):
             num_examples, rows_per_unit, num_units, internal_batch_size
         )
         self.last_call_cost = CostCounter()
-        with preserved_module_state(self.forward_func):
+        with preserved_module_state(self.forward_func, eval_mode=True):
             for block_start in range(0, num_units, units_per_block):
                 block_units = min(units_per_block, num_units - block_start)
                 noise = torch.randn(

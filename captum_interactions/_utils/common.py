@@ -6,7 +6,8 @@ They wrap Captum's own formatting helpers (``captum._utils.common``,
 ``TypeError`` messages that name the offending argument.
 """
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+import functools
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from captum._utils.common import (
@@ -20,6 +21,8 @@ from captum._utils.common import (
 from captum._utils.typing import BaselineType, TargetType
 from captum.attr._utils.common import _format_callable_baseline
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 
 def format_inputs(
@@ -371,26 +374,129 @@ class RowExpansion:
         return target, args
 
 
-def model_modules(forward_func: Callable) -> List[torch.nn.Module]:
-    """The ``nn.Module`` behind ``forward_func`` (a module or its bound method)."""
-    if isinstance(forward_func, torch.nn.Module):
-        return [forward_func]
-    owner = getattr(forward_func, "__self__", None)
+def _modules_referenced(obj: Any, depth: int, found: Dict[int, torch.nn.Module]) -> None:
+    """nn.Modules reachable from a callable: itself, a bound method's owner, a
+    ``functools.partial``'s parts, closure cells and the globals its code names."""
+    if isinstance(obj, torch.nn.Module):
+        found.setdefault(id(obj), obj)
+        return
+    if depth <= 0 or obj is None:
+        return
+    owner = getattr(obj, "__self__", None)
     if isinstance(owner, torch.nn.Module):
-        return [owner]
-    return []
+        found.setdefault(id(owner), owner)
+    if isinstance(obj, functools.partial):
+        for part in (obj.func,) + tuple(obj.args) + tuple(obj.keywords.values()):
+            _modules_referenced(part, depth - 1, found)
+        return
+    function = getattr(obj, "__func__", obj)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        _modules_referenced(value, depth - 1, found)
+    namespace = getattr(function, "__globals__", {})
+    for name in code.co_names:
+        value = namespace.get(name)
+        if isinstance(value, torch.nn.Module) or callable(value) and (
+            getattr(value, "__code__", None) is not None
+        ):
+            _modules_referenced(value, depth - 1, found)
+
+
+def model_modules(forward_func: Callable) -> List[torch.nn.Module]:
+    """The ``nn.Module``s behind ``forward_func``: the module itself, a bound
+    method's owner, or the modules a function (a lambda, a ``functools.partial``)
+    refers to through its closure or the globals it names."""
+    found: Dict[int, torch.nn.Module] = {}
+    _modules_referenced(forward_func, 3, found)
+    return list(found.values())
+
+
+def _check_batch_independent(module: torch.nn.Module) -> None:
+    if isinstance(module, _BatchNorm) and (
+        module.running_mean is None or module.running_var is None
+    ):
+        raise ValueError(
+            f"the model's {type(module).__name__} has no running statistics "
+            "(track_running_stats=False), so it normalizes with the statistics of "
+            "the batch it is given: one example's result would depend on the other "
+            "examples and on the path points batched with it. Give it running "
+            "statistics (track_running_stats=True, after training) or use a "
+            "per-example normalization (LayerNorm, GroupNorm, InstanceNorm)"
+        )
+
+
+class _ModuleSnapshot:
+    """Train/eval flags and buffers of modules, restored bit for bit on demand."""
+
+    def __init__(self) -> None:
+        self.seen: Set[int] = set()
+        self.flags: List[Tuple[torch.nn.Module, bool]] = []
+        self.buffers: List[Tuple[torch.nn.Module, str, Tensor, Tensor]] = []
+
+    def add(self, module: torch.nn.Module) -> bool:
+        if id(module) in self.seen:
+            return False
+        self.seen.add(id(module))
+        self.flags.append((module, module.training))
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                self.buffers.append((module, name, buf, buf.detach().clone()))
+        return True
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, buf, saved in self.buffers:
+                if module._buffers.get(name) is not buf:
+                    module._buffers[name] = buf
+                if buf.shape != saved.shape:
+                    buf.data = saved
+                elif not torch.equal(buf, saved):
+                    buf.copy_(saved)
+        for module, flag in self.flags:
+            module.training = flag
 
 
 @contextlib.contextmanager
-def preserved_module_state(forward_func: Callable) -> Iterator[None]:
-    """Restore every submodule's train/eval flag, even if the body raises."""
-    modules = [m for root in model_modules(forward_func) for m in root.modules()]
-    flags = [m.training for m in modules]
+def preserved_module_state(
+    forward_func: Callable, eval_mode: bool = False
+) -> Iterator[None]:
+    """Leave the model as it was: train/eval flags and buffers (BatchNorm running
+    statistics, counters) are restored bit for bit, even if the body raises.
+
+    With ``eval_mode``, every module runs in eval mode inside the block (dropout
+    off, BatchNorm on its running statistics), so that one example's result does
+    not depend on the other rows of the batch; modules the forward function
+    reaches without ``model_modules`` finding them are switched (and restored)
+    when they are first called. BatchNorm without running statistics raises a
+    ``ValueError``, since it would mix the rows of a batch in any mode.
+    """
+    snapshot = _ModuleSnapshot()
+    handle = None
     try:
+        for root in model_modules(forward_func):
+            for module in root.modules():
+                if snapshot.add(module) and eval_mode:
+                    _check_batch_independent(module)
+                    module.training = False
+        if eval_mode:
+
+            def switch_to_eval(module: torch.nn.Module, args: Any) -> None:
+                if snapshot.add(module):
+                    _check_batch_independent(module)
+                    module.training = False
+
+            handle = register_module_forward_pre_hook(switch_to_eval)
         yield
     finally:
-        for module, flag in zip(modules, flags):
-            module.training = flag
+        if handle is not None:
+            handle.remove()
+        snapshot.restore()
 
 
 def nonfinite_examples(tensor: Tensor) -> List[int]:
