@@ -376,7 +376,8 @@ class RowExpansion:
 
 def _modules_referenced(obj: Any, depth: int, found: Dict[int, torch.nn.Module]) -> None:
     """nn.Modules reachable from a callable: itself, a bound method's owner, a
-    ``functools.partial``'s parts, closure cells and the globals its code names."""
+    ``functools.partial``'s parts, what it wraps (``__wrapped__``), closure cells
+    and the globals its code names."""
     if isinstance(obj, torch.nn.Module):
         found.setdefault(id(obj), obj)
         return
@@ -389,6 +390,9 @@ def _modules_referenced(obj: Any, depth: int, found: Dict[int, torch.nn.Module])
         for part in (obj.func,) + tuple(obj.args) + tuple(obj.keywords.values()):
             _modules_referenced(part, depth - 1, found)
         return
+    wrapped = getattr(obj, "__wrapped__", None)  # functools.wraps and our wrappers
+    if wrapped is not None:
+        _modules_referenced(wrapped, depth - 1, found)
     function = getattr(obj, "__func__", obj)
     code = getattr(function, "__code__", None)
     if code is None:

@@ -227,6 +227,7 @@ class _FirstForwardCheck:
 
     def __init__(self, forward_func: Callable, method: str) -> None:
         self.forward_func = forward_func
+        self.__wrapped__ = forward_func  # the model stays findable behind the wrapper
         self.method = method
         self.done = False
 
