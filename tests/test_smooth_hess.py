@@ -53,13 +53,13 @@ def closed_form(model, x, sigma_per_feature, output=0, shift=None):
     return hess, grad
 
 
-def rms_error(model, x, sigma, n_samples, seeds, antithetic=True):
+def rms_error(model, x, sigma, n_samples, seeds, antithetic=True, sampler="gaussian"):
     hess_true, _ = closed_form(model, x, sigma)
     errors = []
     for seed in seeds:
         torch.manual_seed(seed)
         h = SmoothHess(model).attribute(
-            x, n_samples=n_samples, stdevs=sigma, antithetic=antithetic
+            x, n_samples=n_samples, stdevs=sigma, antithetic=antithetic, sampler=sampler
         )
         errors.append(((h - hess_true) ** 2).sum())
     return torch.stack(errors).mean().sqrt().item()
@@ -94,7 +94,8 @@ def test_stderr_matches_explicit_per_sample_matrices():
     sigma, n = 0.5, 40
     torch.manual_seed(5)
     hess, grad, hess_se, grad_se = SmoothHess(model).attribute(
-        x, n_samples=n, stdevs=sigma, return_smoothgrad=True, return_stderr=True
+        x, n_samples=n, stdevs=sigma, return_smoothgrad=True, return_stderr=True,
+        sampler="gaussian",
     )
     # redraw the same noise and build every pair's symmetric matrix explicitly
     torch.manual_seed(5)
@@ -155,7 +156,9 @@ def test_antithetic_pairs_lower_the_error_at_equal_cost():
     assert antithetic < 0.7 * naive, (antithetic, naive)
     # the naive estimator is unbiased too (odd n_samples allowed)
     torch.manual_seed(0)
-    h = SmoothHess(model).attribute(x, n_samples=60001, stdevs=0.5, antithetic=False)
+    h = SmoothHess(model).attribute(
+        x, n_samples=60001, stdevs=0.5, antithetic=False, sampler="gaussian"
+    )
     hess_true, _ = closed_form(model, x, 0.5)
     assert (h - hess_true).abs().max() < 0.1 * hess_true.abs().max()
 
