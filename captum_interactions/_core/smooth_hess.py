@@ -141,9 +141,12 @@ class SmoothHess(GradientAttribution):
                 points through the normal quantile), far ahead in few
                 dimensions. ``"gaussian"``: i.i.d. draws, the plain estimator.
                 ``"auto"``: ``"sobol"`` up to 16 features, else
-                ``"orthogonal"``. Structured samples are drawn in at least 16
-                independent blocks and their standard error comes from the
-                spread of the block means. Default: "auto"
+                ``"orthogonal"``. Structured samples are drawn in at least 8
+                independent blocks (orthonormal frames of up to D directions:
+                the orthogonal gain needs ``n_samples`` >= 16 D with pairs);
+                their standard error comes from the spread of the block
+                means, scaled by t(B-1)/z at 97.5% so that +-1.96 SE
+                intervals keep 95% coverage. Default: "auto"
 
         Returns:
             **hessian**, followed by **smoothgrad** if ``return_smoothgrad``,

@@ -46,14 +46,31 @@ NOISE_BLOCK_NUMEL = 1 << 22
 
 SAMPLERS = ("auto", "orthogonal", "sobol", "gaussian")
 # structured samplers split the samples into at least this many independent
-# blocks, so that the standard error (from block means, t with >= 15 degrees
-# of freedom) covers close to its nominal level
-MIN_BLOCKS = 16
+# blocks for the standard error; few blocks keep each block large (an
+# orthonormal frame needs up to D directions, a QMC sequence gains with length)
+MIN_BLOCKS = 8
 # "auto" uses randomized QMC up to this many features, orthogonal blocks above
 # (measured crossover: benchmarks/bench_smooth_hess.py, error vs calls)
 SOBOL_MAX_FEATURES = 16
 # torch's SobolEngine supports at most this many dimensions
 SOBOL_MAX_DIMENSION = 21201
+
+
+NORMAL_975 = 1.959963984540054
+_T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646}
+
+
+def student_t_975(dof: int) -> float:
+    """The 97.5% quantile of Student's t (table to 7, Cornish-Fisher beyond: < 1e-3)."""
+    if dof in _T_975:
+        return _T_975[dof]
+    z = NORMAL_975
+    return (
+        z
+        + (z**3 + z) / (4 * dof)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
+    )
 
 
 def resolve_sampler(sampler: str, num_features: int) -> str:
@@ -232,7 +249,10 @@ class SteinAccumulator:
         # Var(m) ~ sum_b n_b (m_b - m)^2 / ((B - 1) n), and
         # sum_b n_b (m_b - m)^2 = sum_b n_b m_b^2 - n m^2
         spread = (sum_sq - num_units * mean * mean).clamp_min(0)
-        return (spread / ((self.num_blocks - 1) * num_units)).sqrt()
+        stderr = (spread / ((self.num_blocks - 1) * num_units)).sqrt()
+        # with B - 1 degrees of freedom the studentized error is t-distributed:
+        # scale so that +-1.96 SE keeps its 95% coverage
+        return stderr * (student_t_975(self.num_blocks - 1) / NORMAL_975)
 
     def mean_hessian(self, num_units: int) -> Tensor:
         outer = self.outer / num_units
