@@ -162,8 +162,8 @@ def main():
         nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 300), nn.ReLU(), nn.Linear(300, 10)
     ).to(device).eval()
     x = torch.rand(1 if args.quick else 2, 784, device=device)
-    mlp_budgets = [1024, 4096] if args.quick else [1024, 4096, 16384]
-    mlp_repeats = 3 if args.quick else 4
+    mlp_budgets = [1024, 4096] if args.quick else [4096, 16384, 65536]
+    mlp_repeats = 3
     case = {"case": "MLP 784-500-300-10 (float32, logit 3)", "sigma": 0.1,
             "examples": x.shape[0], "estimators": {}}
     for est, options in ESTIMATORS.items():

@@ -17,3 +17,9 @@ from captum_interactions._core.agglomerative_contextual_decomposition import (  
 from captum_interactions._core.hope import HOPE  # noqa: F401
 from captum_interactions._utils.taylor_polynomial import TaylorPolynomial  # noqa: F401
 from captum_interactions._core.layer.layer_integrated_hessians import LayerIntegratedHessians  # noqa: F401
+from captum_interactions._utils.memory import (  # noqa: F401
+    MemoryBudgetError,
+    get_memory_budget,
+    memory_budget,
+    set_memory_budget,
+)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
-from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.colors import LinearSegmentedColormap, Normalize, to_rgba
+from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
@@ -55,6 +56,20 @@ def interaction_cmap() -> LinearSegmentedColormap:
     """Red (negative) - white (0) - green (positive), as Captum's ``sign="all"``."""
     cmap = LinearSegmentedColormap.from_list("RdWhGn", [NEGATIVE_COLOR, "white", POSITIVE_COLOR])
     return cmap.with_extremes(bad="lightgrey")
+
+
+#: Outline of the image's ink drawn over ACD regions (a colour the region map never uses).
+INK_OUTLINE_COLOR = "blue"
+
+
+def readable_text_color(background: Any) -> str:
+    """``"black"`` or ``"white"``, whichever contrasts more with ``background``
+    (any matplotlib colour), by WCAG relative luminance (threshold 0.179)."""
+    channels = []
+    for value in to_rgba(background)[:3]:
+        channels.append(value / 12.92 if value <= 0.04045 else ((value + 0.055) / 1.055) ** 2.4)
+    luminance = 0.2126 * channels[0] + 0.7152 * channels[1] + 0.0722 * channels[2]
+    return "black" if luminance > 0.179 else "white"
 
 
 def _pair_bars(ax: Any, values: Sequence[float], labels: Sequence[str], xlabel: str) -> None:
@@ -231,8 +246,9 @@ def visualize_interaction_matrix(
         count = min(annotate_top_k, int(np.isfinite(candidates).sum()))
         for position in np.argsort(-flat, kind="stable")[:count]:
             r, c = divmod(int(position), cols)
+            cell = image.cmap(image.norm(matrix[r, c]))
             ax.text(c, r, value_format.format(matrix[r, c]), ha="center", va="center",
-                    fontsize=7 if max(rows, cols) > 12 else 9, color="black")
+                    fontsize=7 if max(rows, cols) > 12 else 9, color=readable_text_color(cell))
     if show_colorbar:
         colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         colorbar.set_label("interaction")
@@ -721,17 +737,143 @@ def visualize_taylor(
     return fig, axes
 
 
+def _score_limit(hierarchy: Any, levels: Sequence[int]) -> float:
+    return max(float(hierarchy.levels[k].scores.abs().max()) for k in levels) or 1.0
+
+
+def _hierarchy_text(hierarchy: Any, words: Optional[Sequence[str]], colormap: Any,
+                    value_format: str, show_colorbar: bool, title: Optional[str],
+                    plt_fig_axis: Any, fig_size: Any, use_pyplot: bool) -> Tuple[Figure, Any]:
+    num_positions = int(hierarchy.unit_map.numel())
+    words = _names(words, num_positions, "words", prefix="")
+    num_levels = len(hierarchy.levels)
+    fig, ax = _create_figure(
+        plt_fig_axis, use_pyplot,
+        fig_size or (max(6.0, 0.9 * num_positions) + 1.0, 0.6 * num_levels + 1.4))
+    norm = Normalize(-_score_limit(hierarchy, range(num_levels)),
+                     _score_limit(hierarchy, range(num_levels)))
+    unit_map = hierarchy.unit_map.cpu()
+    for k, level in enumerate(hierarchy.levels):
+        for group, score in zip(level.groups, level.scores.tolist()):
+            positions = torch.nonzero(torch.isin(unit_map, group.cpu())).flatten()
+            left, right = int(positions.min()), int(positions.max())
+            face = colormap(norm(score))
+            ax.add_patch(Rectangle((left - 0.45, k - 0.4), right - left + 0.9, 0.8,
+                                   facecolor=face, edgecolor="black", lw=0.5))
+            label = words[left] if k == 0 and left == right else value_format.format(score)
+            ax.text((left + right) / 2, k, label, ha="center", va="center", fontsize=8,
+                    color=readable_text_color(face))
+    ax.set_xlim(-0.6, num_positions - 0.4)
+    ax.set_ylim(-0.6, num_levels - 0.4)
+    ax.set_xticks(range(num_positions))
+    ax.set_xticklabels(words, rotation=45, ha="right")
+    ax.set_yticks(range(num_levels))
+    ax.set_yticklabels([f"level {k}" for k in range(num_levels)])
+    ax.set_title(title if title is not None else
+                 "ACD phrase hierarchy (level 0: words; box colour and label: CD score)")
+    if show_colorbar:
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=ax, fraction=0.046,
+                           pad=0.02)
+        bar.set_label("CD score")
+    _finish(fig, use_pyplot, plt_fig_axis)
+    return fig, ax
+
+
+def _hierarchy_image(hierarchy: Any, image: Optional[ArrayLike], levels: Optional[Sequence[int]],
+                     colormap: Any, ncols: int, show_colorbar: bool, title: Optional[str],
+                     fig_size: Any, use_pyplot: bool) -> Tuple[Figure, Any]:
+    import math
+
+    levels = list(range(len(hierarchy.levels))) if levels is None else [int(k) for k in levels]
+    if not levels or any(not 0 <= k < len(hierarchy.levels) for k in levels):
+        raise ValueError(f"`levels` must be indices in [0, {len(hierarchy.levels)}), got {levels}")
+    ncols = max(1, min(int(ncols), len(levels)))
+    nrows = math.ceil(len(levels) / ncols)
+    fig, axes = _create_figure(None, use_pyplot, fig_size or (2.6 * ncols + 0.8, 2.6 * nrows),
+                               nrows, ncols)
+    axes = np.atleast_1d(np.asarray(axes, dtype=object)).reshape(nrows, ncols)
+    limit = _score_limit(hierarchy, levels)
+    norm = Normalize(-limit, limit)
+    # pixels outside every region stay transparent, showing the image beneath
+    overlay = colormap.with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    background = None
+    if image is not None:
+        background = _to_numpy(image, "image").astype(np.float64)
+        while background.ndim > 2:
+            background = background.mean(0)
+        if background.shape != tuple(hierarchy.unit_map.shape):
+            raise ValueError(f"`image` must be {tuple(hierarchy.unit_map.shape)} (after averaging "
+                             f"channels), got {background.shape}")
+    for ax, k in zip(axes.flat, levels):
+        if background is not None:  # blank light grey, ink mid grey: never white like a 0 score
+            low, high = float(background.min()), float(background.max())
+            spread = high - low if high > low else 1.0
+            ax.imshow(background, cmap="Greys", vmin=low - 0.25 * spread,
+                      vmax=high + 0.4 * spread)
+        values = hierarchy.score_map(k).detach().cpu().double().numpy()
+        ax.imshow(np.ma.masked_invalid(values), cmap=overlay, norm=norm)
+        if background is not None and np.ptp(background) > 0:
+            middle = 0.5 * (background.min() + background.max())
+            ax.contour(background, levels=[middle], colors=INK_OUTLINE_COLOR, linewidths=1.0)
+        if k > 0:
+            ax.add_collection(_region_boundaries(hierarchy.labels(k).cpu().numpy()))
+        ax.set_title(f"level {k}: {len(hierarchy.levels[k].groups)} groups", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(levels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if show_colorbar:
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=list(axes.flat),
+                           shrink=0.8, pad=0.02)
+        bar.set_label("CD score of the region")
+    if use_pyplot:
+        plt.show()
+    return fig, axes
+
+
+def _region_boundaries(labels: np.ndarray) -> Any:
+    """Line segments between pixels of different groups (group edges for the overlay)."""
+    from matplotlib.collections import LineCollection
+
+    segments = []
+    rows, cols = np.nonzero(labels[:, 1:] != labels[:, :-1])
+    for r, c in zip(rows, cols):
+        if labels[r, c] >= 0 or labels[r, c + 1] >= 0:
+            segments.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
+    rows, cols = np.nonzero(labels[1:, :] != labels[:-1, :])
+    for r, c in zip(rows, cols):
+        if labels[r, c] >= 0 or labels[r + 1, c] >= 0:
+            segments.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
+    return LineCollection(segments, colors="black", linewidths=1.0)
+
+
 def visualize_hierarchy(
     hierarchy: Any,
     words: Optional[Sequence[str]] = None,
     image: Optional[ArrayLike] = None,
-    **kwargs: Any,
+    levels: Optional[Sequence[int]] = None,
+    cmap: Any = None,
+    value_format: str = "{:.2f}",
+    ncols: int = 4,
+    show_colorbar: bool = True,
+    title: Optional[str] = None,
+    plt_fig_axis: Optional[Tuple[Figure, Any]] = None,
+    fig_size: Optional[Tuple[float, float]] = None,
+    use_pyplot: bool = True,
 ) -> Tuple[Figure, Any]:
     r"""
     The levels of an ACD hierarchy
     (:class:`~captum_interactions.Hierarchy`): for text a phrase tree (one row
-    per level, one box per phrase, coloured by its CD score); for images one
-    panel per level with every region coloured by its CD score over the image.
+    per level, one box per phrase, coloured by its CD score and labelled in
+    black or white, whichever reads better on the box); for images one panel
+    per level with every region coloured by its CD score, the image's ink
+    outlined in blue and pixels outside any region showing the image in grey
+    (blank light grey, ink darker).
+    Colours are Captum's (red negative, white 0, green positive) on a scale
+    symmetric around 0, explained by a colour bar.
 
     Args:
         hierarchy (Hierarchy): one example's hierarchy, from
@@ -739,12 +881,29 @@ def visualize_hierarchy(
         words (sequence of str, optional): the tokens, for text. Default:
             positions
         image (Tensor or array, optional): the image drawn under the regions,
-            for images. Default: None
-        **kwargs: passed to ``Hierarchy.plot_text`` / ``Hierarchy.plot_image``
-            (e.g. ``ax=``, ``levels=``, ``ncols=``).
+            for images ((C, H, W) or (H, W); channels are averaged).
+            Default: None
+        levels (sequence of int, optional): the levels drawn (images only).
+            Default: all
+        cmap (str or Colormap, optional): colour map. Default: Captum's
+            red - white - green (:func:`interaction_cmap`)
+        value_format (str, optional): format of the phrase scores (text).
+            Default: "{:.2f}"
+        ncols (int, optional): panels per row (images). Default: 4
+        show_colorbar (bool, optional): add a colour bar of the CD score.
+            Default: True
+        title (str, optional): title (text) or figure title (images).
+            Default: a description of the plot for text, none for images
+        plt_fig_axis (tuple, optional): (figure, axis) to draw into (text
+            only). Default: None
+        fig_size (tuple, optional): figure size. Default: from the number of
+            words and levels, or 2.6 inches per image panel
+        use_pyplot (bool, optional): pyplot figure + ``plt.show()``.
+            Default: True
 
     Returns:
-        (**figure**, **axis**) for text; (**figure**, **axes**) for images.
+        (**figure**, **axis**) for text; (**figure**, **axes**) (an array of
+        axes, one panel per level) for images.
 
     Examples::
 
@@ -756,12 +915,17 @@ def visualize_hierarchy(
             "`hierarchy` must be one Hierarchy; ACD returns a list for N > 1, pass one of its items"
         )
     kind = getattr(hierarchy, "kind", None)
-    if kind == "sequence" and hasattr(hierarchy, "plot_text"):
-        return hierarchy.plot_text(words=words, **kwargs)
-    if kind == "image" and hasattr(hierarchy, "plot_image"):
-        if image is not None and not isinstance(image, Tensor):
-            image = torch.as_tensor(np.asarray(image))
-        return hierarchy.plot_image(image=image, **kwargs)
+    colormap = plt.get_cmap(cmap) if isinstance(cmap, str) else cmap
+    colormap = colormap if colormap is not None else interaction_cmap()
+    if kind == "sequence" and hasattr(hierarchy, "levels"):
+        return _hierarchy_text(hierarchy, words, colormap, value_format, show_colorbar, title,
+                               plt_fig_axis, fig_size, use_pyplot)
+    if kind == "image" and hasattr(hierarchy, "levels"):
+        if plt_fig_axis is not None:
+            raise ValueError("`plt_fig_axis` is not supported for image hierarchies "
+                             "(one panel per level)")
+        return _hierarchy_image(hierarchy, image, levels, colormap, ncols, show_colorbar, title,
+                                fig_size, use_pyplot)
     raise TypeError(
         "`hierarchy` must be an ACD Hierarchy (kind 'sequence' or 'image' with plot methods), "
         f"got {type(hierarchy).__name__}"

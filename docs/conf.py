@@ -34,8 +34,34 @@ html_theme = "alabaster"
 html_static_path = []
 html_theme_options = {"description": "Second- and higher-order explanations for PyTorch"}
 
+# Formulas render offline: MathJax comes from the jupyter-server-mathjax package (the
+# `docs` extra) and is copied into the built pages, instead of being loaded from a CDN.
+# That package ships MathJax 2.7 with the STIX-Web fonts only (no TeX fonts): the
+# configuration below is MathJax 2's and, as Jupyter's own, selects STIX-Web, or MathJax
+# would look for the missing TeX fonts and show "[Math Processing Error]".
+import importlib.util  # noqa: E402
 
-# The package's docstrings write shapes as in DESIGN.md, "(N, *F, *F)", and
+_mathjax_package = importlib.util.find_spec("jupyter_server_mathjax")  # located, not imported
+if _mathjax_package is None:
+    raise ImportError(
+        "the docs need the jupyter-server-mathjax package (a local MathJax): "
+        'pip install -e ".[docs]"'
+    )
+MATHJAX_SOURCE = os.path.join(os.path.dirname(_mathjax_package.origin), "static")
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+mathjax2_config = {
+    "showMathMenu": False,
+    "messageStyle": "none",
+    "HTML-CSS": {
+        "availableFonts": [],
+        "preferredFont": None,
+        "webFont": "STIX-Web",
+        "imageFont": None,
+    },
+}
+
+
+# The package's docstrings write shapes as the "Design and math" page does, "(N, *F, *F)", and
 # absolute values as "|i|"; in reStructuredText a bare "*" opens emphasis and
 # "|x|" is a substitution. Escape both outside math, so the docstrings stay
 # readable as plain text and the build has no warnings.
@@ -77,6 +103,14 @@ def _escape_docstring(app, what, name, obj, options, lines):
         lines[index] = _BARS.sub(r"\\|\1\\|", line)
 
 
+def _copy_mathjax(app, exception):
+    if exception is None and app.builder.format == "html":
+        from sphinx.util.fileutil import copy_asset
+
+        copy_asset(MATHJAX_SOURCE, os.path.join(app.outdir, "_static", "mathjax"))
+
+
 def setup(app):
     # before napoleon (priority 500) turns "Args:" into field lists
     app.connect("autodoc-process-docstring", _escape_docstring, priority=100)
+    app.connect("build-finished", _copy_mathjax)

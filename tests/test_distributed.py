@@ -48,6 +48,17 @@ WORKER = textwrap.dedent(
     model, x, labels, background = make_problem()
     kwargs = {"baselines": background, "n_samples": 8}
     for out_dir in sys.argv[1:]:
+        if out_dir.endswith("refuse"):
+            # other data than the stored chunks were computed from: every rank refuses
+            changed = x.clone()
+            changed[7, 1] += 1.0
+            try:
+                explain_dataset(ExpectedHessians(model), loader_of(changed, labels), out_dir,
+                                kwargs, **SETTINGS)
+            except ValueError as err:
+                with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as fh:
+                    fh.write(str(err))
+            continue
         result = explain_dataset(ExpectedHessians(model), loader_of(x, labels), out_dir,
                                  kwargs, **SETTINGS)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
@@ -84,13 +95,21 @@ def test_two_process_torchrun_equals_single_process(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         explain_dataset(crashing, loader_of(x, labels), tmp_path / "resumed", kwargs, **SETTINGS)
 
+    # a damaged chunk of the crashed run, owned by rank 1: recomputed there
+    damaged = tmp_path / "resumed" / "chunks" / "chunk_000001.safetensors"
+    with open(damaged, "r+b") as fh:
+        fh.truncate(os.path.getsize(damaged) // 2)
+    # a finished run to be resumed with other data
+    explain_dataset(ExpectedHessians(model), loader_of(x, labels), tmp_path / "refuse", kwargs,
+                    **SETTINGS)
+
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
-        str(tmp_path / "dist"), str(tmp_path / "resumed"),
+        str(tmp_path / "dist"), str(tmp_path / "resumed"), str(tmp_path / "refuse"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -107,6 +126,10 @@ def test_two_process_torchrun_equals_single_process(tmp_path):
         )
         torch.testing.assert_close(result.mean_interactions, single.mean_interactions)
         torch.testing.assert_close(result.mean_abs_interactions, single.mean_abs_interactions)
+        # bit-identical: per-chunk seeds, and summaries summed in chunk order
+        assert torch.equal(result.interactions(), single.interactions())
+        assert torch.equal(result.mean_interactions, single.mean_interactions)
+        assert torch.equal(result.mean_abs_interactions, single.mean_abs_interactions)
         assert [p[:2] for p in result.top_pairs] == [p[:2] for p in single.top_pairs]
         torch.testing.assert_close(
             result.dependence[(0, 2)]["interaction"], single.dependence[(0, 2)]["interaction"]
@@ -116,3 +139,9 @@ def test_two_process_torchrun_equals_single_process(tmp_path):
         assert all(r["world"] == 2 and r["n"] == N_EXAMPLES for r in reports)
         assert reports[0]["top"] == reports[1]["top"]
         assert reports[0]["mean"] == pytest.approx(single.mean_interactions.sum().item())
+
+    assert str(damaged) in proc.stderr  # rank 1's warning named the damaged file
+    assert os.path.exists(str(damaged) + ".damaged")
+    errors = [open(tmp_path / "refuse" / f"rank{r}.error").read() for r in (0, 1)]
+    assert "inputs of chunk 2 (examples 6–8) differ" in errors[0]
+    assert "another rank refused" in errors[1]

@@ -102,7 +102,7 @@ def test_full_matrix_and_explicit_mask_equal_integrated_hessians():
     ids, mask, base = data(2)
     lih = LayerIntegratedHessians(model, model.embedding)
     full = lih.attribute(ids, baselines=base, target=0, additional_forward_args=(mask,),
-                         n_steps=6, feature_mask="full")
+                         n_steps=6, grouping="full")
     expected = embedding_ih(model, ids, mask, base, target=0, n_steps=6)
     assert full.shape == (2, LENGTH, DIM, LENGTH, DIM)
     torch.testing.assert_close(full, expected, rtol=0, atol=1e-10)
@@ -158,16 +158,20 @@ def test_attribute_to_layer_input_float_model_matches_integrated_hessians():
     model = nn.Sequential(first, second).to(DTYPE)
     x, x0 = torch.randn(2, 3, dtype=DTYPE), torch.randn(1, 3, dtype=DTYPE)
     lih = LayerIntegratedHessians(model, second)
-    gamma = lih.attribute(x, baselines=x0, n_steps=8, attribute_to_layer_input=True,
-                          feature_mask="full")
+    with pytest.warns(DeprecationWarning, match="grouping='full'"):
+        gamma = lih.attribute(x, baselines=x0, n_steps=8, attribute_to_layer_input=True,
+                              feature_mask="full")  # the deprecated alias of grouping='full'
     with torch.no_grad():
         a, a0 = first(x), first(x0)
     expected = IntegratedHessians(second).attribute(a, baselines=a0, n_steps=8)
     assert gamma.shape == (2, 4, 4)
     torch.testing.assert_close(gamma, expected, rtol=0, atol=1e-12)
-    # a 2-D activation has no token axis: token groups are refused clearly
-    with pytest.raises(ValueError, match="feature_mask='full'"):
-        lih.attribute(x, baselines=x0, attribute_to_layer_input=True)
+    # a 2-D activation: the default groups are its single units, the same matrix
+    default = lih.attribute(x, baselines=x0, n_steps=8, attribute_to_layer_input=True)
+    torch.testing.assert_close(default, expected, rtol=0, atol=1e-12)
+    full = lih.attribute(x, baselines=x0, n_steps=8, attribute_to_layer_input=True,
+                         grouping="full")
+    torch.testing.assert_close(full, expected, rtol=0, atol=1e-12)
 
 
 def test_multiply_by_inputs_false_matches_integrated_hessians():

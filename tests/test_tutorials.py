@@ -1,5 +1,7 @@
-"""Executes every tutorial notebook with small settings (CI_SMALL=1)."""
+"""Executes every tutorial notebook with small settings (CI_SMALL=1), and checks
+that the committed notebooks are what tutorials/make_tutorials.py writes."""
 import glob
+import importlib.util
 import os
 
 import pytest
@@ -13,8 +15,48 @@ TUTORIALS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 NOTEBOOKS = sorted(glob.glob(os.path.join(TUTORIALS, "*.ipynb")))
 
 
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_tutorials", os.path.join(TUTORIALS, "make_tutorials.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_there_are_tutorials():
     assert len(NOTEBOOKS) >= 3
+
+
+def test_every_committed_notebook_comes_from_the_generator():
+    generator = _generator()
+    assert sorted(t.filename for t in generator.TUTORIALS) == [os.path.basename(p)
+                                                               for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_committed_notebook_cells_match_the_generator(path):
+    generator = _generator()
+    (tutorial,) = [t for t in generator.TUTORIALS if t.filename == os.path.basename(path)]
+    if not generator.available(tutorial):
+        pytest.skip(f"needs {tutorial.requires + tutorial.packages}")
+    problem = generator.differences(tutorial)
+    assert not problem, (problem + "\nRegenerate: python tutorials/make_tutorials.py --execute")
+
+
+def test_stale_notebook_is_detected(tmp_path, monkeypatch):
+    generator = _generator()
+    tutorial = generator.TUTORIALS[0]
+    path, notebook = generator.build(tutorial)
+    monkeypatch.setattr(generator, "HERE", str(tmp_path))
+    nbformat.write(notebook, str(tmp_path / tutorial.filename))
+    assert generator.differences(tutorial) == ""
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    code[-1].source += "\nprint('an edit made by hand')"
+    nbformat.write(notebook, str(tmp_path / tutorial.filename))
+    assert "differs from the generator" in generator.differences(tutorial)
+    notebook.cells.pop()
+    nbformat.write(notebook, str(tmp_path / tutorial.filename))
+    assert "cells committed" in generator.differences(tutorial)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

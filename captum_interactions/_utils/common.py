@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import torch
 from captum._utils.common import (
+    _select_targets,
     _expand_additional_forward_args,
     _expand_target,
     _format_additional_forward_args,
@@ -57,6 +58,11 @@ def format_inputs(
                 f"differentiated, got dtype {inp.dtype}"
             )
     n = inputs[0].shape[0]
+    if n == 0:
+        raise ValueError(
+            f"`{name}` has no examples (batch size 0); every method needs at least "
+            "one example (there is no empty result)"
+        )
     for i, inp in enumerate(inputs):
         if inp.shape[0] != n:
             raise ValueError(
@@ -198,6 +204,87 @@ def validate_target(target: TargetType, num_examples: int) -> None:
     )
 
 
+def _target_indices(target: TargetType) -> List[Tuple[int, ...]]:
+    """Every index tuple a Captum target selects (ints as 1-tuples)."""
+    if target is None:
+        return []
+    if isinstance(target, int):
+        return [(target,)]
+    if isinstance(target, tuple):
+        return [tuple(int(t) for t in target)]
+    if isinstance(target, Tensor):
+        return [(int(t),) for t in target.reshape(-1).tolist()]
+    if isinstance(target, list):
+        out: List[Tuple[int, ...]] = []
+        for t in target:
+            out += _target_indices(t)
+        return out
+    return []
+
+
+def check_target_range(target: TargetType, output_shape: Sequence[int]) -> None:
+    """Every index of ``target`` must lie inside the per-example output shape."""
+    for index in _target_indices(target):
+        if len(index) > len(output_shape):
+            raise ValueError(
+                f"`target`={target!r} has {len(index)} indices but the model output "
+                f"has shape {tuple(output_shape)} per example"
+            )
+        for k, size in zip(index, output_shape):
+            if not -size <= k < size:
+                raise ValueError(
+                    f"`target`={target!r} is out of range: the model output has "
+                    f"shape {tuple(output_shape)} per example, so target indices "
+                    f"must lie in [{-size}, {size - 1}] (got {k})"
+                )
+
+
+def model_parameter_dtypes(forward_func: Callable) -> List[torch.dtype]:
+    """Floating dtypes of the parameters and buffers behind ``forward_func``."""
+    dtypes = set()
+    for root in model_modules(forward_func):
+        for t in list(root.parameters()) + list(root.buffers()):
+            if t.is_floating_point():
+                dtypes.add(t.dtype)
+    return sorted(dtypes, key=str)
+
+
+@contextlib.contextmanager
+def explained_dtype_errors(
+    forward_func: Callable, inputs: Sequence[Tensor], name: str = "inputs"
+) -> Iterator[None]:
+    """Turn torch's dtype mismatch from deep inside the model into a TypeError
+    naming the argument, its dtype and the model's."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        if "dtype" not in message.lower() and "type" not in message.lower():
+            raise
+        model_dtypes = model_parameter_dtypes(forward_func)
+        for i, inp in enumerate(inputs):
+            if not isinstance(inp, Tensor):
+                continue
+            if model_dtypes and not inp.is_floating_point():
+                raise TypeError(
+                    f"`{name}[{i}]` is an integer tensor ({inp.dtype}) but the model "
+                    f"computes in {', '.join(map(str, model_dtypes))}: integer inputs are "
+                    "only meaningful as token ids consumed by an embedding layer. Pass "
+                    f"floating point inputs (e.g. `.to({model_dtypes[0]})`). Torch said: "
+                    f"{message.splitlines()[0]}"
+                ) from err
+            if model_dtypes and inp.dtype not in model_dtypes:
+                kind = "floating point"
+                raise TypeError(
+                    f"`{name}[{i}]` has dtype {inp.dtype} ({kind}) but the model's "
+                    f"parameters are {', '.join(map(str, model_dtypes))}: cast the "
+                    f"inputs (e.g. `.to({model_dtypes[0]})`) or the model (e.g. "
+                    f"`model.to({inp.dtype})`) so that they match. Torch said: "
+                    f"{message.splitlines()[0]}"
+                ) from err
+        raise
+
+
 def run_scalar_forward(
     forward_func: Callable,
     inputs: Tuple[Tensor, ...],
@@ -206,20 +293,36 @@ def run_scalar_forward(
 ) -> Tensor:
     """Run the model, select ``target`` with Captum's semantics, return shape (rows,).
 
-    Raises a ``ValueError`` when the selected output is not one scalar per example
-    (for instance a multi-output model called without ``target``).
+    Raises a ``ValueError`` naming ``target`` when it is out of the range of the
+    model's output, or when the selected output is not one scalar per example
+    (for instance a multi-output model called without ``target``), and a
+    ``TypeError`` when the inputs' dtype does not match the model's.
     """
-    output = _run_forward(forward_func, inputs, target, additional_forward_args)
+    with explained_dtype_errors(forward_func, inputs):
+        output = _run_forward(forward_func, inputs, None, additional_forward_args)
     if not isinstance(output, Tensor):
         raise TypeError(
             f"the forward function must return a tensor, got {type(output).__name__}"
         )
     rows = inputs[0].shape[0]
+    if target is not None:
+        if output.dim() < 2 or output.shape[0] != rows:
+            raise ValueError(
+                f"`target`={target!r} selects from an output of shape (N, ...), but "
+                f"the forward function returned shape {tuple(output.shape)} for a "
+                f"batch of {rows}"
+            )
+        check_target_range(target, tuple(output.shape[1:]))
+        output = _select_targets(output, target)
     if output.dim() == 0 and rows == 1:
         output = output.reshape(1)
     if output.dim() == 2 and output.shape[1] == 1:
         output = output[:, 0]
     if output.dim() != 1 or output.shape[0] != rows:
+        per_example = (
+            tuple(output.shape[1:]) if output.dim() >= 1 and output.shape[0] == rows
+            else tuple(output.shape)
+        )
         hint = (
             " Pass `target` to select one output per example."
             if target is None
@@ -227,8 +330,8 @@ def run_scalar_forward(
         )
         raise ValueError(
             "the forward function must give one scalar per example after "
-            f"target selection; got output of shape {tuple(output.shape)} for "
-            f"{rows} examples.{hint}"
+            f"target selection; it gives an output of shape {per_example} per "
+            f"example.{hint}"
         )
     return output
 
@@ -290,6 +393,60 @@ def preserved_module_state(forward_func: Callable) -> Iterator[None]:
             module.training = flag
 
 
+def nonfinite_examples(tensor: Tensor) -> List[int]:
+    """Indices along dim 0 of the rows holding a NaN or an infinity."""
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        return []
+    if tensor.dim() == 0:
+        return [] if bool(torch.isfinite(tensor)) else [0]
+    bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    return bad.nonzero().flatten().tolist()
+
+
+def check_finite(
+    tensors: Union[Tensor, Sequence[Tensor]], name: str, what: str = "examples"
+) -> None:
+    """ValueError naming ``name`` and the rows (examples) with NaN/inf values."""
+    if isinstance(tensors, Tensor):
+        tensors = (tensors,)
+    for i, t in enumerate(tensors):
+        bad = nonfinite_examples(t)
+        if bad:
+            label = name if len(tensors) == 1 else f"{name}[{i}]"
+            shown = bad[:10] + (["..."] if len(bad) > 10 else [])
+            raise ValueError(
+                f"`{label}` holds NaN or infinite values in {what} "
+                f"{', '.join(map(str, shown))} ({len(bad)} of {t.shape[0]}); every "
+                "method would return NaN there (and, through shared batches, "
+                "possibly elsewhere). Remove or replace those values."
+            )
+
+
+def validate_finite_positive(value: Any, name: str) -> float:
+    """A finite number > 0 (e.g. a softplus beta, a noise level)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 < value < float("inf")
+    ):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_noise_resolution(
+    stdevs: Sequence[float], inputs: Sequence[Tensor], name: str = "stdevs"
+) -> None:
+    """Noise below the dtype's resolution at the inputs' scale is lost in x + sigma z."""
+    for i, (sigma, x) in enumerate(zip(stdevs, inputs)):
+        info = torch.finfo(x.dtype)
+        scale = max(1.0, float(x.detach().abs().max())) if x.numel() else 1.0
+        if sigma < info.eps * scale:
+            raise ValueError(
+                f"`{name}`={sigma!r} (for `inputs[{i}]`) is below the resolution of "
+                f"{x.dtype} at the inputs' scale ({info.eps:.3g} x {scale:.3g}): "
+                "x + sigma z rounds back to x and every estimate is exactly 0. Use "
+                f"`{name}` >= {info.eps * scale:.3g} (in practice much larger)"
+            )
+
+
 def normalize_stdevs(
     stdevs: Union[float, Sequence[float]], num_inputs: int, name: str = "stdevs"
 ) -> Tuple[float, ...]:
@@ -305,6 +462,8 @@ def normalize_stdevs(
     for s in stdevs:
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not s > 0:
             raise ValueError(f"`{name}` must be > 0, got {s!r}")
+        if s == float("inf"):
+            raise ValueError(f"`{name}` must be finite, got {s!r}")
     return tuple(float(s) for s in stdevs)
 
 
@@ -320,5 +479,12 @@ __all__ = [
     "model_modules",
     "preserved_module_state",
     "normalize_stdevs",
+    "check_finite",
+    "nonfinite_examples",
+    "validate_finite_positive",
+    "check_noise_resolution",
+    "check_target_range",
+    "explained_dtype_errors",
+    "model_parameter_dtypes",
     "_format_tensor_into_tuples",
 ]

@@ -14,11 +14,13 @@ variant) reduce to :func:`accumulate_path_interactions`:
 where s is the per-row scale (Delta = x - x' for Integrated Hessians). With G
 groups the cost is G HVPs per row, never D.
 """
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 import torch
+from captum.attr import NoiseTunnel
 from torch import Tensor
 
 from captum_interactions._utils.common import RowExpansion, run_scalar_forward
@@ -26,6 +28,13 @@ from captum_interactions._utils.feature_groups import (
     FeatureGroups,
     flatten_features,
     split_features,
+)
+from captum_interactions._utils.memory import (
+    ACTIVATION_PRIOR,
+    ActivationMeter,
+    budget_error,
+    format_bytes,
+    get_memory_budget,
 )
 
 
@@ -137,6 +146,87 @@ def _chunk_sizes(
     return rows, directions
 
 
+#: working-memory model of one batch of r rows x c directions (coarse, in
+#: elements of the inputs' dtype): the double-backward graph of a row holds
+#: ~GRAPH_FACTOR x (D + A) (A: the model's activations per row), and every HVP
+#: ~HVP_FEATURE_FACTOR x D (direction, result, products) plus ~HVP_ACTIVATION_FACTOR x A
+#: (the vmapped backward).
+GRAPH_FACTOR = 4
+HVP_FEATURE_FACTOR = 6
+HVP_ACTIVATION_FACTOR = 4
+
+
+@dataclass
+class PathMemoryPlan:
+    """Bytes of a path-interaction call and the chunk sizes that fit the budget."""
+
+    budget: int
+    fixed_bytes: int
+    output_bytes: int
+    row_bytes: int
+    hvp_bytes: int
+    rows: int
+    directions: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak: fixed + one batch of ``rows`` x ``directions``."""
+        return self.fixed_bytes + self.rows * (self.row_bytes + self.directions * self.hvp_bytes)
+
+
+def plan_path_chunks(
+    num_rows: int,
+    num_features: int,
+    num_groups: int,
+    num_examples: int,
+    itemsize: int,
+    internal_batch_size: Optional[int],
+    budget: int,
+    activations_per_row: Optional[float] = None,
+    copies_of_output: int = 2,
+    method: str = "IntegratedHessians",
+) -> PathMemoryPlan:
+    """Largest (rows, directions) batch within ``budget``; raises when nothing fits.
+
+    The output (N, G, G) (``copies_of_output`` times: the accumulator and the
+    formatted result or a temporary) and the path points (rows x D, three
+    tensors) are fixed; each row of a batch adds its graph, each HVP its
+    direction and products. The user's ``internal_batch_size`` is an upper
+    bound that the budget may lower (results do not depend on it).
+    """
+    d, g = num_features, num_groups
+    a = ACTIVATION_PRIOR * d if activations_per_row is None else activations_per_row
+    output_bytes = num_examples * g * g * itemsize
+    fixed = copies_of_output * output_bytes + 3 * num_rows * d * itemsize
+    row_bytes = int(GRAPH_FACTOR * (d + a) * itemsize)
+    hvp_bytes = int((HVP_FEATURE_FACTOR * d + HVP_ACTIVATION_FACTOR * a + g) * itemsize)
+    available = budget - fixed
+    if available < row_bytes + hvp_bytes:
+        needed = fixed + row_bytes + hvp_bytes
+        grouped = g < d
+        raise budget_error(
+            method,
+            needed,
+            budget,
+            f"the interactions of {num_examples} example(s) over {g} "
+            f"{'groups' if grouped else 'features'} take "
+            f"{format_bytes(output_bytes)} each copy, plus one Hessian-vector product",
+            "Pass a `feature_mask` with fewer groups (the output is N x G x G), or "
+            "fewer examples per call; `internal_batch_size` cannot help, the work is "
+            "already chunked to one row and one direction.",
+        )
+    rows = min(num_rows, available // (row_bytes + g * hvp_bytes))
+    if rows >= 1:
+        directions = g
+    else:
+        rows = 1
+        directions = max(1, min(g, (available - row_bytes) // hvp_bytes))
+    if internal_batch_size is not None:
+        user_rows, user_directions = _chunk_sizes(num_rows, g, internal_batch_size)
+        rows, directions = min(rows, user_rows), min(directions, user_directions)
+    return PathMemoryPlan(budget, fixed, output_bytes, row_bytes, hvp_bytes, int(rows), int(directions))
+
+
 def accumulate_path_interactions(
     forward_func: Callable,
     points: Tuple[Tensor, ...],
@@ -150,6 +240,7 @@ def accumulate_path_interactions(
     internal_batch_size: Optional[int] = None,
     counter: Optional[CostCounter] = None,
     run_rows: Optional[Callable[..., Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]]] = None,
+    method_name: str = "IntegratedHessians",
 ) -> Tensor:
     r"""Sum interaction contributions of R path points into (N, G, G).
 
@@ -164,26 +255,51 @@ def accumulate_path_interactions(
         second_order_weight (Tensor): (R,) weight of the Hessian term.
         expansion (RowExpansion): target / extra args for the rows.
         groups (FeatureGroups): G groups over the D flattened features.
-        internal_batch_size (int, optional): max HVPs evaluated at once.
+        internal_batch_size (int, optional): max HVPs evaluated at once; the
+            memory budget (:mod:`captum_interactions._utils.memory`) may lower
+            it, and chooses the batch when it is None.
         counter (CostCounter, optional): incremented with the work done.
         run_rows (Callable, optional): replaces :func:`gradients_with_graph`
             (used by the layer variant to inject points into a layer).
+        method_name (str, optional): named in a memory-budget error.
+
+    Raises:
+        MemoryBudgetError: when the (N, G, G) output and one Hessian-vector
+            product cannot fit in the memory budget.
     """
     num_rows = points[0].shape[0]
     num_groups = groups.num_groups
     dtype, device = points[0].dtype, points[0].device
+    plan_args = dict(
+        num_rows=num_rows,
+        num_features=groups.num_features,
+        num_groups=num_groups,
+        num_examples=num_examples,
+        itemsize=points[0].element_size(),
+        internal_batch_size=internal_batch_size,
+        budget=get_memory_budget(device),
+        copies_of_output=2 if groups.is_identity and len(points) > 1 else 1,
+        method=method_name,
+    )
+    # before anything of size N x G x G is allocated; the first batch is planned
+    # with a prior on the model's activations, measured during it
+    plan = plan_path_chunks(**plan_args)
     result = torch.zeros(num_examples, num_groups, num_groups, dtype=dtype, device=device)
     diagonal = torch.zeros(num_examples, num_groups, dtype=dtype, device=device)
-    rows_per_batch, directions_per_batch = _chunk_sizes(
-        num_rows, num_groups, internal_batch_size
-    )
     run_rows = run_rows or gradients_with_graph
-    for start in range(0, num_rows, rows_per_batch):
-        stop = min(num_rows, start + rows_per_batch)
+    start, measured = 0, False
+    while start < num_rows:
+        stop = min(num_rows, start + plan.rows)
         target, args = expansion.rows(start, stop)
-        leaves, grads = run_rows(
-            forward_func, tuple(p[start:stop] for p in points), target, args
-        )
+        with ActivationMeter(forward_func) as meter:
+            leaves, grads = run_rows(
+                forward_func, tuple(p[start:stop] for p in points), target, args
+            )
+        if not measured and meter.measured:
+            measured = True
+            plan = plan_path_chunks(
+                **plan_args, activations_per_row=meter.numel / (stop - start)
+            )
         rows_index = example_index[start:stop]
         scale = flatten_features([s[start:stop] for s in scales])  # (r, D)
         grad_flat = flatten_features([g.detach() for g in grads])
@@ -191,39 +307,101 @@ def accumulate_path_interactions(
         diagonal.index_add_(0, rows_index, first * first_order_weight[start:stop, None])
         w2 = second_order_weight[start:stop].view(1, -1, 1)
         shapes = [tuple(leaf.shape[1:]) for leaf in leaves]
-        for g0 in range(0, num_groups, directions_per_batch):
-            g1 = min(num_groups, g0 + directions_per_batch)
+        for g0 in range(0, num_groups, plan.directions):
+            g1 = min(num_groups, g0 + plan.directions)
             directions_flat = groups.indicators(g0, g1, rows_index, dtype) * scale
             directions = split_features(directions_flat, shapes)
+            del directions_flat
             hv = hessian_vector_products(leaves, grads, directions)
+            del directions
             hv_flat = flatten_features(hv, batch_dims=2)  # (C, r, D)
+            del hv
             block = groups.group_sum(scale * hv_flat * w2, rows_index)  # (C, r, G)
+            del hv_flat
             result[:, :, g0:g1].index_add_(0, rows_index, block.permute(1, 2, 0))
+            del block
             if counter is not None:
                 counter.hvps += (g1 - g0) * (stop - start)
         if counter is not None:
             counter.gradient_rows += stop - start
             counter.batches += 1
         del leaves, grads
-    result += torch.diag_embed(diagonal)
+        start = stop
+    # in place: diag_embed would allocate a second N x G x G tensor
+    result.diagonal(dim1=1, dim2=2).add_(diagonal)
     return result
+
+
+#: Values of ``output_layout`` (see :func:`format_interaction_output`).
+OUTPUT_LAYOUTS = ("nested", "per_input", "flat")
+
+
+def _called_by_noise_tunnel(max_depth: int = 6) -> bool:
+    """Whether a caller up the stack is Captum's NoiseTunnel running a method."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_compute_partial_attribution" and isinstance(
+            frame.f_locals.get("self"), NoiseTunnel
+        ):
+            return True
+    return False
+
+
+def validate_output_layout(output_layout: Any, nested_tuple: bool = False) -> None:
+    """Check ``output_layout``; ``nested_tuple``: the result would be a tuple of
+    tuples (a tuple of inputs, no ``feature_mask``), which NoiseTunnel cannot
+    average: refuse it there with the fix instead of Captum's AttributeError."""
+    if output_layout not in OUTPUT_LAYOUTS:
+        raise ValueError(
+            f"`output_layout` must be one of {', '.join(map(repr, OUTPUT_LAYOUTS))}, "
+            f"got {output_layout!r}"
+        )
+    if nested_tuple and output_layout == "nested" and _called_by_noise_tunnel():
+        raise ValueError(
+            "NoiseTunnel is not supported with `output_layout='nested'` for a tuple "
+            "of inputs: that layout is a tuple of tuples (out[i][j]) and NoiseTunnel "
+            "averages one tensor per input. Pass `output_layout='per_input'` "
+            "(out[i] of shape (N, *F_i, D)) or 'flat', or a `feature_mask`"
+        )
 
 
 def format_interaction_output(
     interactions: Tensor,
     groups: FeatureGroups,
     is_inputs_tuple: bool,
+    output_layout: str = "nested",
 ) -> Any:
-    """(N, G, G) -> Captum-style layout (DESIGN.md section 2).
+    """(N, G, G) -> the layout asked for by ``output_layout`` (docs/design.rst).
 
-    Grouped: (N, G, G). Full, one tensor: (N, *F, *F). Full, tuple of inputs:
-    ``out[i][j]`` of shape (N, *F_i, *F_j).
+    With a ``feature_mask`` every layout is the (N, G, G) tensor. Without one
+    (G = D, the flattened features of all inputs):
+
+    - ``"nested"`` (default): one input -> (N, *F, *F); a tuple
+      of inputs -> ``out[i][j]`` of shape (N, *F_i, *F_j).
+    - ``"per_input"``: one tensor per input, ``out[i]`` of shape
+      (N, *F_i, D): the rows of input i against every feature (columns in the
+      flattened, concatenated order). A tuple aligned with the inputs, as
+      Captum's NoiseTunnel and metrics expect; ``out[i].sum(-1)`` are the row
+      sums, shaped like ``inputs[i]``. One input -> a tensor (N, *F, D).
+    - ``"flat"``: one tensor (N, D, D).
     """
-    if not groups.is_identity:
+    validate_output_layout(
+        output_layout, nested_tuple=is_inputs_tuple and groups.is_identity
+    )
+    if not groups.is_identity or output_layout == "flat":
         return interactions
     n = interactions.shape[0]
     shapes = groups.feature_shapes
     sizes = [int(torch.Size(s).numel()) for s in shapes]
+    if output_layout == "per_input":
+        rows = tuple(
+            block.reshape((n,) + tuple(shape) + (groups.num_features,)).contiguous()
+            for block, shape in zip(torch.split(interactions, sizes, dim=1), shapes)
+        )
+        return rows if is_inputs_tuple else rows[0]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
     blocks = tuple(
         tuple(

@@ -87,6 +87,11 @@ class Jet(Tensor):
 
 
 def _func_name(func: Callable) -> str:
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and hasattr(owner, "__objclass__"):
+        # reading a tensor attribute (e.g. `x.is_nested`): a getset descriptor's __get__
+        cls = "Tensor" if owner.__objclass__ is torch._C.TensorBase else owner.__objclass__.__name__
+        return f"{cls}.{owner.__name__} (attribute read)"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
     module = getattr(func, "__module__", None)
     if name and module and not name.startswith(module):
@@ -481,11 +486,29 @@ def _leaky_relu_rule(func, args, kwargs):
     return Jet(_piecewise(a, s, F.leaky_relu(a[0], slope)))
 
 
+def _clamp_tensor_bounds(x: Any, lo: Any, hi: Any) -> "Jet":
+    """clamp(x, lo, hi) = min(max(x, lo), hi) with tensor (or jet) bounds: each
+    element follows the coefficients of whichever of x, lo, hi it equals."""
+    like = _first_jet((x, lo, hi))
+    order = like.order
+    result = coefficients_of(_const(x, like), order, like)
+    for bound, below in ((lo, True), (hi, False)):
+        if bound is None:
+            continue
+        cb = coefficients_of(_const(bound, like), order, like)
+        result, cb = _align(result, cb)
+        outside = result[0] < cb[0] if below else result[0] > cb[0]
+        result = torch.where(outside.unsqueeze(0), cb, result)
+    return Jet(result)
+
+
 def _clamp_like(lo_default, hi_default, lo_name, hi_name, fn):
     def rule(func, args, kwargs):
-        a = args[0].coefficients
         lo = args[1] if len(args) > 1 else kwargs.get(lo_name, lo_default)
         hi = args[2] if len(args) > 2 else kwargs.get(hi_name, hi_default)
+        if not isinstance(args[0], Jet) or isinstance(lo, Tensor) or isinstance(hi, Tensor):
+            return _clamp_tensor_bounds(args[0], lo, hi)
+        a = args[0].coefficients
         inside = torch.ones_like(a[0], dtype=torch.bool)
         if lo is not None:
             inside = inside & (a[0] > lo)
@@ -664,7 +687,8 @@ for _name in _METADATA_NAMES:
     if _f is not None:
         _METADATA.add(_f)
 for _prop in ["shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad",
-              "is_leaf", "grad_fn", "names", "is_meta", "is_quantized", "is_mps"]:
+              "is_leaf", "grad_fn", "names", "is_meta", "is_quantized", "is_mps",
+              "is_nested", "is_sparse"]:
     _d = getattr(Tensor, _prop, None)
     if _d is not None and hasattr(_d, "__get__"):
         _METADATA.add(_d.__get__)

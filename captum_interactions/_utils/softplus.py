@@ -76,8 +76,8 @@ def replace_relu_with_softplus(model: nn.Module, beta: float = 10.0) -> Iterator
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-        raise ValueError(f"`beta` must be a number > 0, got {beta!r}")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < float("inf"):
+        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}")
     beta = float(beta)
     replaced: List[Tuple[nn.Module, str, nn.Module]] = []
     handles = []

@@ -48,7 +48,7 @@ SAMPLERS = ("auto", "orthogonal", "sobol", "gaussian")
 # structured samplers split the samples into at least this many independent
 # blocks for the standard error; few blocks keep each block large (an
 # orthonormal frame needs up to D directions, a QMC sequence gains with length)
-MIN_BLOCKS = 8
+MIN_BLOCKS = 16
 # "auto" uses randomized QMC up to this many features, orthogonal blocks above
 # (measured crossover: benchmarks/bench_smooth_hess.py, error vs calls)
 SOBOL_MAX_FEATURES = 16
@@ -301,7 +301,7 @@ def flatten_hessian(
     feature_shapes: Tuple[Tuple[int, ...], ...],
     name: str = "hessian",
 ) -> Tensor:
-    """A Hessian in the layout of DESIGN.md section 2 -> (N, D, D).
+    """A Hessian in the layout of docs/design.rst ("Output layouts") -> (N, D, D).
 
     One input: (N, *F, *F) (or already (N, D, D)). Tuple inputs: ``h[i][j]`` of
     shape (N, *F_i, *F_j).

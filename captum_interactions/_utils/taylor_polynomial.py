@@ -218,6 +218,16 @@ def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
     return tuple(out)
 
 
+def _format_magnitude(value: float, precision: int) -> str:
+    """``value`` (>= 0) with ``precision`` significant digits, without a
+    padded exponent: 0.5, 1.2, 1e-5, 1.23e4."""
+    text = f"{value:.{precision}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
 # --------------------------------------------------------------------------
 # the polynomial
 # --------------------------------------------------------------------------
@@ -310,26 +320,44 @@ class TaylorPolynomial:
         return torch.prod(delta.unsqueeze(-2) ** exps, dim=-1)
 
     def evaluate(self, x: Tensor) -> Tensor:
-        """Value of each polynomial at points ``x``.
+        """Value of the polynomials at points ``x`` (absolute, not offsets).
 
         Args:
-            x (Tensor): (N, p) one point per polynomial, or (N, P, p) P points
-                per polynomial, in the variables' space (absolute, not offsets).
+            x (Tensor): points in the variables' space, last axis p:
+
+                - one polynomial (N = 1, one expansion point): any batch of
+                  points, shape (*B, p) -> values of shape (*B), e.g. a grid
+                  or samples (M, p) -> (M,); a single point (p,) -> (1,).
+                - N polynomials: (N, p) one point each -> (N,), or
+                  (N, P, p) P points each -> (N, P) (more generally
+                  (N, *B, p) -> (N, *B)).
         Returns:
-            Tensor of shape (N,) or (N, P).
+            Tensor of values, shaped as above.
         """
-        x = x.to(self.coefficients.dtype)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`x` must be a tensor, got {type(x).__name__}")
+        x = x.to(self.coefficients.device, self.coefficients.dtype)
+        p, n = self.num_variables, len(self)
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        if x.shape[0] != len(self) or x.shape[-1] != self.num_variables:
+        if x.shape[-1] != p:
             raise ValueError(
-                f"`x` must have shape ({len(self)}, {self.num_variables}) or "
-                f"({len(self)}, P, {self.num_variables}), got {tuple(x.shape)}"
+                f"`x` must have its variables on the last axis, of size {p}, "
+                f"got shape {tuple(x.shape)}"
             )
-        center = self.center.reshape((len(self),) + (1,) * (x.dim() - 2) + (-1,))
-        values = self._monomial_values(x - center)
-        coeffs = self.coefficients.reshape((len(self),) + (1,) * (x.dim() - 2) + (-1,))
-        return (values * coeffs).sum(-1)
+        if n == 1:
+            # one expansion point: broadcast it to every point of any batch
+            delta = x - self.center[0]
+            return self._monomial_values(delta) @ self.coefficients[0]
+        if x.dim() < 2 or x.shape[0] != n:
+            raise ValueError(
+                f"`x` must have shape ({n}, {p}) or ({n}, P, {p}) for these {n} "
+                f"polynomials (or select one, poly[i], to evaluate it at any "
+                f"batch of points), got {tuple(x.shape)}"
+            )
+        batch = (n,) + (1,) * (x.dim() - 2)
+        values = self._monomial_values(x - self.center.reshape(batch + (p,)))
+        return (values * self.coefficients.reshape(batch + (-1,))).sum(-1)
 
     def derivative_tensor(self, k: int) -> Tensor:
         """The full symmetric k-th derivative tensor (N, p, ..., p) at the center.
@@ -450,13 +478,20 @@ class TaylorPolynomial:
 
     # -- reading ------------------------------------------------------------
 
-    def monomial_string(self, exponents: Sequence[int], center=None) -> str:
+    def monomial_string(self, exponents: Sequence[int], center=None,
+                        precision: int = 4) -> str:
+        """The monomial as text, e.g. ``x1^2*x2`` or ``(x1 - 0.4)^2``; ``"1"`` for
+        the constant. ``center`` offsets are printed with ``precision``
+        significant digits."""
         parts = []
         for name, e, c in zip(self.feature_names, exponents,
                               center if center is not None else [0.0] * len(exponents)):
             if e == 0:
                 continue
-            base = name if c == 0 else f"({name} - {c:.4g})" if c > 0 else f"({name} + {-c:.4g})"
+            if c == 0:
+                base = name
+            else:
+                base = f"({name} {'-' if c > 0 else '+'} {_format_magnitude(abs(c), precision)})"
             parts.append(base if e == 1 else f"{base}^{e}")
         return "*".join(parts) if parts else "1"
 
@@ -490,18 +525,37 @@ class TaylorPolynomial:
         return out
 
     def to_string(self, example: int = 0, top: Optional[int] = None, min_abs: float = 0.0,
-                  precision: int = 4) -> str:
+                  precision: int = 3) -> str:
+        """One polynomial as a readable formula, lowest degree first, e.g.
+        ``0.2 + x1 - 0.5*x1*x2 + 1.2*x2^3``.
+
+        Coefficients are printed with ``precision`` significant digits; a
+        coefficient that prints as 1 is left out (``x1^2``, not ``1*x1^2``), and
+        signs join the terms (``a - b``, never ``a + -b``).
+
+        Args:
+            example (int): which polynomial of the batch. Default: 0
+            top (int, optional): keep the ``top`` largest terms. Default: all
+            min_abs (float): drop terms with |coefficient| < min_abs. Default: 0
+            precision (int): significant digits of the coefficients. Default: 3
+        """
+        if isinstance(precision, bool) or not isinstance(precision, int) or precision < 1:
+            raise ValueError(f"`precision` must be an integer >= 1, got {precision!r}")
         center = self.center[example].tolist()
         pieces = []
         for exps, value in sorted(
             self.terms(top=top, min_abs=min_abs, example=example),
             key=lambda t: (sum(t[0]), [-e for e in t[0]]),
         ):
-            mono = self.monomial_string(exps, center)
-            mag = f"{abs(value):.{precision}g}"
-            body = mag if mono == "1" else f"{mag}*{mono}"
-            sign = "-" if value < 0 else "+"
-            pieces.append((sign, body))
+            magnitude = _format_magnitude(abs(value), precision)
+            mono = self.monomial_string(exps, center, precision=max(precision, 4))
+            if mono == "1":
+                body = magnitude
+            elif float(magnitude) == 1.0:
+                body = mono
+            else:
+                body = f"{magnitude}*{mono}"
+            pieces.append(("-" if value < 0 else "+", body))
         if not pieces:
             return "0"
         text = ("-" if pieces[0][0] == "-" else "") + pieces[0][1]

@@ -1,12 +1,10 @@
 #!/usr/bin/env python3
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
-from captum._utils.common import (
-    _format_additional_forward_args,
-    _format_tensor_into_tuples,
-)
+from captum._utils.common import _format_additional_forward_args
 from captum._utils.gradient import _forward_layer_eval
 from captum._utils.typing import BaselineType, TargetType
 from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
@@ -17,6 +15,9 @@ from torch.nn import Module
 from captum_interactions._core.integrated_hessians import output_difference, path_rows
 from captum_interactions._utils.common import (
     RowExpansion,
+    check_finite,
+    explained_dtype_errors,
+    format_inputs,
     format_baselines,
     preserved_module_state,
     validate_internal_batch_size,
@@ -29,13 +30,14 @@ from captum_interactions._utils.hessian import (
     accumulate_path_interactions,
     format_interaction_output,
     gradients_with_graph,
+    validate_output_layout,
 )
 from captum_interactions._utils.quadrature import log_weight_rule
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 FeatureMaskType = Union[None, str, Tensor, Tuple[Tensor, ...]]
 
-#: ``feature_mask`` keywords: one group per position along dim 1 (tokens), or no grouping.
+#: ``grouping`` values: one group per position along dim 1 (tokens), or no grouping.
 TOKENS = "tokens"
 FULL = "full"
 
@@ -44,15 +46,16 @@ def token_feature_mask(activations: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
     """One group per index of dim 1 of every tensor (ids global across the tuple).
 
     For a layer output of shape (N, T, E) the groups are the T tokens, each over
-    its E embedding coordinates.
+    its E embedding coordinates; for an (N, F) output (a Linear layer) they are
+    the F single units.
     """
     masks, offset = [], 0
     for act in activations:
-        if act.dim() < 3:
+        if act.dim() < 2:
             raise ValueError(
-                "token groups (`feature_mask=None` or 'tokens') need layer "
-                "activations of shape (N, T, *E); got a tensor of shape "
-                f"{tuple(act.shape)}. Pass `feature_mask='full'` or an explicit mask"
+                "`grouping='tokens'` groups the layer's units by dim 1, which a "
+                f"layer tensor of shape {tuple(act.shape)} does not have; pass "
+                "`grouping='full'` or an explicit `feature_mask`"
             )
         length = act.shape[1]
         ids = torch.arange(offset, offset + length, device=act.device)
@@ -117,6 +120,8 @@ class _LayerInjection:
 
 class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
     r"""
+    Integrated Hessians between the units of a layer (e.g. token x token).
+
     Integrated Hessians in the space of a layer's activations: the
     interactions between the units of ``layer`` (its output, or its input with
     ``attribute_to_layer_input=True``) that explain the change f(x) - f(x')
@@ -140,10 +145,11 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
     **Groups.** On a layer output of shape (N, T, *E) (an embedding layer:
     tokens x embedding dimensions) the default groups are the T positions of
     dim 1: the result is (N, T, T) and costs T Hessian-vector products per
-    path point (not T x E). ``feature_mask="full"`` returns the interactions of
-    every single unit, (N, T, *E, T, *E), at T x E HVPs per point; an explicit
-    integer ``feature_mask`` (Captum's meaning, broadcastable to the layer's
-    activations) gives any other grouping.
+    path point (not T x E). On an (N, F) output (a Linear layer) the same rule
+    gives one group per unit: (N, F, F). ``grouping="full"`` returns the
+    interactions of every single unit, (N, T, *E, T, *E), at T x E HVPs per
+    point; an explicit integer ``feature_mask`` (Captum's meaning,
+    broadcastable to the layer's activations) gives any other grouping.
 
     **Completeness.** :math:`\sum \Gamma = f(x) - f(x')` holds when the layer
     is the only path from the inputs to the output (e.g. the word embeddings
@@ -199,9 +205,11 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the Delta = x - x' factors are applied (``multiply_by_inputs``)."""
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``return_convergence_delta=True`` reports the completeness error."""
         return True
 
     def _layer_activations(
@@ -210,14 +218,15 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
     ) -> Tuple[Tensor, ...]:
-        activations = _forward_layer_eval(
-            self.forward_func,
-            inputs,
-            self.layer,
-            additional_forward_args=additional_forward_args,
-            device_ids=self.device_ids,
-            attribute_to_layer_input=attribute_to_layer_input,
-        )
+        with explained_dtype_errors(self.forward_func, inputs):
+            activations = _forward_layer_eval(
+                self.forward_func,
+                inputs,
+                self.layer,
+                additional_forward_args=additional_forward_args,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
+            )
         activations = tuple(a.detach() for a in _as_tuple(activations))
         where = "input" if attribute_to_layer_input else "output"
         for i, act in enumerate(activations):
@@ -242,8 +251,12 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
         feature_mask: FeatureMaskType = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
+        grouping: str = TOKENS,
+        output_layout: str = "nested",
     ) -> Union[InteractionsType, Tuple[InteractionsType, Tensor]]:
         r"""
+        Integrated Hessians between the units (or groups of units) of ``layer``.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): the model's inputs, batch
                 first (e.g. token ids; they need not be floating point, only
@@ -269,24 +282,37 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             internal_batch_size (int, optional): the most Hessian-vector
                 products evaluated in one batch (rows x directions); bounds
                 memory, does not change the result. Default: None
-            feature_mask (None, str, Tensor or tuple[Tensor, ...], optional):
-                groups of the layer's units. None or ``"tokens"``: one group per
-                index of dim 1 (tokens of an (N, T, E) embedding output), giving
-                (N, T, T). ``"full"``: no grouping, every unit on its own
-                (N, *F, *F), at one HVP per unit. An integer tensor (or one per
-                layer tensor) of group ids broadcastable to the activations:
-                (N, G, G) over the sorted ids. Default: None
+            feature_mask (Tensor or tuple[Tensor, ...], optional): integer
+                group ids of the layer's units (one tensor per layer tensor),
+                broadcastable to the activations: (N, G, G) over the sorted
+                ids. None: the groups of ``grouping``. The strings
+                ``"tokens"`` / ``"full"`` are still accepted here but
+                deprecated (they cannot pass through Captum's NoiseTunnel,
+                which expands ``feature_mask`` as tensors): use ``grouping``.
+                Default: None
             return_convergence_delta (bool, optional): also return
                 sum(Gamma) - (f(x) - f(x')) per example. Default: False
             attribute_to_layer_input (bool, optional): explain the layer's
                 input (injected with a forward pre-hook) instead of its output.
                 Default: False
+            grouping (str, optional): the groups used when ``feature_mask`` is
+                None. ``"tokens"``: one group per index of dim 1 of each layer
+                tensor: the tokens of an (N, T, *E) output, giving (N, T, T);
+                the single units of an (N, F) output, giving (N, F, F).
+                ``"full"``: every unit on its own, (N, *F, *F), at one HVP per
+                unit. Default: "tokens"
+            output_layout (str, optional): layout of the ungrouped
+                (``grouping="full"``) result for a layer with several tensors:
+                ``"nested"``, ``"per_input"`` (one tensor per layer tensor,
+                for ``NoiseTunnel``) or ``"flat"``, as in
+                :meth:`IntegratedHessians.attribute`. Default: "nested"
 
         Returns:
             **interactions** or (**interactions**, **delta**):
             - **interactions** (Tensor or tuple[tuple[Tensor, ...], ...]):
-              (N, T, T) token x token interactions by default; (N, G, G) with a
-              mask; with ``"full"``, (N, *F, *F) for a layer with one tensor,
+              (N, T, T) token x token interactions by default ((N, F, F) on an
+              (N, F) layer); (N, G, G) with a mask; with ``grouping="full"``,
+              (N, *F, *F) for a layer with one tensor,
               ``out[i][j]`` of shape (N, *F_i, *F_j) for several. Row = the unit
               (group) explained, column = the one it interacts with; the
               diagonal holds the main effects, so row sums are the layer
@@ -315,18 +341,39 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             >>> gamma.shape  # token x token
             torch.Size([2, 5, 5])
         """
-        inputs_t = _format_tensor_into_tuples(inputs)
-        if not isinstance(inputs_t, tuple) or not all(isinstance(x, Tensor) for x in inputs_t):
-            raise TypeError("`inputs` must be a tensor or a tuple of tensors")
+        inputs_t = format_inputs(inputs, allow_integer=True)
         validate_positive_int(n_steps, "n_steps")
         validate_internal_batch_size(internal_batch_size)
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
-        if isinstance(feature_mask, str) and feature_mask not in (TOKENS, FULL):
-            raise ValueError(
-                f"`feature_mask` as a string must be {TOKENS!r} or {FULL!r}, got {feature_mask!r}"
+        if isinstance(feature_mask, str):
+            if feature_mask not in (TOKENS, FULL):
+                raise ValueError(
+                    f"`feature_mask` must be a tensor of group ids (or a tuple of "
+                    f"them), got the string {feature_mask!r}; groupings by name "
+                    f"go in `grouping` ({TOKENS!r} or {FULL!r})"
+                )
+            warnings.warn(
+                f"`feature_mask={feature_mask!r}` is deprecated: pass "
+                f"`grouping={feature_mask!r}` (a string in `feature_mask` cannot "
+                "pass through Captum's NoiseTunnel)",
+                DeprecationWarning,
+                stacklevel=3,
             )
+            grouping, feature_mask = feature_mask, None
+        if grouping not in (TOKENS, FULL):
+            raise ValueError(
+                f"`grouping` must be {TOKENS!r} or {FULL!r}, got {grouping!r}"
+            )
+        if feature_mask is not None and grouping != TOKENS:
+            raise ValueError(
+                f"`grouping={grouping!r}` and an explicit `feature_mask` contradict "
+                "each other: pass one of them"
+            )
+        validate_output_layout(output_layout)
         baselines_t = self._format_input_baselines(baselines, inputs_t)
+        check_finite(inputs_t, "inputs")
+        check_finite(baselines_t, "baselines")
         extra_args = _format_additional_forward_args(additional_forward_args)
 
         with preserved_module_state(self.forward_func):
@@ -342,12 +389,14 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                         f"(layer tensor {i})"
                     )
             layer_is_tuple = len(layer_inputs) > 1
-            if feature_mask is None or feature_mask == TOKENS:
-                mask = token_feature_mask(layer_inputs)
-            elif feature_mask == FULL:
-                mask = None
-            else:
+            if feature_mask is not None:
                 mask = feature_mask
+            elif grouping == FULL or (
+                len(layer_inputs) == 1 and layer_inputs[0].dim() == 2
+            ):
+                mask = None  # per-unit groups of one (N, F) tensor: no grouping needed
+            else:
+                mask = token_feature_mask(layer_inputs)
             groups = FeatureGroups(mask, layer_inputs)
             dtype, device = layer_inputs[0].dtype, layer_inputs[0].device
 
@@ -396,8 +445,11 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
                 run_rows=run_rows,
+                method_name=type(self).__name__,
             )
-            result = format_interaction_output(interactions, groups, layer_is_tuple)
+            result = format_interaction_output(
+                interactions, groups, layer_is_tuple, output_layout
+            )
             if not return_convergence_delta:
                 return result
             delta = interactions.sum(dim=(1, 2)) - output_difference(
