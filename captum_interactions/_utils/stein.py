@@ -13,8 +13,26 @@ and b_u the gradient (or the half difference of the two gradients of an antithet
 pair). :class:`SteinAccumulator` sums those terms, optionally over feature groups,
 and the sums of squares needed for a standard error, without ever holding a
 (units, D, D) tensor.
+
+The identity holds for every z whose *marginal* law is N(0, I), whatever the
+dependence between samples, so the estimator stays unbiased when samples are
+drawn jointly to cancel each other's errors (:func:`draw_noise`):
+
+- ``"orthogonal"``: blocks of k <= D directions, orthonormal within a block
+  (Haar-random), each scaled by an independent chi(D) radius. In a block the
+  directions cannot crowd together, so the quadratic part of f is averaged
+  almost exactly (Yu et al., "Orthogonal Random Features", NeurIPS 2016;
+  Choromanski et al., "Structured Evolution with Compact Architectures", 2018).
+- ``"sobol"``: randomized quasi-Monte Carlo: a scrambled Sobol sequence
+  (Owen scrambling, each point uniform on the cube) mapped through the normal
+  quantile. Best in few dimensions.
+- ``"gaussian"``: i.i.d. draws (the plain estimator).
+
+Samples of a block are dependent, blocks are independent: the standard error
+of the structured samplers comes from the spread of the block means.
 """
-from typing import Any, Callable, Optional, Tuple, Union
+import math
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +43,116 @@ from captum_interactions._utils.hessian import gradients_with_graph
 # the noise of one block is drawn in one call, independent of internal_batch_size
 # (so results do not depend on it); a block holds about this many numbers
 NOISE_BLOCK_NUMEL = 1 << 22
+
+SAMPLERS = ("auto", "orthogonal", "sobol", "gaussian")
+# structured samplers split the samples into at least this many independent
+# blocks for the standard error; few blocks keep each block large (an
+# orthonormal frame needs up to D directions, a QMC sequence gains with length)
+MIN_BLOCKS = 16
+# "auto" uses randomized QMC up to this many features, orthogonal blocks above
+# (measured crossover: benchmarks/bench_smooth_hess.py, error vs calls)
+SOBOL_MAX_FEATURES = 16
+# torch's SobolEngine supports at most this many dimensions
+SOBOL_MAX_DIMENSION = 21201
+
+
+NORMAL_975 = 1.959963984540054
+_T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646}
+
+
+def student_t_975(dof: int) -> float:
+    """The 97.5% quantile of Student's t (table to 7, Cornish-Fisher beyond: < 1e-3)."""
+    if dof in _T_975:
+        return _T_975[dof]
+    z = NORMAL_975
+    return (
+        z
+        + (z**3 + z) / (4 * dof)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
+    )
+
+
+def resolve_sampler(sampler: str, num_features: int) -> str:
+    """Validate ``sampler`` and resolve ``"auto"`` by the number of features."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "auto":
+        return "sobol" if num_features <= SOBOL_MAX_FEATURES else "orthogonal"
+    if sampler == "sobol" and num_features > SOBOL_MAX_DIMENSION:
+        raise ValueError(
+            f"`sampler='sobol'` supports at most {SOBOL_MAX_DIMENSION} features "
+            f"(torch's SobolEngine), got {num_features}; use sampler='orthogonal'"
+        )
+    return sampler
+
+
+def noise_block_sizes(
+    sampler: str, num_units: int, num_examples: int, num_features: int
+) -> List[int]:
+    """Units per noise block, in drawing order.
+
+    i.i.d. noise is drawn in blocks that only bound memory. Structured noise
+    is drawn in statistical blocks: at most D directions (an orthonormal set),
+    at least :data:`MIN_BLOCKS` blocks (for the standard error), and within
+    the noise memory bound.
+    """
+    per_memory = max(1, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
+    if sampler == "gaussian":
+        size = min(num_units, per_memory)
+    else:
+        size = min(per_memory, math.ceil(num_units / MIN_BLOCKS))
+        if sampler == "orthogonal":
+            size = min(size, num_features)
+    full, rest = divmod(num_units, size)
+    return [size] * full + ([rest] if rest else [])
+
+
+def draw_noise(
+    sampler: str,
+    num_units: int,
+    num_examples: int,
+    num_features: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """One block of standard normal noise of shape (units, N, D), per example.
+
+    Every z[u, n] is marginally N(0, I) for every sampler (the estimator stays
+    unbiased); randomness comes from torch's global generator, so results are
+    reproducible under ``torch.manual_seed``.
+    """
+    shape = (num_units, num_examples, num_features)
+    if sampler == "gaussian":
+        return torch.randn(shape, dtype=dtype, device=device)
+    if sampler == "orthogonal":
+        # Haar-random orthonormal columns: QR of a Gaussian matrix with the
+        # signs of R's diagonal moved into Q
+        gaussian = torch.randn(
+            num_examples, num_features, num_units, dtype=dtype, device=device
+        )
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        radius = torch.randn(
+            num_examples, num_units, num_features, dtype=dtype, device=device
+        ).norm(dim=-1)  # chi(D): |N(0, I_D)|
+        return (q * radius.unsqueeze(-2)).permute(2, 0, 1)
+    # randomized QMC: an independent Owen-scrambled Sobol sequence per example
+    seeds = torch.randint(0, 2**62, (num_examples,), device="cpu").tolist()
+    uniform = torch.stack(
+        [
+            torch.quasirandom.SobolEngine(num_features, scramble=True, seed=seed).draw(
+                num_units, dtype=torch.float64
+            )
+            for seed in seeds
+        ],
+        dim=1,
+    )
+    eps = torch.finfo(torch.float64).eps
+    uniform = uniform.clamp(eps, 1.0 - eps)
+    return (math.sqrt(2.0) * torch.erfinv(2.0 * uniform - 1.0)).to(
+        device=device, dtype=dtype
+    )
 
 
 def plain_gradients(
@@ -54,15 +182,25 @@ class SteinAccumulator:
         dtype: torch.dtype,
         device: torch.device,
         with_stderr: bool,
+        independent_units: bool = True,
     ) -> None:
         g = groups.num_groups
         self.groups = groups
         self.with_stderr = with_stderr
+        self.independent_units = independent_units
         zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.count = 0
         self.outer = zeros(num_examples, g, g)  # sum_u a_u b_u^T
         self.first = zeros(num_examples, g)  # sum_u c_u (SmoothGrad terms)
-        if with_stderr:
+        if with_stderr and not independent_units:
+            # dependent units within a block: the spread of block means,
+            # sum_b n_b m_b^2 for the symmetric Hessian and the gradient
+            self.num_blocks = 0
+            self.block_start_outer = zeros(num_examples, g, g)
+            self.block_start_first = zeros(num_examples, g)
+            self.block_sq = zeros(num_examples, g, g)
+            self.block_first_sq = zeros(num_examples, g)
+        elif with_stderr:
             # sums for sum_u S_u^2 with S_u = (a b^T + b a^T) / 2, expanded so that
             # only (N, G, G) matrices are formed
             self.a2_b2 = zeros(num_examples, g, g)  # sum a_i^2 b_j^2
@@ -87,11 +225,34 @@ class SteinAccumulator:
         rows = slice(example_start, example_stop)
         self.outer[rows] += torch.einsum("uni,unj->nij", a, b)
         self.first[rows] += c.sum(dim=0)
-        if self.with_stderr:
+        if self.with_stderr and self.independent_units:
             self.a2_b2[rows] += torch.einsum("uni,unj->nij", a * a, b * b)
             ab = a * b
             self.ab_ab[rows] += torch.einsum("uni,unj->nij", ab, ab)
             self.first_sq[rows] += (c * c).sum(dim=0)
+
+    def end_block(self, block_units: int) -> None:
+        """Close a block of dependent units: record its mean's square."""
+        if not self.with_stderr or self.independent_units:
+            return
+        outer = self.outer - self.block_start_outer
+        outer = 0.5 * (outer + outer.transpose(1, 2))
+        first = self.first - self.block_start_first
+        self.block_sq += outer * outer / block_units
+        self.block_first_sq += first * first / block_units
+        self.block_start_outer.copy_(self.outer)
+        self.block_start_first.copy_(self.first)
+        self.num_blocks += 1
+
+    def _stderr_from_blocks(self, sum_sq: Tensor, mean: Tensor, num_units: int) -> Tensor:
+        # batch means m_b of sizes n_b around m = sum_b n_b m_b / n:
+        # Var(m) ~ sum_b n_b (m_b - m)^2 / ((B - 1) n), and
+        # sum_b n_b (m_b - m)^2 = sum_b n_b m_b^2 - n m^2
+        spread = (sum_sq - num_units * mean * mean).clamp_min(0)
+        stderr = (spread / ((self.num_blocks - 1) * num_units)).sqrt()
+        # with B - 1 degrees of freedom the studentized error is t-distributed:
+        # scale so that +-1.96 SE keeps its 95% coverage
+        return stderr * (student_t_975(self.num_blocks - 1) / NORMAL_975)
 
     def mean_hessian(self, num_units: int) -> Tensor:
         outer = self.outer / num_units
@@ -102,6 +263,8 @@ class SteinAccumulator:
 
     def stderr_hessian(self, num_units: int) -> Tensor:
         mean = self.mean_hessian(num_units)
+        if not self.independent_units:
+            return self._stderr_from_blocks(self.block_sq, mean, num_units)
         sum_sq = 0.25 * (
             self.a2_b2 + self.a2_b2.transpose(1, 2) + 2.0 * self.ab_ab
         )
@@ -110,6 +273,8 @@ class SteinAccumulator:
 
     def stderr_gradient(self, num_units: int) -> Tensor:
         mean = self.mean_gradient(num_units)
+        if not self.independent_units:
+            return self._stderr_from_blocks(self.block_first_sq, mean, num_units)
         var = (self.first_sq - num_units * mean * mean).clamp_min(0) / (num_units - 1)
         return (var / num_units).sqrt()
 
