@@ -65,7 +65,8 @@ Rules (beta = relevant, gamma = irrelevant, x = beta + gamma the true input):
 Anything else that produces a tensor from a CD activation raises
 :class:`UnsupportedOperationError` naming the operation.
 """
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,20 +96,32 @@ def _row_share(rel: Tensor, irr: Tensor) -> Tensor:
 
 
 def _split_constant(
-    rel: Tensor, irr: Tensor, const: Any, tie_share: Optional[Tensor] = None
+    rel: Tensor, irr: Tensor, const: Any,
+    tie_share: Union[None, Tensor, Callable[[], Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Add ``const`` to the parts, shared per element in proportion to |rel|, |irr|.
 
     Where both are exactly 0 the share is ``tie_share`` (the relevant fraction of
-    the L1 mass of the layer's input, per example), 1/2 if not given.
+    the L1 mass of the layer's input, per example; a tensor or a function that
+    computes it), 1/2 if not given.
     """
     magnitude = rel.abs()
     total = magnitude + irr.abs()
     share = magnitude.div_(total)  # 0/0 = nan where both are 0: replaced next
-    tie = 0.5 if tie_share is None else tie_share
-    share = torch.where(total > 0, share, tie)
+    # total >= 0, so its minimum tells whether any element ties (a fast
+    # reduction; ``(total == 0).any()`` costs several times more on CPU)
+    if total.numel() and bool(total.amin() == 0):
+        tie = 0.5 if tie_share is None else tie_share
+        if callable(tie):  # computed only when some element needs it
+            tie = tie()
+        share = torch.where(total == 0, tie, share)
+    # rel' = rel + share const, irr' = irr + const - share const; a full part
+    # (share 1) keeps the other exactly 0. In-place products: a broadcast
+    # addcmul is several times slower than mul + add on CPU
     rel_const = share.mul_(const)
-    return rel + rel_const, irr + (const - rel_const)
+    new_rel = rel + rel_const
+    new_irr = (irr + const).sub_(rel_const)
+    return new_rel, new_irr
 
 
 class CDTensor(Tensor):
@@ -331,7 +344,7 @@ def _rule_affine(func, args, kwargs):
         else:
             shaped = bias.reshape((-1,) + (1,) * (args[1].dim() - 2))
         total = total + shaped
-        rel, irr = _split_constant(rel, irr, shaped, _row_share(x.rel, x.irr))
+        rel, irr = _split_constant(rel, irr, shaped, partial(_row_share, x.rel, x.irr))
     return CDTensor.wrap(rel, irr, total)
 
 
@@ -386,7 +399,7 @@ def _rule_layer_norm(func, args, kwargs):
     if bound["weight"] is not None:
         rel, irr = rel * bound["weight"], irr * bound["weight"]
     if bound["bias"] is not None:
-        rel, irr = _split_constant(rel, irr, bound["bias"], _row_share(x.rel, x.irr))
+        rel, irr = _split_constant(rel, irr, bound["bias"], partial(_row_share, x.rel, x.irr))
     return CDTensor.wrap(rel, irr, total)
 
 
@@ -417,7 +430,7 @@ def _shapley_two(f: Callable[[Tensor], Tensor], rel: Tensor, irr: Tensor, f_tota
     f_rel, f_irr = f(rel), f(irr)
     b = 0.5 * ((f_rel - f_zero) + (f_total - f_irr))
     c = 0.5 * ((f_irr - f_zero) + (f_total - f_rel))
-    return _split_constant(b, c, f_zero, _row_share(rel, irr))
+    return _split_constant(b, c, f_zero, partial(_row_share, rel, irr))
 
 
 def _rule_smooth(func, args, kwargs):
@@ -471,7 +484,7 @@ def _rule_add(func, args, kwargs):
             const = const + coef * operand
     assert rel is not None and irr is not None
     if isinstance(const, Tensor) or const != 0:
-        tie = _row_share(rel, irr)
+        tie = partial(_row_share, rel, irr)
         rel, irr = torch.broadcast_tensors(rel, irr, total)[:2]
         rel, irr = _split_constant(rel, irr, const, tie)
     else:
