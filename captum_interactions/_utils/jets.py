@@ -436,6 +436,16 @@ def _fast_linear(func, args, kwargs) -> Optional[Tensor]:
             return getattr(a, func.__name__)((a.shape[0],) + tuple(shape))
         except RuntimeError:  # e.g. a view of non-contiguous coefficients
             return None
+    if kind == "index":
+        index = args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(
+            i is None or i is Ellipsis or isinstance(i, slice)
+            or (isinstance(i, int) and not isinstance(i, bool))
+            for i in index
+        ):
+            return None  # tensor / bool / list indices: the general path
+        return a[(slice(None),) + index]
     if kind == "reduce":
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
@@ -831,6 +841,7 @@ for _fn in (torch.flatten, Tensor.flatten):
     _FAST_LINEAR[_fn] = "flatten"
 for _fn in (Tensor.reshape, Tensor.view):
     _FAST_LINEAR[_fn] = "reshape"
+_FAST_LINEAR[Tensor.__getitem__] = "index"
 for _fn in (torch.sum, Tensor.sum, torch.mean, Tensor.mean):
     _FAST_LINEAR[_fn] = "reduce"
 _register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack", "torch.hstack",

@@ -181,8 +181,40 @@ class RecoveryPlan:
             len(self.directions), self.num_variables
         )
 
+    # the recovery is linear: below this many entries it is one dense
+    # (n_directions, M_d) matrix per order, built once from the exact solves
+    _DENSE_MAX_ENTRIES = 4_000_000
+
+    def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
+        """{d: (n_directions, M_d)} with coefficients_d = univariate[d].T @ map_d, or
+        None where the maps would be too large (the block solves are used)."""
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        key = (str(device), dtype)
+        if key not in cache:
+            n = len(self.directions)
+            sizes = [self.steps[d][3] for d in self.orders if d != 0]
+            if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
+                cache[key] = None
+            else:
+                identity = torch.eye(n, dtype=torch.float64)
+                top = max(self.orders)
+                unit = identity.unsqueeze(0).expand(top + 1, n, n)
+                maps = self._recover_blocks(unit)
+                cache[key] = {d: m.to(device, dtype) for d, m in maps.items() if d != 0}
+        return cache[key]
+
     def recover(self, univariate: Tensor) -> Dict[int, Tensor]:
         """``univariate`` (K + 1, n_directions, N) -> {d: (N, M_d) monomial coefficients}."""
+        maps = self._dense_maps(univariate.device, univariate.dtype)
+        if maps is None:
+            return self._recover_blocks(univariate)
+        out = {}
+        for d in self.orders:
+            out[d] = (univariate[0, 0].unsqueeze(-1) if d == 0
+                      else univariate[d].transpose(0, 1) @ maps[d])
+        return out
+
+    def _recover_blocks(self, univariate: Tensor) -> Dict[int, Tensor]:
         out = {}
         device, dtype = univariate.device, univariate.dtype
         for d in self.orders:
