@@ -102,7 +102,8 @@ def main():
         print(f"{row['task']:<26} {row['method']:<32} {row['seconds']:>10.4f}  {notes}")
     name = "cd.json" if device == "cpu" else f"cd_{device.split(':')[0]}.json"
     out = args.out or os.path.join(HERE, "results", name)
-    write_results(dict(device=device, torch=torch.__version__, quick=args.quick, rows=rows), out)
+    write_results(dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
+                       quick=args.quick, rows=rows), out)
 
 
 if __name__ == "__main__":
