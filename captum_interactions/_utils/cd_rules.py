@@ -95,6 +95,15 @@ def _row_share(rel: Tensor, irr: Tensor) -> Tensor:
     return share.reshape(share.shape + (1,) * max(rel.dim() - 1, 0))
 
 
+def _may_tie(total: Tensor) -> bool:
+    """Whether some element of the (non-negative) magnitude sum is 0. On CPU a
+    fast reduction decides, so the tie rule is skipped when nothing ties; on
+    other devices it is always applied, to avoid a host-device sync per layer."""
+    if total.device.type != "cpu":
+        return True
+    return total.numel() > 0 and bool(total.amin() == 0)
+
+
 def _split_constant(
     rel: Tensor, irr: Tensor, const: Any,
     tie_share: Union[None, Tensor, Callable[[], Tensor]] = None,
@@ -110,7 +119,7 @@ def _split_constant(
     share = magnitude.div_(total)  # 0/0 = nan where both are 0: replaced next
     # total >= 0, so its minimum tells whether any element ties (a fast
     # reduction; ``(total == 0).any()`` costs several times more on CPU)
-    if total.numel() and bool(total.amin() == 0):
+    if _may_tie(total):
         tie = 0.5 if tie_share is None else tie_share
         if callable(tie):  # computed only when some element needs it
             tie = tie()
@@ -151,7 +160,7 @@ def _split_pair(pair: Tensor, const: Tensor, tie_share: Callable[[], Tensor]) ->
     share = pair.abs()
     total = torch.add(share[0], share[1])  # not .sum(0): a reduction zero-fills first
     share.div_(total)  # 0/0 = nan where both are 0: replaced next
-    if bool(total.amin() == 0):
+    if _may_tie(total):
         tie = tie_share()
         tie = torch.stack(torch.broadcast_tensors(tie, 1 - tie)) if isinstance(tie, Tensor) \
             else torch.tensor([tie, 1 - tie], dtype=pair.dtype, device=pair.device).reshape(
