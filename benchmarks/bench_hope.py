@@ -269,6 +269,9 @@ def main():
         "quick": args.quick,
         "timeout_s": args.timeout,
         "torch": torch.__version__,
+        # intra-op threads of the timed processes (OMP_NUM_THREADS): timings on a
+        # shared machine are only comparable at the same setting
+        "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "rows": rows,
     }

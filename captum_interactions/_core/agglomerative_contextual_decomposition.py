@@ -152,18 +152,29 @@ def _adjacency(kind: str, grid_shape: Tuple[int, ...], device: torch.device) -> 
     return ((r[:, None] - r[None, :]).abs() + (c[:, None] - c[None, :]).abs()) == 1
 
 
-def _components(selected: Tensor, adjacency: Tensor) -> Tensor:
+def _edges(adjacency: Tensor) -> Tuple[Tensor, Tensor]:
+    """(source, destination) unit indices of the neighbour pairs, both directions."""
+    src, dst = torch.nonzero(adjacency, as_tuple=True)
+    return src, dst
+
+
+def _components(selected: Tensor, edges: Tuple[Tensor, Tensor]) -> Tensor:
     """Connected components of the selected units: label per unit (-1 unselected),
-    numbered 0.. in order of their first unit."""
+    numbered 0.. in order of their first unit.
+
+    Min-label propagation over the edge list (O(edges) per sweep, not a dense
+    U x U pass) with pointer jumping (a unit takes its label's label), which
+    shortens chains of labels geometrically. At the fixpoint neighbours agree,
+    so every unit holds the smallest unit index of its component."""
+    src, dst = edges
+    keep = selected[src] & selected[dst]
+    src, dst = src[keep], dst[keep]
     units = selected.numel()
-    big = units
     idx = torch.arange(units, device=selected.device)
-    labels = torch.where(selected, idx, torch.full_like(idx, big))
-    neighbour = adjacency & selected[None, :] & selected[:, None]
+    labels = idx.clone()
     while True:
-        spread = torch.where(neighbour, labels[None, :], torch.full_like(neighbour, big, dtype=torch.long))
-        new = torch.minimum(labels, spread.min(dim=1).values)
-        new = torch.where(selected, new, torch.full_like(new, big))
+        new = labels.scatter_reduce(0, dst, labels[src], reduce="amin")
+        new = new[new]
         if torch.equal(new, labels):
             break
         labels = new
@@ -360,6 +371,7 @@ def _agglomerate(
 ) -> Hierarchy:
     units = adjacency.shape[0]
     device = adjacency.device
+    edges = _edges(adjacency)
     eye = torch.eye(units, dtype=torch.bool, device=device)
     unit_scores = score(eye)
     groups0 = [torch.tensor([u], device=device) for u in range(units)]
@@ -375,10 +387,14 @@ def _agglomerate(
             best = torch.where(remaining, candidate, torch.full_like(candidate, -math.inf))
             new[best.argmax()] = True
         selected = selected | new
-        labels = _components(selected, adjacency)
+        labels = _components(selected, edges)
         num_components = int(labels.max()) + 1
         members = labels[None, :] == torch.arange(num_components, device=device)[:, None]
-        frontier = (members.float() @ adjacency.float() > 0) & ~selected[None, :]
+        # units next to a component: scatter each member along its edges
+        touched = torch.zeros((num_components, units), device=device).index_add_(
+            1, edges[1], members[:, edges[0]].float()
+        )
+        frontier = (touched > 0) & ~selected[None, :]
         comp_index, unit_index = torch.nonzero(frontier, as_tuple=True)
         merged = members[comp_index].clone()
         merged[torch.arange(comp_index.numel(), device=device), unit_index] = True

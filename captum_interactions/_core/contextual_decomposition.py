@@ -184,8 +184,12 @@ class ContextualDecomposition(Attribution):
             x_rows = x.unsqueeze(0).expand((k,) + tuple(x.shape))
             if x.is_floating_point():
                 m = mask.to(x.dtype)
-                rel = (x_rows * m).reshape(rows)
-                irr = (x_rows * (1 - m)).reshape(rows)
+                # the parts side by side in one buffer: the first layer then
+                # takes both in one call without concatenating them
+                pair = x.new_empty((2,) + tuple(x_rows.shape))
+                torch.mul(x_rows, m, out=pair[0])
+                torch.mul(x_rows, 1 - m, out=pair[1])
+                rel, irr = pair[0].reshape(rows), pair[1].reshape(rows)
                 wrapped.append(CDTensor.wrap(rel, irr, x_rows.reshape(rows).clone()))
             else:
                 m = mask.expand((k,) + tuple(x.shape)).reshape(rows)

@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
-import contextlib
 import math
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
@@ -41,29 +40,22 @@ from captum_interactions._utils.taylor_polynomial import (
 _MAX_MONOMIALS = 2_000_000
 
 
-@contextlib.contextmanager
-def _module_tracker(forward_func: Callable) -> Iterator[List[str]]:
-    """Names of the modules being executed (to name a failing layer); hooks removed after."""
-    stack: List[str] = []
-    handles = []
+def _failing_module(forward_func: Callable, traceback: Any) -> Optional[str]:
+    """The innermost module of ``forward_func`` whose ``forward`` was running when
+    an error was raised, read from the error's traceback: free on success (no
+    hooks to register and remove on every call)."""
+    labels = {}
     for root in model_modules(forward_func):
         for name, module in root.named_modules():
-            label = f"{name or '<root>'} ({type(module).__name__})"
-
-            def pre(mod, inp, label=label):
-                stack.append(label)
-
-            def post(mod, inp, out, label=label):
-                if stack and stack[-1] == label:
-                    stack.pop()
-
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
+            labels.setdefault(id(module), f"{name or '<root>'} ({type(module).__name__})")
+    found = None
+    while traceback is not None:
+        frame = traceback.tb_frame
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and id(owner) in labels:
+            found = labels[id(owner)]
+        traceback = traceback.tb_next
+    return found
 
 
 def _default_names(groups: FeatureGroups, num_inputs: int) -> List[str]:
@@ -246,15 +238,15 @@ class HOPE(GradientAttribution):
                 "already chunked to one direction.",
             )
         plan = recovery_plan(p, tuple(sorted(set(orders))))
-        with torch.no_grad(), preserved_module_state(self.forward_func), \
-                _module_tracker(self.forward_func) as stack:
+        with torch.no_grad(), preserved_module_state(self.forward_func):
             try:
                 univariate = self._univariate(
                     inputs, groups, plan, top, target, additional_forward_args,
                     internal_batch_size, fixed_bytes=fixed,
                 )
             except UnsupportedJetOperation as err:
-                where = f" (in module {stack[-1]})" if stack else ""
+                module = _failing_module(self.forward_func, err.__traceback__)
+                where = f" (in module {module})" if module else ""
                 raise UnsupportedJetOperation(f"{err.args[0]}{where}") from None
         return plan.recover(univariate)
 

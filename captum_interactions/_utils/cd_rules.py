@@ -65,7 +65,8 @@ Rules (beta = relevant, gamma = irrelevant, x = beta + gamma the true input):
 Anything else that produces a tensor from a CD activation raises
 :class:`UnsupportedOperationError` naming the operation.
 """
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,21 +95,78 @@ def _row_share(rel: Tensor, irr: Tensor) -> Tensor:
     return share.reshape(share.shape + (1,) * max(rel.dim() - 1, 0))
 
 
+def _may_tie(total: Tensor) -> bool:
+    """Whether some element of the (non-negative) magnitude sum is 0. On CPU a
+    fast reduction decides, so the tie rule is skipped when nothing ties; on
+    other devices it is always applied, to avoid a host-device sync per layer."""
+    if total.device.type != "cpu":
+        return True
+    return total.numel() > 0 and bool(total.amin() == 0)
+
+
 def _split_constant(
-    rel: Tensor, irr: Tensor, const: Any, tie_share: Optional[Tensor] = None
+    rel: Tensor, irr: Tensor, const: Any,
+    tie_share: Union[None, Tensor, Callable[[], Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Add ``const`` to the parts, shared per element in proportion to |rel|, |irr|.
 
     Where both are exactly 0 the share is ``tie_share`` (the relevant fraction of
-    the L1 mass of the layer's input, per example), 1/2 if not given.
+    the L1 mass of the layer's input, per example; a tensor or a function that
+    computes it), 1/2 if not given.
     """
     magnitude = rel.abs()
     total = magnitude + irr.abs()
     share = magnitude.div_(total)  # 0/0 = nan where both are 0: replaced next
-    tie = 0.5 if tie_share is None else tie_share
-    share = torch.where(total > 0, share, tie)
+    # total >= 0, so its minimum tells whether any element ties (a fast
+    # reduction; ``(total == 0).any()`` costs several times more on CPU)
+    if _may_tie(total):
+        tie = 0.5 if tie_share is None else tie_share
+        if callable(tie):  # computed only when some element needs it
+            tie = tie()
+        share = torch.where(total == 0, tie, share)
+    # rel' = rel + share const, irr' = irr + const - share const; a full part
+    # (share 1) keeps the other exactly 0. In-place products: a broadcast
+    # addcmul is several times slower than mul + add on CPU
     rel_const = share.mul_(const)
-    return rel + rel_const, irr + (const - rel_const)
+    new_rel = rel + rel_const
+    new_irr = (irr + const).sub_(rel_const)
+    return new_rel, new_irr
+
+
+def _as_pair(rel: Tensor, irr: Tensor) -> Optional[Tensor]:
+    """(2, *shape) view of the two parts when ``irr`` directly follows ``rel`` in
+    one contiguous buffer (as the rules below produce them), else None: layers
+    then take both parts in one call without concatenating them first."""
+    if (
+        rel.shape != irr.shape or rel.dtype != irr.dtype or rel.numel() == 0
+        or not rel.is_contiguous() or not irr.is_contiguous()
+        or irr.storage_offset() != rel.storage_offset() + rel.numel()
+        or rel.untyped_storage().data_ptr() != irr.untyped_storage().data_ptr()
+    ):
+        return None
+    shape = (2,) + tuple(rel.shape)
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return rel.as_strided(shape, tuple(reversed(strides)), rel.storage_offset())
+
+
+def _split_pair(pair: Tensor, const: Tensor, tie_share: Callable[[], Tensor]) -> Tensor:
+    """:func:`_split_constant` on both parts stacked as ``pair`` (2, ...), in
+    fewer passes: part' = part + const |part| / (|rel| + |irr|). A part that is
+    exactly 0 everywhere stays exactly 0; the parts add up to the total
+    (part sum + const) to round-off."""
+    share = pair.abs()
+    total = torch.add(share[0], share[1])  # not .sum(0): a reduction zero-fills first
+    share.div_(total)  # 0/0 = nan where both are 0: replaced next
+    if _may_tie(total):
+        tie = tie_share()
+        tie = torch.stack(torch.broadcast_tensors(tie, 1 - tie)) if isinstance(tie, Tensor) \
+            else torch.tensor([tie, 1 - tie], dtype=pair.dtype, device=pair.device).reshape(
+                (2,) + (1,) * (pair.dim() - 1))
+        share = torch.where(total == 0, tie, share)
+    return share.mul_(const).add_(pair)
 
 
 class CDTensor(Tensor):
@@ -321,7 +379,18 @@ def _rule_affine(func, args, kwargs):
     # op's value up to round-off), which saves a third of the layer's work
     batched = x.rel.dim() >= 2 if _name(func) == "linear" else x.rel.dim() == args[1].dim()
     if batched:
-        rel, irr = func(torch.cat([x.rel, x.irr]), *args[1:], **kwargs).chunk(2)
+        pair = _as_pair(x.rel, x.irr)
+        joined = pair.flatten(0, 1) if pair is not None else torch.cat([x.rel, x.irr])
+        out = func(joined, *args[1:], **kwargs)
+        pair = out.unflatten(0, (2, x.rel.shape[0]))
+        total = torch.add(pair[0], pair[1])
+        if bias is None:
+            return CDTensor.wrap(pair[0], pair[1], total)
+        shaped = bias if _name(func) == "linear" else bias.reshape(
+            (-1,) + (1,) * (args[1].dim() - 2))
+        total.add_(shaped)
+        pair = _split_pair(pair, shaped, partial(_row_share, x.rel, x.irr))
+        return CDTensor.wrap(pair[0], pair[1], total)
     else:
         rel, irr = func(x.rel, *args[1:], **kwargs), func(x.irr, *args[1:], **kwargs)
     total = rel + irr
@@ -331,7 +400,7 @@ def _rule_affine(func, args, kwargs):
         else:
             shaped = bias.reshape((-1,) + (1,) * (args[1].dim() - 2))
         total = total + shaped
-        rel, irr = _split_constant(rel, irr, shaped, _row_share(x.rel, x.irr))
+        rel, irr = _split_constant(rel, irr, shaped, partial(_row_share, x.rel, x.irr))
     return CDTensor.wrap(rel, irr, total)
 
 
@@ -386,7 +455,7 @@ def _rule_layer_norm(func, args, kwargs):
     if bound["weight"] is not None:
         rel, irr = rel * bound["weight"], irr * bound["weight"]
     if bound["bias"] is not None:
-        rel, irr = _split_constant(rel, irr, bound["bias"], _row_share(x.rel, x.irr))
+        rel, irr = _split_constant(rel, irr, bound["bias"], partial(_row_share, x.rel, x.irr))
     return CDTensor.wrap(rel, irr, total)
 
 
@@ -407,8 +476,15 @@ def _elementwise(func, args, kwargs) -> Tuple[CDTensor, Callable[[Tensor], Tenso
 def _rule_relu_family(func, args, kwargs):
     """beta' = f(beta), gamma' = f(beta + gamma) - f(beta)."""
     x, f, total = _elementwise(func, args, kwargs)
+    name = _name(func)
+    if name == "relu" and not _inplace_requested(name, args, kwargs):
+        # both parts written side by side, ready for the next layer's one call
+        pair = x.rel.new_empty((2,) + tuple(x.rel.shape))
+        torch.clamp_min(x.rel, 0, out=pair[0])
+        torch.sub(total, pair[0], out=pair[1])
+        return CDTensor.wrap(pair[0], pair[1], total)
     rel = f(x.rel)
-    return _finish(_name(func), args, kwargs, rel, total - rel, total)
+    return _finish(name, args, kwargs, rel, total - rel, total)
 
 
 def _shapley_two(f: Callable[[Tensor], Tensor], rel: Tensor, irr: Tensor, f_total: Tensor):
@@ -417,7 +493,7 @@ def _shapley_two(f: Callable[[Tensor], Tensor], rel: Tensor, irr: Tensor, f_tota
     f_rel, f_irr = f(rel), f(irr)
     b = 0.5 * ((f_rel - f_zero) + (f_total - f_irr))
     c = 0.5 * ((f_irr - f_zero) + (f_total - f_rel))
-    return _split_constant(b, c, f_zero, _row_share(rel, irr))
+    return _split_constant(b, c, f_zero, partial(_row_share, rel, irr))
 
 
 def _rule_smooth(func, args, kwargs):
@@ -440,8 +516,15 @@ def _rule_max_pool(func, args, kwargs):
     with _DISABLE():
         total, indices = pool(x.total, *tree_map(_plain, tuple(call_args[1:])), **call_kwargs)
     flat_index = indices.flatten(-dims)
-    rel = x.rel.flatten(-dims).gather(-1, flat_index).view_as(indices)
-    irr = x.irr.flatten(-dims).gather(-1, flat_index).view_as(indices)
+    pair = _as_pair(x.rel, x.irr)
+    if pair is not None:  # one gather for both parts
+        both = pair.flatten(-dims).gather(
+            -1, flat_index.unsqueeze(0).expand((2,) + tuple(flat_index.shape))
+        ).view((2,) + tuple(indices.shape))
+        rel, irr = both[0], both[1]
+    else:
+        rel = x.rel.flatten(-dims).gather(-1, flat_index).view_as(indices)
+        irr = x.irr.flatten(-dims).gather(-1, flat_index).view_as(indices)
     out = CDTensor.wrap(rel, irr, total)
     return (out, indices) if wants_indices else out
 
@@ -471,7 +554,7 @@ def _rule_add(func, args, kwargs):
             const = const + coef * operand
     assert rel is not None and irr is not None
     if isinstance(const, Tensor) or const != 0:
-        tie = _row_share(rel, irr)
+        tie = partial(_row_share, rel, irr)
         rel, irr = torch.broadcast_tensors(rel, irr, total)[:2]
         rel, irr = _split_constant(rel, irr, const, tie)
     else:

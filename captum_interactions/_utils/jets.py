@@ -199,19 +199,56 @@ def series_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.stack(torch.broadcast_tensors(*q))
 
 
-def _ode_term(a: Tensor, g: Sequence[Tensor], k: int) -> Tensor:
-    """(1/k) sum_{j=1..k} j a_j g_{k-j}: the order-k coefficient of y with y' = g a'."""
-    acc = a[1] * g[k - 1]
-    for j in range(2, k + 1):
-        acc = acc + j * a[j] * g[k - j]
-    return acc / k
+def _weighted(a: Tensor) -> Tensor:
+    """(K, ...) j a_j for j = 1..K: the coefficients of t a'(t)."""
+    order = a.shape[0] - 1
+    weights = torch.arange(1, order + 1, dtype=a.dtype, device=a.device)
+    return a[1:] * weights.reshape((order,) + (1,) * (a.dim() - 1))
+
+
+def _ode_term(ja: Tensor, g_reversed: Tensor, k: int) -> Tensor:
+    """(1/k) sum_{j=1..k} j a_j g_{k-j}: the order-k coefficient of y with y' = g a'.
+
+    ``ja`` holds j a_j (j = 1..K) and ``g_reversed`` holds g_K..g_0 (g reversed
+    along the K axis, filled at least up to g_{k-1}), so the sum is one dot
+    product over the leading axis: one kernel per order instead of k."""
+    order = g_reversed.shape[0] - 1
+    return _dot0(ja[:k], g_reversed[order - k + 1 :]).div_(k)
+
+
+# above this many elements per coefficient an in-place multiply-add loop beats
+# one strided vecdot reduction (measured on CPU, float64)
+_DOT_LOOP_NUMEL = 16384
+
+
+def _dot0(x: Tensor, y: Tensor) -> Tensor:
+    """sum_i x_i * y_i over the leading axis (both of the same shape)."""
+    if x[0].numel() < _DOT_LOOP_NUMEL:
+        return torch.linalg.vecdot(x, y, dim=0)
+    acc = x[0] * y[0]
+    for i in range(1, x.shape[0]):
+        acc.addcmul_(x[i], y[i])
+    return acc
+
+
+def _ode_integrate(a: Tensor, y0: Tensor, g: Tensor) -> Tensor:
+    """Series of y with y' = g a' and y(0) = y0, for a known series ``g``."""
+    ja, g_reversed = _weighted(a), g.flip(0)
+    out = [y0]
+    for k in range(1, a.shape[0]):
+        out.append(_ode_term(ja, g_reversed, k))
+    return torch.stack(torch.broadcast_tensors(*out))
 
 
 def series_exp(a: Tensor) -> Tensor:
-    e = [torch.exp(a[0])]
-    for k in range(1, a.shape[0]):
-        e.append(_ode_term(a, e, k))
-    return torch.stack(e)
+    order = a.shape[0] - 1
+    ja = _weighted(a)
+    # e_k depends on e_0..e_{k-1}: kept reversed (e_K..e_0) for the dot product
+    e_reversed = torch.empty_like(a)
+    e_reversed[order] = torch.exp(a[0])
+    for k in range(1, order + 1):
+        e_reversed[order - k] = _ode_term(ja, e_reversed, k)
+    return e_reversed.flip(0)
 
 
 def series_log(a: Tensor) -> Tensor:
@@ -225,26 +262,35 @@ def series_log(a: Tensor) -> Tensor:
 
 
 def series_sin_cos(a: Tensor):
-    s, c = [torch.sin(a[0])], [torch.cos(a[0])]
-    for k in range(1, a.shape[0]):
-        s_k = _ode_term(a, c, k)
-        c_k = -_ode_term(a, s, k)
-        s.append(s_k)
-        c.append(c_k)
-    return torch.stack(s), torch.stack(c)
+    order = a.shape[0] - 1
+    ja = _weighted(a)
+    s_reversed, c_reversed = torch.empty_like(a), torch.empty_like(a)
+    s_reversed[order], c_reversed[order] = torch.sin(a[0]), torch.cos(a[0])
+    for k in range(1, order + 1):
+        s_k = _ode_term(ja, c_reversed, k)
+        c_reversed[order - k] = _ode_term(ja, s_reversed, k).neg_()
+        s_reversed[order - k] = s_k
+    return s_reversed.flip(0), c_reversed.flip(0)
 
 
 def _series_riccati(a: Tensor, y0: Tensor, quadratic: float, linear: float, const: float):
     """y' = (const + linear*y + quadratic*y^2) a' (tanh: 1 - y^2; sigmoid: y - y^2)."""
-    y = [y0]
-    g = [const + linear * y0 + quadratic * y0 * y0]
-    for k in range(1, a.shape[0]):
-        y.append(_ode_term(a, g, k))
-        sq = y[0] * y[k]
-        for i in range(1, k + 1):
-            sq = sq + y[i] * y[k - i]
-        g.append(linear * y[k] + quadratic * sq)
-    return torch.stack(y)
+    order = a.shape[0] - 1
+    ja = _weighted(a)
+    # y in both orders (for the self-convolution sum_i y_i y_{k-i}), g reversed
+    y = torch.empty_like(a)
+    y_reversed, g_reversed = torch.empty_like(a), torch.empty_like(a)
+    y[0] = y_reversed[order] = y0
+    g_reversed[order] = const + linear * y0 + quadratic * y0 * y0
+    for k in range(1, order + 1):
+        y_k = _ode_term(ja, g_reversed, k)
+        y[k] = y_reversed[order - k] = y_k
+        if k < order:
+            square = _dot0(y[: k + 1], y_reversed[order - k :])
+            g_reversed[order - k] = (
+                square.mul_(quadratic).add_(y_k, alpha=linear) if linear else square.mul_(quadratic)
+            )
+    return y
 
 
 def series_tanh(a: Tensor) -> Tensor:
@@ -284,10 +330,7 @@ def series_sqrt(a: Tensor) -> Tensor:
 def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     # softplus' = sigmoid(beta a); torch switches to the identity where beta*a > threshold
     sig = series_sigmoid(beta * a)
-    y = [F.softplus(a[0], beta=beta, threshold=threshold)]
-    for k in range(1, a.shape[0]):
-        y.append(_ode_term(a, sig, k))
-    y_t = torch.stack(y)
+    y_t = _ode_integrate(a, F.softplus(a[0], beta=beta, threshold=threshold), sig)
     linear = (beta * a[0] > threshold).unsqueeze(0)
     linear = torch.cat([torch.zeros_like(linear[:1]), linear.expand(a.shape[0] - 1, *a.shape[1:])])
     return torch.where(linear, a, y_t)
@@ -296,18 +339,13 @@ def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Te
 def series_gelu_erf(a: Tensor) -> Tensor:
     # gelu = a * Phi(a), Phi' = phi(a) a', phi = exp(-a^2 / 2) / sqrt(2 pi)
     phi = series_exp(-0.5 * series_mul(a, a)) / math.sqrt(2 * math.pi)
-    cdf = [0.5 * (1 + torch.erf(a[0] / math.sqrt(2)))]
-    for k in range(1, a.shape[0]):
-        cdf.append(_ode_term(a, phi, k))
-    return series_mul(a, torch.stack(cdf))
+    cdf = _ode_integrate(a, 0.5 * (1 + torch.erf(a[0] / math.sqrt(2))), phi)
+    return series_mul(a, cdf)
 
 
 def series_erf(a: Tensor) -> Tensor:
     dens = series_exp(-series_mul(a, a)) * (2 / math.sqrt(math.pi))
-    out = [torch.erf(a[0])]
-    for k in range(1, a.shape[0]):
-        out.append(_ode_term(a, dens, k))
-    return torch.stack(out)
+    return _ode_integrate(a, torch.erf(a[0]), dens)
 
 
 def series_gelu_tanh(a: Tensor) -> Tensor:
@@ -349,8 +387,79 @@ def supported_operations() -> str:
     return ", ".join(sorted(_SUPPORTED_NAMES))
 
 
+def _shift_dim(dim: Any) -> Any:
+    if isinstance(dim, int):
+        return _vdim(dim)
+    if isinstance(dim, (tuple, list)):
+        return type(dim)(_vdim(d) for d in dim)
+    return dim
+
+
+def _fast_linear(func, args, kwargs) -> Optional[Tensor]:
+    """Coefficients of the common linear ops without ``torch.vmap`` (which costs
+    tens of microseconds per call), or None where the general path is needed."""
+    x = args[0] if args else None
+    if not isinstance(x, Jet) or any(isinstance(a, Jet) for a in args[1:]) or any(
+        isinstance(v, Jet) for v in kwargs.values()
+    ):
+        return None
+    a = x.coefficients
+    kind = _FAST_LINEAR.get(func)
+    if kind == "pool":
+        # batch-first ops: the coefficient axis joins the batch axis
+        spatial = _POOL_DIMS[func]
+        if a.dim() - 1 == spatial + 2:
+            out = func(a.flatten(0, 1), *args[1:], **kwargs)
+            return out.unflatten(0, a.shape[:2])
+        if a.dim() - 1 == spatial + 1:
+            return func(a, *args[1:], **kwargs)
+        return None
+    if kind == "flatten":
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        if len(args) > 3 or set(kwargs) - {"start_dim", "end_dim"} or not (
+            isinstance(start, int) and isinstance(end, int)
+        ):
+            return None
+        if a.dim() == 1:  # a 0-d value: flatten gives shape (1,)
+            return a.reshape(a.shape[0], 1)
+        return a.flatten(_vdim(start), _vdim(end))
+    if kind == "reshape":
+        if kwargs:
+            return None
+        shape = args[1:]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = tuple(shape[0])
+        if not all(isinstance(n, int) for n in shape):
+            return None
+        try:
+            return getattr(a, func.__name__)((a.shape[0],) + tuple(shape))
+        except RuntimeError:  # e.g. a view of non-contiguous coefficients
+            return None
+    if kind == "index":
+        index = args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(
+            i is None or i is Ellipsis or isinstance(i, slice)
+            or (isinstance(i, int) and not isinstance(i, bool))
+            for i in index
+        ):
+            return None  # tensor / bool / list indices: the general path
+        return a[(slice(None),) + index]
+    if kind == "reduce":
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        if dim is None or len(args) > 3 or set(kwargs) - {"dim", "keepdim"}:
+            return None
+        return func(a, _shift_dim(dim), keepdim)
+    return None
+
+
 def _linear_rule(func, args, kwargs):
     """Linear, bias-free op: applied to every coefficient."""
+    fast = _fast_linear(func, args, kwargs)
+    if fast is not None:
+        return Jet(fast)
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
 
@@ -632,14 +741,20 @@ def _affine_rule(func, args, kwargs):
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     rest, rest_kw = tuple(args[3:]), {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
-    out0 = func(a[0], weight, bias, *rest, **rest_kw)
-    if a.shape[0] == 1:
-        return Jet(out0.unsqueeze(0))
     if func is F.linear:
-        higher = F.linear(a[1:], weight)
-    else:
-        higher = torch.vmap(lambda c: func(c, weight, None, *rest, **rest_kw))(a[1:])
-    return Jet(torch.cat([out0.unsqueeze(0), higher]))
+        out = F.linear(a, weight)
+        if bias is not None:
+            out[0] += bias
+        return Jet(out)
+    # conv: the K + 1 coefficients join the batch axis (one call, no vmap); an
+    # unbatched input (C, *spatial) already has the coefficient axis as its batch
+    batched = a.dim() - 1 == weight.dim()
+    flat = a.flatten(0, 1) if batched else a
+    out = func(flat, weight, None, *rest, **rest_kw)
+    out = out.unflatten(0, a.shape[:2]) if batched else out
+    if bias is not None:
+        out[0] += bias.reshape((-1,) + (1,) * (weight.dim() - 2))
+    return Jet(out)
 
 
 def _max_pool_rule(spatial_dims: int):
@@ -716,6 +831,19 @@ _register(
 _register(["F.avg_pool1d", "F.avg_pool2d", "F.avg_pool3d", "F.adaptive_avg_pool1d",
            "F.adaptive_avg_pool2d", "F.adaptive_avg_pool3d", "F.pixel_shuffle",
            "F.pixel_unshuffle"], _linear_rule)
+_FAST_LINEAR: Dict[Callable, str] = {}
+_POOL_DIMS: Dict[Callable, int] = {}
+for _fn, _dims in ((F.avg_pool1d, 1), (F.avg_pool2d, 2), (F.avg_pool3d, 3),
+                   (F.adaptive_avg_pool1d, 1), (F.adaptive_avg_pool2d, 2),
+                   (F.adaptive_avg_pool3d, 3)):
+    _FAST_LINEAR[_fn], _POOL_DIMS[_fn] = "pool", _dims
+for _fn in (torch.flatten, Tensor.flatten):
+    _FAST_LINEAR[_fn] = "flatten"
+for _fn in (Tensor.reshape, Tensor.view):
+    _FAST_LINEAR[_fn] = "reshape"
+_FAST_LINEAR[Tensor.__getitem__] = "index"
+for _fn in (torch.sum, Tensor.sum, torch.mean, Tensor.mean):
+    _FAST_LINEAR[_fn] = "reduce"
 _register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack", "torch.hstack",
            "torch.vstack"], _promote_list_rule)
 _register(["torch.where"], _where_rule)

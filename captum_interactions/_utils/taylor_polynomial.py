@@ -181,8 +181,40 @@ class RecoveryPlan:
             len(self.directions), self.num_variables
         )
 
+    # the recovery is linear: below this many entries it is one dense
+    # (n_directions, M_d) matrix per order, built once from the exact solves
+    _DENSE_MAX_ENTRIES = 4_000_000
+
+    def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
+        """{d: (n_directions, M_d)} with coefficients_d = univariate[d].T @ map_d, or
+        None where the maps would be too large (the block solves are used)."""
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        key = (str(device), dtype)
+        if key not in cache:
+            n = len(self.directions)
+            sizes = [self.steps[d][3] for d in self.orders if d != 0]
+            if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
+                cache[key] = None
+            else:
+                identity = torch.eye(n, dtype=torch.float64)
+                top = max(self.orders)
+                unit = identity.unsqueeze(0).expand(top + 1, n, n)
+                maps = self._recover_blocks(unit)
+                cache[key] = {d: m.to(device, dtype) for d, m in maps.items() if d != 0}
+        return cache[key]
+
     def recover(self, univariate: Tensor) -> Dict[int, Tensor]:
         """``univariate`` (K + 1, n_directions, N) -> {d: (N, M_d) monomial coefficients}."""
+        maps = self._dense_maps(univariate.device, univariate.dtype)
+        if maps is None:
+            return self._recover_blocks(univariate)
+        out = {}
+        for d in self.orders:
+            out[d] = (univariate[0, 0].unsqueeze(-1) if d == 0
+                      else univariate[d].transpose(0, 1) @ maps[d])
+        return out
+
+    def _recover_blocks(self, univariate: Tensor) -> Dict[int, Tensor]:
         out = {}
         device, dtype = univariate.device, univariate.dtype
         for d in self.orders:
@@ -209,6 +241,31 @@ class RecoveryPlan:
 def recovery_plan(num_variables: int, orders: Tuple[int, ...]) -> RecoveryPlan:
     """A cached :class:`RecoveryPlan` (its index tables are built in Python)."""
     return RecoveryPlan(num_variables, orders)
+
+
+@lru_cache(maxsize=8)
+def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tensor, Tensor]:
+    """(j! per monomial, the monomial of every entry of a (p,)*k tensor), cached:
+    building the lookup costs more than using it."""
+    factorials = torch.tensor(
+        [math.prod(math.factorial(int(e)) for e in row) for row in exps], dtype=torch.float64
+    )
+    if k == 0:
+        return factorials, torch.zeros(1, dtype=torch.long)
+    # every index tuple (i_1..i_k) and every monomial as its sorted index
+    # tuple, keyed in base p: keys stay below p^k, the size of the output,
+    # so they cannot overflow (base k + 1 over the exponents would for p > 40)
+    grids = torch.meshgrid(*[torch.arange(p)] * k, indexing="ij")
+    tuples = torch.stack([g.reshape(-1) for g in grids], dim=1).sort(dim=1).values
+    exps_t = torch.tensor(exps, dtype=torch.long).reshape(len(exps), p)
+    monomial_tuples = torch.repeat_interleave(
+        torch.arange(p).repeat(exps_t.shape[0]), exps_t.reshape(-1)
+    ).reshape(-1, k)  # exponents -> the sorted index tuple of each monomial
+    radix = p ** torch.arange(k - 1, -1, -1, dtype=torch.long)
+    keys = monomial_tuples @ radix
+    order = torch.argsort(keys)
+    lookup = order[torch.searchsorted(keys[order], tuples @ radix)]
+    return factorials, lookup.reshape(-1)
 
 
 def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
@@ -369,27 +426,13 @@ class TaylorPolynomial:
             raise ValueError(f"`k` must be in [0, {self.order}], got {k}")
         p = self.num_variables
         exps, coeffs = self.coefficients_of_order(k)
-        factorials = torch.tensor(
-            [math.prod(math.factorial(int(e)) for e in row) for row in exps.tolist()],
-            dtype=coeffs.dtype, device=coeffs.device,
+        factorials, lookup = _derivative_layout(
+            tuple(map(tuple, exps.tolist())), p, k
         )
-        derivs = coeffs * factorials
+        derivs = coeffs * factorials.to(coeffs.device, coeffs.dtype)
         if k == 0:
             return derivs[:, 0]
-        # every index tuple (i_1..i_k) and every monomial as its sorted index
-        # tuple, keyed in base p: keys stay below p^k, the size of the output,
-        # so they cannot overflow (base k + 1 over the exponents would for p > 40)
-        grids = torch.meshgrid(*[torch.arange(p)] * k, indexing="ij")
-        tuples = torch.stack([g.reshape(-1) for g in grids], dim=1).sort(dim=1).values
-        exps_cpu = exps.cpu().long()
-        monomial_tuples = torch.repeat_interleave(
-            torch.arange(p).repeat(exps_cpu.shape[0]), exps_cpu.reshape(-1)
-        ).reshape(-1, k)  # exponents -> the sorted index tuple of each monomial
-        radix = p ** torch.arange(k - 1, -1, -1, dtype=torch.long)
-        keys = monomial_tuples @ radix
-        order = torch.argsort(keys)
-        lookup = order[torch.searchsorted(keys[order], tuples @ radix)]
-        return derivs[:, lookup.to(derivs.device).reshape(-1)].reshape((len(self),) + (p,) * k)
+        return derivs[:, lookup.to(derivs.device)].reshape((len(self),) + (p,) * k)
 
     # -- transformations ----------------------------------------------------
 
