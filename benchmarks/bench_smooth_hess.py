@@ -75,7 +75,11 @@ def error_vs_cost(device, quick):
             errs = []
             for seed in seeds:
                 torch.manual_seed(seed)
-                h = sh.attribute(x, n_samples=n, stdevs=sigma, antithetic=antithetic)
+                # i.i.d. draws: this section is about antithetic pairs alone (the
+                # variance-reduced samplers: bench_smooth_hess_samplers.py)
+                h = sh.attribute(
+                    x, n_samples=n, stdevs=sigma, antithetic=antithetic, sampler="gaussian"
+                )
                 errs.append(((h - truth).flatten(1).norm(dim=1) / scale).mean().item())
             row[name] = statistics.mean(errs)
         row["naive_over_antithetic"] = row["naive"] / row["antithetic"]
