@@ -63,6 +63,9 @@ quick smoke run with smaller settings.
 import os
 import warnings
 
+# tqdm.auto (imported by Captum) warns in notebooks without ipywidgets
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 import matplotlib.pyplot as plt
 import torch
 from captum.attr import (LayerIntegratedGradients, LLMGradientAttribution, TextTemplateInput,
