@@ -75,11 +75,16 @@ def llm_section(
                 f"the modifier ('not'/'very') and the adjective: the interactions of the prompt "
                 f"'{prompt}' for log p('{target}'), from a baseline of <pad> tokens, "
                 f"{n_steps} path points, {result.hvps} Hessian-vector products. The strongest "
-                f"pair is '{a}' x '{b}' ({_fmt(value)}), next '{c}' x '{d}' ({_fmt(runner_up)}); "
-                f"the matrix sums to the change in log-probability {_fmt(change)} up to "
-                f"{_fmt(abs(result.seq_delta))}, and its row sums differ from Captum's "
+                f"pair is '{a}' x '{b}' (pair total Γij + Γji = {_fmt(value)}, so each of "
+                f"its two cells shows {_fmt(value / 2)}), next '{c}' x '{d}' "
+                f"({_fmt(runner_up)}); its row sums differ from Captum's "
                 f"LLMGradientAttribution(LayerIntegratedGradients) seq_attr by at most "
                 f"{_fmt(gap)}."
+            ),
+            convergence=(
+                f"Completeness error |Σ Γ − (change in log-probability)| = "
+                f"{_fmt(abs(result.seq_delta))} against |change| = {_fmt(abs(change))}, "
+                f"with n_steps = {n_steps}."
             ),
         ))
 
@@ -103,6 +108,11 @@ def llm_section(
                 f"of {len(per_token.input_tokens)} x {len(per_token.input_tokens)}, "
                 f"{per_token.hvps} Hessian-vector products; they add up to the sequence matrix "
                 f"up to {_fmt(sum_gap)}."
+            ),
+            convergence=(
+                f"Completeness error of the sequence matrix: "
+                f"{_fmt(float(abs(per_token.seq_delta)))}, with "
+                f"n_steps = {8 if quick else 16}."
             ),
         ))
     finally:
