@@ -357,7 +357,7 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 :meth:`IntegratedHessians.attribute`. Default: "nested"
             completeness_tol (float, optional): adaptive mode. Per example,
                 ``n_steps`` is doubled until
-                |sum(Gamma) - (f(x) - f(x'))| <= completeness_tol * |f(x) - f(x')|
+                ``abs(sum(Gamma) - (f(x) - f(x'))) <= completeness_tol * abs(f(x) - f(x'))``
                 or the next level would exceed ``max_steps``; each example's
                 result comes from the first level that meets the tolerance,
                 only the examples not yet within it are recomputed, and the
