@@ -11,6 +11,7 @@ from captum_interactions._utils.smoothing import (  # noqa: F401
     smooth_model,
 )
 from captum_interactions._core.dataset import DatasetExplanation, explain_dataset  # noqa: F401
+from captum_interactions._utils.dataset_storage import DatasetStorageError  # noqa: F401
 from captum_interactions._core.smooth_hess import SmoothHess  # noqa: F401
 from captum_interactions._core.contextual_decomposition import ContextualDecomposition  # noqa: F401
 from captum_interactions._core.agglomerative_contextual_decomposition import (  # noqa: F401

@@ -64,8 +64,11 @@ _HASHING = True
 
 
 class DatasetStorageError(ValueError):
-    """A file of an explain_dataset run is missing, damaged, foreign or of an old
-    format. ``path`` is the file (or folder) at fault."""
+    """A file of an explain_dataset run is missing, damaged, foreign or old.
+
+    A ``ValueError``; ``path`` is the file (or folder) at fault. A rerun of
+    :func:`~captum_interactions.explain_dataset` with the same arguments
+    recomputes what is damaged and keeps what is sound."""
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(message)
