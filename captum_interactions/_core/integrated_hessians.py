@@ -31,11 +31,10 @@ from captum_interactions._utils.quadrature import (
     DEFAULT_N_STEPS,
     DEFAULT_MAX_STEPS,
     log_weight_rule,
-    refine_until_complete,
+    integrate_to_completeness,
     select_examples,
     validate_adaptive_arguments,
     validate_method,
-    warn_if_incomplete,
 )
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
@@ -73,6 +72,69 @@ def path_rows(
         points.append((base + t_b * delta).reshape((-1,) + x.shape[1:]))
         deltas.append(delta.reshape((-1,) + x.shape[1:]))
     return tuple(points), tuple(deltas)
+
+
+def path_integrator(
+    forward_func: Callable,
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    target: TargetType,
+    additional_forward_args: Any,
+    method: str,
+    groups: FeatureGroups,
+    multiply_by_inputs: bool,
+    internal_batch_size: Optional[int],
+    counter: CostCounter,
+    method_name: str,
+    run_rows: Optional[Callable[..., Any]] = None,
+) -> Callable[[int, Optional[Tensor]], Tensor]:
+    """``integrate(steps, index)``: the (N, G, G) interactions at ``steps`` path
+    points of the rule ``method``, or those of the examples ``index`` only.
+
+    Shared by Integrated Hessians (``inputs`` are the model's inputs) and the
+    layer variant (``inputs`` are the layer's activations, ``run_rows``
+    injects them); ``baselines`` have the shapes of ``inputs``.
+    """
+    num_examples = inputs[0].shape[0]
+    dtype, device = inputs[0].dtype, inputs[0].device
+
+    def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
+        nodes, weights = log_weight_rule(method, steps)
+        t = torch.tensor(nodes, dtype=dtype, device=device)
+        w = torch.tensor(weights, dtype=dtype, device=device)
+        if index is None:
+            examples = torch.arange(num_examples, device=device)
+            sub_inputs, sub_baselines = inputs, baselines
+            sub_target, sub_args = target, additional_forward_args
+        else:
+            examples = index
+            sub_inputs = tuple(x[index] for x in inputs)
+            sub_baselines = tuple(b[index] for b in baselines)
+            sub_target, sub_args = select_examples(
+                target, additional_forward_args, index, num_examples
+            )
+        points, deltas = path_rows(sub_inputs, sub_baselines, t)
+        scales = deltas if multiply_by_inputs else tuple(torch.ones_like(d) for d in deltas)
+        # rows keep their original example index (per-example feature masks
+        # are looked up by it); the result is cut to ``index`` after
+        interactions = accumulate_path_interactions(
+            forward_func,
+            points,
+            scales,
+            example_index=examples.repeat(steps),
+            num_examples=num_examples,
+            first_order_weight=w.repeat_interleave(examples.numel()),
+            second_order_weight=(w * t).repeat_interleave(examples.numel()),
+            expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
+            groups=groups,
+            internal_batch_size=internal_batch_size,
+            counter=counter,
+            run_rows=run_rows,
+            method_name=method_name,
+        )
+        return interactions if index is None else interactions[index]
+
+    return integrate
 
 
 class IntegratedHessians(GradientAttribution):
@@ -294,73 +356,24 @@ class IntegratedHessians(GradientAttribution):
         num_examples = inputs_t[0].shape[0]
         validate_target(target, num_examples)
         groups = FeatureGroups(feature_mask, inputs_t)
-        dtype, device = inputs_t[0].dtype, inputs_t[0].device
-
-        def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
-            """(N, G, G) interactions at ``steps`` path points, or those of ``index``."""
-            nodes, weights = log_weight_rule(method, steps)
-            t = torch.tensor(nodes, dtype=dtype, device=device)
-            w = torch.tensor(weights, dtype=dtype, device=device)
-            if index is None:
-                examples = torch.arange(num_examples, device=device)
-                sub_inputs, sub_baselines = inputs_t, baselines_t
-                sub_target, sub_args = target, additional_forward_args
-            else:
-                examples = index
-                sub_inputs = tuple(x[index] for x in inputs_t)
-                sub_baselines = tuple(
-                    b[index] if b.shape[0] == num_examples else b for b in baselines_t
-                )
-                sub_target, sub_args = select_examples(
-                    target, additional_forward_args, index, num_examples
-                )
-            points, deltas = path_rows(sub_inputs, sub_baselines, t)
-            scales = deltas if self._multiply_by_inputs else tuple(
-                torch.ones_like(d) for d in deltas
-            )
-            # rows keep their original example index (per-example feature
-            # masks are looked up by it); the result is cut to ``index`` after
-            interactions = accumulate_path_interactions(
-                self.forward_func,
-                points,
-                scales,
-                example_index=examples.repeat(steps),
-                num_examples=num_examples,
-                first_order_weight=w.repeat_interleave(examples.numel()),
-                second_order_weight=(w * t).repeat_interleave(examples.numel()),
-                expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
-                groups=groups,
-                internal_batch_size=internal_batch_size,
-                counter=self.last_call_cost,
-                method_name=type(self).__name__,
-            )
-            return interactions if index is None else interactions[index]
 
         self.last_call_cost = CostCounter()
         with preserved_module_state(self.forward_func, eval_mode=True), checked_smoothness(self):
-            if completeness_tol is None:
-                interactions = integrate(n_steps, None)
-                self.last_call_steps = torch.full(
-                    (num_examples,), n_steps, dtype=torch.long, device=device
-                )
-                delta = interactions.sum(dim=(1, 2)) - output_difference(
+            # inside the check: it swaps in the forward function it inspects
+            integrate = path_integrator(
+                self.forward_func, inputs_t, baselines_t, target, additional_forward_args,
+                method, groups, self._multiply_by_inputs, internal_batch_size,
+                self.last_call_cost, type(self).__name__,
+            )
+            interactions, self.last_call_steps, delta = integrate_to_completeness(
+                integrate,
+                lambda: output_difference(
                     self.forward_func, inputs_t, baselines_t, target,
                     additional_forward_args,
-                ).to(interactions.dtype)
-                if self._multiply_by_inputs:
-                    warn_if_incomplete(
-                        delta, interactions.sum(dim=(1, 2)) - delta, n_steps, method,
-                        type(self).__name__,
-                    )
-            else:
-                interactions, self.last_call_steps, delta = refine_until_complete(
-                    integrate,
-                    output_difference(
-                        self.forward_func, inputs_t, baselines_t, target,
-                        additional_forward_args,
-                    ),
-                    n_steps, completeness_tol, max_steps, type(self).__name__,
-                )
+                ),
+                n_steps, completeness_tol, max_steps, method, type(self).__name__,
+                warn=self._multiply_by_inputs,
+            )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout
             )

@@ -340,6 +340,48 @@ def refine_until_complete(
     return interactions, steps, delta
 
 
+def integrate_to_completeness(
+    integrate: Callable[[int, Optional[Tensor]], Tensor],
+    output_change: Callable[[], Tensor],
+    n_steps: int,
+    completeness_tol: Optional[float],
+    max_steps: int,
+    method: str,
+    method_name: str,
+    warn: bool,
+    other_cause: str = "",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""One fixed rule of ``n_steps`` points, or the adaptive refinement.
+
+    Args:
+        integrate (Callable): as in :func:`refine_until_complete`.
+        output_change (Callable): returns f(x) - f(x'), shape (N,).
+        n_steps, completeness_tol, max_steps: the call's arguments (no
+            ``completeness_tol``: one fixed rule).
+        method (str), method_name (str): the rule and the calling class, for
+            the warnings.
+        warn (bool): warn when a fixed rule misses completeness (only
+            meaningful when the interactions multiply by the inputs).
+        other_cause (str, optional): another cause of a miss, for the warning.
+
+    Returns:
+        (interactions (N, G, G), steps per example (N,), completeness delta (N,)).
+    """
+    if completeness_tol is not None:
+        return refine_until_complete(
+            integrate, output_change(), n_steps, completeness_tol, max_steps, method_name
+        )
+    interactions = integrate(n_steps, None)
+    steps = torch.full(
+        (interactions.shape[0],), n_steps, dtype=torch.long, device=interactions.device
+    )
+    total = interactions.sum(dim=(1, 2))
+    delta = total - output_change().to(interactions.dtype)
+    if warn:
+        warn_if_incomplete(delta, total - delta, n_steps, method, method_name, other_cause)
+    return interactions, steps, delta
+
+
 def select_examples(
     target: Any, additional_forward_args: Any, index: Tensor, num_examples: int
 ) -> Tuple[Any, Any]:

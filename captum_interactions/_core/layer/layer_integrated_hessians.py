@@ -12,9 +12,8 @@ from captum.log import log_usage
 from torch import Tensor
 from torch.nn import Module
 
-from captum_interactions._core.integrated_hessians import output_difference, path_rows
+from captum_interactions._core.integrated_hessians import output_difference, path_integrator
 from captum_interactions._utils.common import (
-    RowExpansion,
     check_finite,
     explained_dtype_errors,
     format_inputs,
@@ -28,7 +27,6 @@ from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.feature_groups import FeatureGroups
 from captum_interactions._utils.hessian import (
     CostCounter,
-    accumulate_path_interactions,
     format_interaction_output,
     gradients_with_graph,
     validate_output_layout,
@@ -37,12 +35,9 @@ from captum_interactions._utils.quadrature import (
     DEFAULT_MAX_STEPS,
     DEFAULT_METHOD,
     DEFAULT_N_STEPS,
-    log_weight_rule,
-    refine_until_complete,
-    select_examples,
+    integrate_to_completeness,
     validate_adaptive_arguments,
     validate_method,
-    warn_if_incomplete,
 )
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
@@ -467,7 +462,6 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             else:
                 mask = token_feature_mask(layer_inputs)
             groups = FeatureGroups(mask, layer_inputs)
-            dtype, device = layer_inputs[0].dtype, layer_inputs[0].device
 
             # The model inputs travel with the rows as leading "additional
             # arguments" (as in Captum's LayerIntegratedGradients), so that any
@@ -494,66 +488,19 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
 
             all_args = inputs_t + (extra_args if extra_args is not None else ())
 
-            def integrate(steps: int, index: Optional[Tensor]) -> Tensor:
-                """(N, G, G) interactions at ``steps`` path points, or those of ``index``."""
-                nodes, weights = log_weight_rule(method, steps)
-                t = torch.tensor(nodes, dtype=dtype, device=device)
-                w = torch.tensor(weights, dtype=dtype, device=device)
-                if index is None:
-                    examples = torch.arange(num_examples, device=device)
-                    sub_inputs, sub_baselines = layer_inputs, layer_baselines
-                    sub_target, sub_args = target, all_args
-                else:
-                    examples = index
-                    sub_inputs = tuple(a[index] for a in layer_inputs)
-                    sub_baselines = tuple(b[index] for b in layer_baselines)
-                    sub_target, sub_args = select_examples(
-                        target, all_args, index, num_examples
-                    )
-                points, deltas = path_rows(sub_inputs, sub_baselines, t)
-                scales = deltas if self._multiply_by_inputs else tuple(
-                    torch.ones_like(d) for d in deltas
-                )
-                # rows keep their original example index (per-example masks
-                # are looked up by it); the result is cut to ``index`` after
-                interactions = accumulate_path_interactions(
-                    forward_func,
-                    points,
-                    scales,
-                    example_index=examples.repeat(steps),
-                    num_examples=num_examples,
-                    first_order_weight=w.repeat_interleave(examples.numel()),
-                    second_order_weight=(w * t).repeat_interleave(examples.numel()),
-                    expansion=RowExpansion(sub_target, sub_args, examples.numel(), steps),
-                    groups=groups,
-                    internal_batch_size=internal_batch_size,
-                    counter=self.last_call_cost,
-                    run_rows=run_rows,
-                    method_name=type(self).__name__,
-                )
-                return interactions if index is None else interactions[index]
-
             self.last_call_cost = CostCounter()
-            if completeness_tol is None:
-                interactions = integrate(n_steps, None)
-                self.last_call_steps = torch.full(
-                    (num_examples,), n_steps, dtype=torch.long, device=device
-                )
-                delta = interactions.sum(dim=(1, 2)) - output_difference(
-                    forward_func, inputs_t, baselines_t, target, extra_args
-                ).to(interactions.dtype)
-                if self._multiply_by_inputs:
-                    warn_if_incomplete(
-                        delta, interactions.sum(dim=(1, 2)) - delta, n_steps, method,
-                        type(self).__name__,
-                        " (or `layer` is not the only path from the inputs to the output)",
-                    )
-            else:
-                interactions, self.last_call_steps, delta = refine_until_complete(
-                    integrate,
-                    output_difference(forward_func, inputs_t, baselines_t, target, extra_args),
-                    n_steps, completeness_tol, max_steps, type(self).__name__,
-                )
+            integrate = path_integrator(
+                forward_func, layer_inputs, layer_baselines, target, all_args, method,
+                groups, self._multiply_by_inputs, internal_batch_size, self.last_call_cost,
+                type(self).__name__, run_rows=run_rows,
+            )
+            interactions, self.last_call_steps, delta = integrate_to_completeness(
+                integrate,
+                lambda: output_difference(forward_func, inputs_t, baselines_t, target, extra_args),
+                n_steps, completeness_tol, max_steps, method, type(self).__name__,
+                warn=self._multiply_by_inputs,
+                other_cause=" (or `layer` is not the only path from the inputs to the output)",
+            )
             result = format_interaction_output(
                 interactions, groups, layer_is_tuple, output_layout
             )
