@@ -47,6 +47,7 @@ DTYPE = torch.float64
 
 # (label, method, points per panel of the composite rule)
 RULES = [
+    ("gausslog_graded", "gausslog_graded", None),
     ("gausslog_composite p=4", "gausslog_composite", 4),
     ("gausslog_composite p=8", "gausslog_composite", 8),
     ("gausslog_composite p=16", "gausslog_composite", 16),
@@ -222,7 +223,7 @@ def main():
     warnings.filterwarnings("ignore", message=".*miss completeness by more than")
     steps_list = [8, 16, 32, 64, 128] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
     rules = RULES if not args.quick else [r for r in RULES if r[0] in (
-        "gausslog_composite p=16", "gausslog", "gausslegendre")]
+        "gausslog_graded", "gausslog_composite p=16", "gausslog", "gausslegendre")]
     rows, adaptive = [], []
 
     for name, model, inputs, base, target, extra, wrap in cases(device, args.quick):
@@ -260,7 +261,8 @@ def main():
             name = f"MiniLM sentence pair ({num_tokens} tokens)"
             one_group = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
             minilm_steps = [8, 16] if args.quick else [8, 16, 32, 64]
-            minilm_rules = [r for r in rules if r[0] in ("gausslog", "gausslog_composite p=16")]
+            minilm_rules = [r for r in rules if r[0] in (
+                "gausslog_graded", "gausslog", "gausslog_composite p=16")]
             with torch.no_grad():
                 change = (model(ids, mask) - model(baseline, mask)).double()
 

@@ -358,7 +358,7 @@ def _truncate(path, size):
         fh.truncate(size)
 
 
-def test_changed_model_method_or_settings_refuse_to_mix(tmp_path):
+def test_changed_model_method_or_settings_refuse_to_mix(tmp_path, monkeypatch):
     """A resume with other weights, buffers, method settings or arguments raises,
     naming what changed, and leaves the stored run as it was."""
     from captum_interactions._core.dataset import DatasetStorageError  # noqa: F401
@@ -389,6 +389,15 @@ def test_changed_model_method_or_settings_refuse_to_mix(tmp_path):
     with pytest.raises(ValueError, match=r"attribute_kwargs\.n_steps \(was 4, now 5\)"):
         explain_dataset(IntegratedHessians(model), loader_of(x, labels), out,
                         {"n_steps": 5}, **FAULT_RUN)
+    # a library whose defaults changed (here the quadrature rule) does not resume
+    function = IntegratedHessians.attribute.__wrapped__
+    monkeypatch.setattr(function, "__defaults__", tuple(
+        "gausslog" if v == "gausslog_graded" else v for v in function.__defaults__))
+    with pytest.raises(ValueError, match=r"default method \(was gausslog_graded, now "
+                                         r"gausslog\)"):
+        explain_dataset(IntegratedHessians(model), loader_of(x, labels), out,
+                        FAULT_KWARGS, **FAULT_RUN)
+    monkeypatch.undo()
     # a closure over the model is fingerprinted too
     closure_model = make_problem()[0]
 

@@ -15,6 +15,7 @@ layout, safetensors + JSON, fingerprints, checksums, lock) lives in
 :mod:`captum_interactions._utils.dataset_storage`.
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -570,6 +571,22 @@ def _raise_on_every_rank(message: Optional[str], world_size: int) -> None:
         raise ValueError(message)
 
 
+def keyword_defaults(function: Callable, given: Dict[str, Any]) -> Dict[str, Any]:
+    """Default values of ``function``'s parameters that ``given`` does not set
+    (``inputs`` excluded: it comes from the data)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        name: p.default
+        for name, p in parameters.items()
+        if p.kind in kinds and p.default is not p.empty and name not in given
+        and name != "inputs"
+    }
+
+
 def explain_dataset(
     method: Any,
     dataloader: DataLoader,
@@ -767,6 +784,18 @@ def explain_dataset(
     fingerprint.update({f"model {key}": digest for key, digest in model.items()})
     fingerprint.update(
         {f"attribute_kwargs.{k}": value_fingerprint(v) for k, v in attribute_kwargs.items()}
+    )
+    # the defaults of what is not passed: a library version whose defaults
+    # differ (e.g. the quadrature rule) must not resume the run silently
+    fingerprint.update(
+        {
+            f"default {k}": value_fingerprint(v)
+            for k, v in keyword_defaults(
+                # the class's function: an instance-level wrapper may hide the signature
+                getattr(type(method), method_function, getattr(method, method_function)),
+                attribute_kwargs,
+            ).items()
+        }
     )
     fingerprint.update(
         batch_to_inputs=value_fingerprint(batch_to_inputs),

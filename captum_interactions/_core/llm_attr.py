@@ -702,7 +702,7 @@ class LLMInteractionAttribution(BaseLLMAttribution):
             **kwargs: passed to
                 :meth:`LayerIntegratedHessians.attribute
                 <captum_interactions.LayerIntegratedHessians.attribute>`:
-                ``n_steps`` (default 16), ``method`` (default ``"gausslog"``),
+                ``n_steps`` (default 16), ``method`` (default ``"gausslog_graded"``),
                 ``internal_batch_size`` (bounds the Hessian-vector products
                 evaluated at once, hence memory, for long prompts), and any
                 further option it has.

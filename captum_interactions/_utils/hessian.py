@@ -53,12 +53,15 @@ def gradients_with_graph(
     target: Any,
     additional_forward_args: Any,
     create_graph: bool = True,
-) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+    return_output: bool = False,
+) -> Tuple[Tuple[Tensor, ...], ...]:
     """Leaf copies of ``points`` and grad f at them, kept differentiable
     (``create_graph=False``: plain gradients, no graph kept).
 
-    Returns ``(leaves, grads)``; a gradient that does not depend on an input
-    (e.g. a model linear in it) is returned as zeros that do not require grad.
+    Returns ``(leaves, grads)``, and the selected outputs f (R,) detached as a
+    third item with ``return_output=True``; a gradient that does not depend on
+    an input (e.g. a model linear in it) is returned as zeros that do not
+    require grad.
     """
     leaves = tuple(p.detach().requires_grad_(True) for p in points)
     with torch.enable_grad():
@@ -74,6 +77,8 @@ def gradients_with_graph(
     grads = tuple(
         torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)
     )
+    if return_output:
+        return leaves, grads, output.detach().reshape(-1)
     return leaves, grads
 
 
@@ -330,6 +335,68 @@ def accumulate_path_interactions(
     # in place: diag_embed would allocate a second N x G x G tensor
     result.diagonal(dim1=1, dim2=2).add_(diagonal)
     return result
+
+
+def path_scalars(
+    forward_func: Callable,
+    points: Tuple[Tensor, ...],
+    deltas: Tuple[Tensor, ...],
+    expansion: RowExpansion,
+    internal_batch_size: Optional[int] = None,
+    counter: Optional[CostCounter] = None,
+    run_rows: Optional[Callable[..., Tuple[Tuple[Tensor, ...], ...]]] = None,
+    method_name: str = "IntegratedHessians",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""f, :math:`\Delta^\top \nabla f` and :math:`\Delta^\top H \Delta` at R path points.
+
+    Along the path :math:`F(t) = f(x' + t\Delta)` these are F, F' and F''
+    (one forward + backward and one Hessian-vector product, in the single
+    direction Delta, per row): what the quadrature needs to check a rule's
+    completeness panel by panel (:mod:`captum_interactions._utils.quadrature`).
+
+    Args:
+        forward_func, expansion, internal_batch_size, counter, run_rows,
+            method_name: as in :func:`accumulate_path_interactions`.
+        points (tuple[Tensor, ...]): path points, each (R, *F_i), copy-major.
+        deltas (tuple[Tensor, ...]): Delta of each row, shaped like ``points``.
+
+    Returns:
+        (f, first, second), each of shape (R,).
+    """
+    num_rows = points[0].shape[0]
+    num_features = sum(p[0].numel() for p in points)
+    plan = plan_path_chunks(
+        num_rows=num_rows, num_features=num_features, num_groups=1,
+        num_examples=num_rows, itemsize=points[0].element_size(),
+        internal_batch_size=internal_batch_size,
+        budget=get_memory_budget(points[0].device), copies_of_output=1,
+        method=method_name,
+    )
+    run_rows = run_rows or gradients_with_graph
+    values, firsts, seconds = [], [], []
+    for start in range(0, num_rows, plan.rows):
+        stop = min(num_rows, start + plan.rows)
+        target, args = expansion.rows(start, stop)
+        leaves, grads, output = run_rows(
+            forward_func, tuple(p[start:stop] for p in points), target, args,
+            return_output=True,
+        )
+        delta = tuple(d[start:stop] for d in deltas)
+        hv = hessian_vector_products(leaves, grads, tuple(d[None] for d in delta))
+        values.append(output)
+        firsts.append(_row_dot(delta, tuple(g.detach() for g in grads)))
+        seconds.append(_row_dot(delta, tuple(h[0] for h in hv)))
+        if counter is not None:
+            counter.gradient_rows += stop - start
+            counter.hvps += stop - start
+            counter.batches += 1
+        del leaves, grads, hv
+    return torch.cat(values), torch.cat(firsts), torch.cat(seconds)
+
+
+def _row_dot(a: Tuple[Tensor, ...], b: Tuple[Tensor, ...]) -> Tensor:
+    """Per-row dot products of two tuples of (R, *F_i) tensors, shape (R,)."""
+    return (flatten_features(a) * flatten_features(b)).sum(-1)
 
 
 #: Values of ``output_layout`` (see :func:`format_interaction_output`).

@@ -11,7 +11,12 @@ so one path of ``n_steps`` points replaces an ``n_steps``\ :sup:`2` grid.
 
 Rules (``method``):
 
-- ``"gausslog"`` (the default): one Gauss rule for the weight -ln(t) on
+- ``"gausslog_graded"`` (the default): per example, one ``"gausslog"`` panel
+  or a partition graded towards the path's sharp layers, whichever has the
+  smaller a-posteriori error bound, both known exactly from the completeness
+  of the total panel by panel (:func:`graded_log_weight_rule`); ``"gausslog"``
+  itself below :data:`GRADED_MIN_STEPS` points.
+- ``"gausslog"``: one Gauss rule for the weight -ln(t) on
   [0, 1], exact for degree 2 n - 1, computed from modified moments scaled so
   that nothing overflows at any n. Spectrally accurate on analytic
   integrands (softplus networks); on the models of
@@ -31,9 +36,9 @@ Rules (``method``):
   midpoints, -ln(t) folded in.
 
 No fixed rule's error is monotone in n_steps before a sharp layer along the
-path is resolved (it depends on where the layer falls between nodes); the
-adaptive mode (:func:`refine_until_complete`) checks completeness per
-example instead.
+path is resolved (it depends on where the layer falls between nodes): the
+graded rule finds those layers from the exact per-panel completeness, and the
+adaptive mode (:func:`refine_until_complete`) checks completeness per example.
 
 All rules are valid for every ``n_steps >= 1``; the Gauss-type rules have
 positive weights summing to 1 (= the integral of -ln t).
@@ -49,8 +54,12 @@ import torch
 from captum._utils.common import _format_additional_forward_args
 from torch import Tensor
 
-SUPPORTED_METHODS = ("gausslog_composite", "gausslog", "gausslegendre", "riemann_middle")
-DEFAULT_METHOD = "gausslog"
+#: Rules with the same nodes for every integrand (:func:`log_weight_rule`).
+FIXED_METHODS = ("gausslog_composite", "gausslog", "gausslegendre", "riemann_middle")
+#: ``"gausslog_graded"`` chooses its nodes per example (:func:`graded_log_weight_rule`).
+GRADED_METHOD = "gausslog_graded"
+SUPPORTED_METHODS = (GRADED_METHOD,) + FIXED_METHODS
+DEFAULT_METHOD = GRADED_METHOD
 #: Path points per panel of ``"gausslog_composite"`` (chosen by
 #: benchmarks/bench_quadrature.py).
 POINTS_PER_PANEL = 16
@@ -224,12 +233,183 @@ def composite_gauss_log_rule(n_steps: int, points_per_panel: int = POINTS_PER_PA
     return tuple(nodes.tolist()), tuple(weights.tolist())
 
 
-def log_weight_rule(method: str, n_steps: int) -> Rule:
-    r"""Path points t_k and weights w_k for \int_0^1 -\ln(t) g(t) dt.
+#: Below this many steps ``"gausslog_graded"`` is one Gauss-log panel (the
+#: ``"gausslog"`` rule): too few panels to isolate a sharp layer, and one Gauss
+#: rule is the most accurate on analytic integrands at such budgets.
+GRADED_MIN_STEPS = 32
+#: Points per panel of the graded partition (chosen by benchmarks/bench_quadrature.py).
+GRADED_POINTS_PER_PANEL = 4
+
+#: ``path_values(t)``: F(t), F'(t), F''(t) of F(t) = f(x' + t Delta) at the
+#: path points t (N, K) of each example, float64 arrays (N, K).
+PathValues = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def panel_rules(points: int, left: np.ndarray, right: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    r"""Gauss rules of ``points`` nodes for the weight -ln(t) on the panels [left, right].
+
+    A panel starting at 0 takes the Gauss rule of the weight -ln(b) - ln(s) on
+    [0, 1], scaled (the log singularity exactly); the others
+    :func:`_panel_log_gauss`. Each distinct panel is computed once (the
+    graded partitions are dyadic, so examples share most panels).
+
+    Returns:
+        nodes and weights, each of shape ``left.shape + (points,)``.
+    """
+    shape = np.shape(left)
+    ends = np.stack([np.ravel(left), np.ravel(right)], axis=1).astype(float)
+    unique, inverse = np.unique(ends, axis=0, return_inverse=True)
+    nodes = np.empty((len(unique), points))
+    weights = np.empty((len(unique), points))
+    at_zero = unique[:, 0] == 0.0
+    for k in np.nonzero(at_zero)[0]:
+        b = unique[k, 1]
+        s, w = _shifted_log_gauss(points, -math.log(b))
+        nodes[k], weights[k] = b * s, b * w
+    if (~at_zero).any():
+        nodes[~at_zero], weights[~at_zero] = _panel_log_gauss(
+            points, unique[~at_zero, 0], unique[~at_zero, 1]
+        )
+    inverse = np.ravel(inverse)
+    return nodes[inverse].reshape(shape + (points,)), weights[inverse].reshape(shape + (points,))
+
+
+def panel_completeness(
+    left: np.ndarray, right: np.ndarray, values_left: Tuple[np.ndarray, np.ndarray],
+    values_right: Tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    r"""Exact :math:`\int_a^b -\ln(t)\,(t F'(t))'\,dt` from F and F' at the panel ends.
+
+    Integrating by parts, :math:`[-\ln(t)\, t F'(t)]_a^b + F(b) - F(a)`
+    (the bracket vanishes at t = 0): the completeness of the Integrated
+    Hessians total, :math:`\sum\Gamma` integrates :math:`(tF')'` against -ln t,
+    holds panel by panel. ``values_*`` are (F, F') at the ends.
+    """
+    (f_a, df_a), (f_b, df_b) = values_left, values_right
+    log_a = np.log(np.where(left > 0, left, 1.0))
+    return -np.log(right) * right * df_b + log_a * left * df_a + f_b - f_a
+
+
+def graded_log_weight_rule(
+    n_steps: int, path_values: PathValues, num_examples: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Per-example rule of ``n_steps`` points for :math:`\int_0^1 -\ln(t) g(t) dt`: one
+    Gauss-log panel, or panels graded towards the path's sharp layers.
+
+    The scalar :math:`\sum\Gamma` integrand is :math:`(tF'(t))'` with
+    :math:`F(t) = f(x' + t\Delta)`, and its integral over any panel [a, b] is
+    known exactly from F and F' at a and b (:func:`panel_completeness`). So
+    every candidate rule's completeness error is known panel by panel before
+    any interaction is computed, from F, F', F'' alone (one Hessian-vector
+    product, in the direction Delta, per point):
+
+    - one Gauss-log panel of ``n_steps`` points (``"gausslog"``), with the
+      error bound max(|e(n)|, |e(n / 2)|) (the error at half the points: a
+      single lucky cancellation cannot make it small);
+    - a graded partition into ``n_steps // GRADED_POINTS_PER_PANEL`` panels:
+      starting from [0, 1], each round halves the panels with the largest
+      exact errors (at most half of them a round), until the budget of panels
+      is reached; error bound: the sum of the panels' absolute errors. The
+      partitions are nested: one with more steps refines one with fewer.
+
+    The candidate with the smaller bound is taken, per example. Below
+    :data:`GRADED_MIN_STEPS` points the rule is ``"gausslog"`` (nothing is
+    evaluated).
 
     Args:
-        method (str): ``"gausslog_composite"`` (composite Gauss rule for the
-            log weight on equal panels, the default), ``"gausslog"`` (one Gauss
+        n_steps (int): points per example, >= 1.
+        path_values (Callable): F, F', F'' at points (N, K) (see :data:`PathValues`).
+        num_examples (int): N.
+
+    Returns:
+        nodes (N, n_steps), weights (N, n_steps), and the panels used per
+        example (N,) (1: one Gauss-log panel).
+    """
+    t_one, w_one = (np.array(v) for v in gauss_log_rule(n_steps))
+    if n_steps < GRADED_MIN_STEPS:
+        shape = (num_examples, n_steps)
+        return (np.broadcast_to(t_one, shape).copy(), np.broadcast_to(w_one, shape).copy(),
+                np.ones(num_examples, dtype=np.int64))
+    q, n = GRADED_POINTS_PER_PANEL, num_examples
+    t_half, w_half = (np.array(v) for v in gauss_log_rule(n_steps // 2))
+    s_root, w_root = panel_rules(q, np.zeros(1), np.ones(1))
+    ends = np.array([0.0, 1.0])
+    first = np.concatenate([t_one, t_half, ends, s_root[0]])
+    f, df, ddf = path_values(np.broadcast_to(first, (n, first.size)).copy())
+    integrand = df + first * ddf
+    cut = np.cumsum([t_one.size, t_half.size, 2])
+    f0, f1, df0, df1 = f[:, cut[1]], f[:, cut[1] + 1], df[:, cut[1]], df[:, cut[1] + 1]
+    change = f1 - f0
+    bound_one = np.maximum(
+        np.abs(integrand[:, : cut[0]] @ w_one - change),
+        np.abs(integrand[:, cut[0] : cut[1]] @ w_half - change),
+    )
+
+    # leaves of the partition, (N, L) each: ends, F and F' at them, exact error
+    a, b = np.zeros((n, 1)), np.ones((n, 1))
+    fa, fb, dfa, dfb = f0[:, None], f1[:, None], df0[:, None], df1[:, None]
+    err = (integrand[:, cut[2] :] @ w_root[0] - change)[:, None]
+    num_panels = n_steps // q
+    while a.shape[1] < num_panels:
+        leaves = a.shape[1]
+        count = min(-(-leaves // 2), num_panels - leaves)
+        worst = np.argsort(-np.abs(err), axis=1, kind="stable")[:, :count]
+        split = np.zeros((n, leaves), dtype=bool)
+        np.put_along_axis(split, worst, True, axis=1)
+        mid = 0.5 * (a + b)[split].reshape(n, count)
+        child_a = np.stack([a[split].reshape(n, count), mid], -1).reshape(n, 2 * count)
+        child_b = np.stack([mid, b[split].reshape(n, count)], -1).reshape(n, 2 * count)
+        nodes, weights = panel_rules(q, child_a, child_b)  # (N, 2 count, q)
+        t = np.concatenate([nodes.reshape(n, -1), mid], axis=1)
+        f, df, ddf = path_values(t)
+        sums = ((df + t * ddf)[:, : nodes[0].size].reshape(nodes.shape) * weights).sum(-1)
+        f_mid, df_mid = f[:, nodes[0].size :], df[:, nodes[0].size :]
+
+        def children(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+            """(N, 2 count) values of the children from the split parents' and the midpoints'."""
+            return np.stack([left, right], -1).reshape(n, 2 * count)
+
+        f_a = children(fa[split].reshape(n, count), f_mid)
+        f_b = children(f_mid, fb[split].reshape(n, count))
+        df_a = children(dfa[split].reshape(n, count), df_mid)
+        df_b = children(df_mid, dfb[split].reshape(n, count))
+        child_err = sums - panel_completeness(child_a, child_b, (f_a, df_a), (f_b, df_b))
+
+        def merged(parent: np.ndarray, child: np.ndarray) -> np.ndarray:
+            """Leaves after the split, in path order: each split parent replaced by its two children."""
+            slots = np.stack([parent, np.zeros_like(parent)], -1)  # (N, L, 2)
+            slots[split] = child.reshape(n * count, 2)
+            keep = np.stack([np.ones_like(split), split], -1)
+            return slots[keep].reshape(n, leaves + count)
+
+        a, b = merged(a, child_a), merged(b, child_b)
+        fa, fb = merged(fa, f_a), merged(fb, f_b)
+        dfa, dfb = merged(dfa, df_a), merged(dfb, df_b)
+        err = merged(err, child_err)
+    use_graded = np.abs(err).sum(1) < bound_one
+
+    # n_steps points on the panels; the remainder goes to the worst panels
+    base, extra = divmod(n_steps, num_panels)
+    rank = np.argsort(np.argsort(-np.abs(err), axis=1, kind="stable"), axis=1)
+    sizes = base + (rank < extra)
+    parts_t, parts_w = [], []
+    for size in np.unique(sizes):
+        chosen = sizes == size
+        nodes, weights = panel_rules(int(size), a[chosen], b[chosen])
+        parts_t.append(nodes.reshape(n, -1))
+        parts_w.append(weights.reshape(n, -1))
+    graded_t, graded_w = np.concatenate(parts_t, 1), np.concatenate(parts_w, 1)
+    nodes = np.where(use_graded[:, None], graded_t, t_one)
+    weights = np.where(use_graded[:, None], graded_w, w_one)
+    return nodes, weights, np.where(use_graded, num_panels, 1)
+
+
+def log_weight_rule(method: str, n_steps: int) -> Rule:
+    r"""Path points t_k and weights w_k for \int_0^1 -\ln(t) g(t) dt, the same for every integrand.
+
+    Args:
+        method (str): one of :data:`FIXED_METHODS`: ``"gausslog_composite"``
+            (composite Gauss rule for the log weight on equal panels), ``"gausslog"`` (one Gauss
             rule for the log weight), ``"gausslegendre"`` (Gauss-Legendre
             nodes, the log folded into the weights) or ``"riemann_middle"``
             (midpoints).
@@ -249,7 +429,7 @@ def log_weight_rule(method: str, n_steps: int) -> Rule:
         w = -np.log(t) / n_steps
         return tuple(t.tolist()), tuple(w.tolist())
     raise ValueError(
-        f"`method` must be one of {SUPPORTED_METHODS}, got {method!r}"
+        f"`method` must be one of {FIXED_METHODS}, got {method!r}"
     )
 
 
