@@ -5,6 +5,9 @@ For a softplus MLP with d = 10, 50, 100 inputs and N = 4 examples (float32):
 
 - ``captum_interactions``: batched HVPs over a 16-point Gauss rule for the
   -ln(t) weight (default settings);
+- ``bare batched HVPs``: the same rule with no checks at all, every path row
+  in one forward + backward and one batched HVP (the floor; the issue's
+  "IH time over its bare HVP cost");
 - ``naive loop``: the same quadrature, but one double-backward per feature per
   path point per example, the way a first implementation would do it;
 - ``path-explain`` 0.0.7 (``interactions(x, baseline, num_samples=200,
@@ -60,6 +63,27 @@ def naive_integrated_hessians(model, x, baseline, n_steps=16):
     return out, hvps
 
 
+def bare_integrated_hessians(model, x, baseline, n_steps=16):
+    """The bare cost of the rule: every path row in one forward + backward with
+    graph and one batched HVP over all d directions, no checks (the floor that
+    ``IntegratedHessians`` is compared with)."""
+    nodes, weights = gauss_log_rule(n_steps)
+    t = torch.tensor(nodes, dtype=x.dtype, device=x.device)
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device)
+    n, d = x.shape
+    delta = x - baseline
+    points = (baseline + t[:, None, None] * delta).reshape(-1, d).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(points).sum(), points, create_graph=True)
+    rows_delta = delta.repeat(n_steps, 1)
+    directions = torch.eye(d, dtype=x.dtype, device=x.device)[:, None, :] * rows_delta
+    (hv,) = torch.autograd.grad(grad, points, directions, is_grads_batched=True)
+    second = (hv.detach() * rows_delta).reshape(d, n_steps, n, d)  # (j, k, e, i)
+    out = torch.einsum("k,jkei->eij", w * t, second)
+    first = (grad.detach() * rows_delta).reshape(n_steps, n, d)
+    out.diagonal(dim1=1, dim2=2).add_(torch.einsum("k,kei->ei", w, first))
+    return out
+
+
 def relative_completeness(model, gamma, x, baseline):
     with torch.no_grad():
         change = (model(x) - model(baseline))[:, 0]
@@ -85,12 +109,26 @@ def main():
         baseline = torch.zeros(1, d, device=device)
         ih = IntegratedHessians(model)
         ih.attribute(x, baseline)  # warm-up
-        t_ours, gamma = timed(lambda: ih.attribute(x, baseline), device, 5 if not args.quick else 3)
+        bare_integrated_hessians(model, x, baseline.expand_as(x))
+        repeats = 21 if not args.quick else 11  # medians of ms-scale calls
+        t_ours, gamma = timed(lambda: ih.attribute(x, baseline), device, repeats)
         rows.append(
             dict(
                 d=d, method="captum_interactions", groups=None, seconds=t_ours,
                 hvps=ih.last_call_cost.hvps, gradient_rows=ih.last_call_cost.gradient_rows,
                 completeness_rel=relative_completeness(model, gamma, x, baseline),
+            )
+        )
+        t_bare, gamma_bare = timed(
+            lambda: bare_integrated_hessians(model, x, baseline.expand_as(x)), device,
+            repeats,
+        )
+        rows.append(
+            dict(
+                d=d, method="bare batched HVPs", groups=None, seconds=t_bare,
+                hvps=d * 16 * n_examples,
+                completeness_rel=relative_completeness(model, gamma_bare, x, baseline),
+                max_abs_diff_vs_ours=(gamma_bare - gamma).abs().max().item(),
             )
         )
         t_naive, (gamma_naive, hvps) = timed(
