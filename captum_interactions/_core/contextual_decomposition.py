@@ -67,6 +67,11 @@ class ContextualDecomposition(Attribution):
 
     Many masks are decomposed in one forward pass: for N examples and M masks
     the model runs once on M x N rows (mask-major, ``row = mask * N + example``).
+    The true activation of an example is the same for all of its masks, so it
+    is computed once (N more rows) and only the relevant part is carried per
+    mask; the irrelevant part is the difference, taken where a rule needs it.
+    The results equal those of carrying both parts to round-off, at about half
+    the cost; operations without a rule of that kind carry both parts.
     The model is explained in eval mode; its train/eval flags are restored
     afterwards, even when the call raises.
 

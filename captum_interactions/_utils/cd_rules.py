@@ -64,6 +64,14 @@ Rules (beta = relevant, gamma = irrelevant, x = beta + gamma the true input):
 
 Anything else that produces a tensor from a CD activation raises
 :class:`UnsupportedOperationError` naming the operation.
+
+For many masks of the same examples the activations are carried as
+:class:`SharedCDTensor` instead: the relevant part of every (mask, example)
+row and the true activation of every example once, the irrelevant part being
+their difference. Its rules (see "shared-total representation" below) do the
+arithmetic of the rules above with ``gamma = total - beta``; an operation
+without one converts its operands to :class:`CDTensor` and continues with the
+rules above.
 """
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
