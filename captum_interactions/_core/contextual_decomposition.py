@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+import contextlib
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
@@ -137,11 +138,14 @@ class ContextualDecomposition(Attribution):
         while start < num_masks:
             stop = min(num_masks, start + per_chunk)
             chunk_target, chunk_args = expansion.rows(start * num_examples, stop * num_examples)
-            with ActivationMeter(self.forward_func) as meter:
+            # the activations are measured only to re-plan later chunks
+            meter = ActivationMeter(self.forward_func) if not measured and stop < num_masks \
+                else None
+            with meter if meter is not None else contextlib.nullcontext():
                 rel, irr = self._run_rows(
                     inputs, tuple(m[start:stop] for m in masks), chunk_args
                 )
-            if not measured and meter.measured:
+            if meter is not None and meter.measured:
                 measured = True
                 per_chunk = cd_masks_per_chunk(
                     **chunking,

@@ -242,9 +242,7 @@ def _dispatch(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> An
         return _dispatch_shared(func, name, args, kwargs)
     rule = _RULES.get(name)
     if rule is not None:
-        if any(isinstance(a, MaskedIndices) for a in tree_flatten((args, kwargs))[0]) and (
-            name not in _INDEX_OK
-        ):
+        if name not in _INDEX_OK and _contains((args, kwargs), MaskedIndices):
             raise UnsupportedOperationError(
                 f"contextual decomposition: integer (token id) inputs can only be "
                 f"consumed by an embedding lookup (nn.Embedding / F.embedding); got "
@@ -861,15 +859,24 @@ def _two_stream(x: SharedCDTensor) -> CDTensor:
     return CDTensor.wrap(x.rel, total - x.rel, total)
 
 
+def _contains(value: Any, types: Any) -> bool:
+    """Whether ``value`` (nested lists, tuples, dicts) holds an instance of ``types``
+    (a plain recursion: cheaper than a pytree flatten on every intercepted call)."""
+    if isinstance(value, types):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains(v, types) for v in value)
+    if isinstance(value, dict):
+        return any(_contains(v, types) for v in value.values())
+    return False
+
+
 def _has_shared(args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
-    for a in args:
-        if isinstance(a, SharedCDTensor):
-            return True
-    return any(isinstance(a, SharedCDTensor) for a in tree_flatten((args, kwargs))[0])
+    return _contains(args, SharedCDTensor) or (bool(kwargs) and _contains(kwargs, SharedCDTensor))
 
 
 def _shared_in(values: Any) -> bool:
-    return any(isinstance(a, (SharedCDTensor, CDTensor)) for a in tree_flatten(values)[0])
+    return _contains(values, (SharedCDTensor, CDTensor))
 
 
 # metadata queries: answered from the relevant part (same shape, dtype, device)
@@ -891,7 +898,10 @@ def _dispatch_shared(func: Callable, name: str, args: Sequence[Any], kwargs: Dic
             return out
     elif name in _META:
         with _DISABLE():
-            result = func(*tree_map(_meta_plain, tuple(args)), **tree_map(_meta_plain, kwargs))
+            if len(args) == 1 and not kwargs:  # x.numel(), x.dim(), x.shape ...
+                result = func(_meta_plain(args[0]))
+            else:
+                result = func(*tree_map(_meta_plain, tuple(args)), **tree_map(_meta_plain, kwargs))
         if not _contains_tensor(result):
             return result
     return _fallback(func, name, args, kwargs)
