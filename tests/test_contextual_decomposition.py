@@ -560,3 +560,32 @@ def test_shared_total_full_mask_keeps_an_exactly_zero_irrelevant_part_in_float32
     torch.testing.assert_close(rel[0], out, rtol=0, atol=1e-6)
     assert torch.equal(rel[1], torch.zeros_like(rel[1]))
     torch.testing.assert_close(rel[2] + irr[2], out, rtol=0, atol=1e-5)
+
+
+def test_cpu_chunk_cap_splits_large_passes_without_changing_results(monkeypatch):
+    # without internal_batch_size, a CPU pass is capped by its measured
+    # activation bytes (speed only): same results as one pass
+    from captum_interactions._core import contextual_decomposition as module
+
+    model, make_x = cases()["conv2d_bn_maxpool"]
+    model.eval()
+    x = make_x()
+    torch.manual_seed(3)
+    masks = (torch.rand(9, 1, 1, 8, 8) > 0.5).to(DTYPE)
+    cd = ContextualDecomposition(model)
+    one_pass = cd.decompose(x, masks, internal_batch_size=10**6)
+    chunks = []
+    original = ContextualDecomposition._run_rows
+
+    def counting(self, inputs, chunk_masks, extra):
+        chunks.append(chunk_masks[0].shape[0])
+        return original(self, inputs, chunk_masks, extra)
+
+    monkeypatch.setattr(ContextualDecomposition, "_run_rows", counting)
+    monkeypatch.setattr(module, "_CPU_FIRST_CHUNK_ROWS", 6)  # 2 masks x 3 examples
+    per_row_bytes = 8 * 3 * 8 * 8 * 4  # well below one row's activations
+    monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", 3 * 3 * per_row_bytes)
+    rel, irr = cd.decompose(x, masks)
+    assert chunks[0] == 2 and len(chunks) > 3 and sum(chunks) == 9
+    torch.testing.assert_close(rel, one_pass[0], **TOL)
+    torch.testing.assert_close(irr, one_pass[1], **TOL)
