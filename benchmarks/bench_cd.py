@@ -111,7 +111,8 @@ def readme_paragraph(path):
             f"{acd['max_abs_diff_vs_ours']:.1e}."
         )
     text += (
-        f" ACD on a 28 × 28 image: {a2['seconds']:.3f} s with 2 × 2 blocks ({a2['units']} units), "
+        f" ACD on a 28 × 28 image: {a2['seconds']:.3f} s with 2 × 2 blocks "
+        f"({a2['units']} units), "
         f"{a1['seconds']:.2f} s with single pixels ({a1['units']} units); with both parts "
         f"carried {a2t['seconds']:.3f} s and {a1t['seconds']:.2f} s."
     )

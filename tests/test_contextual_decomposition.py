@@ -589,3 +589,15 @@ def test_cpu_chunk_cap_splits_large_passes_without_changing_results(monkeypatch)
     assert chunks[0] == 2 and len(chunks) > 3 and sum(chunks) == 9
     torch.testing.assert_close(rel, one_pass[0], **TOL)
     torch.testing.assert_close(irr, one_pass[1], **TOL)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_integer_cast_of_an_activation_is_named_as_unsupported(shared):
+    class Cast(nn.Module):
+        def forward(self, x):
+            return x.long().float()
+
+    cd = ContextualDecomposition(Cast())
+    cd._shared_total = shared
+    with pytest.raises(UnsupportedOperationError, match="long"):
+        cd.decompose(torch.randn(2, 3), torch.ones(3))

@@ -805,7 +805,9 @@ class SharedCDTensor(Tensor):
     joined: Optional[Tensor]
 
     @staticmethod
-    def wrap(rel: Tensor, tot: Tensor, masks: int, joined: Optional[Tensor] = None) -> "SharedCDTensor":
+    def wrap(
+        rel: Tensor, tot: Tensor, masks: int, joined: Optional[Tensor] = None
+    ) -> "SharedCDTensor":
         obj = Tensor._make_subclass(SharedCDTensor, rel)
         obj.rel, obj.tot, obj.masks, obj.joined = rel, tot, masks, joined
         return obj
@@ -941,7 +943,9 @@ def _batch_free(c: Any, dims: int) -> bool:
     return c.dim() < dims or (c.dim() == dims and c.shape[0] == 1)
 
 
-def _split_constant_rel(rel: Tensor, irr: Tensor, const: Any, tie_share: Callable[[], Tensor]) -> Tensor:
+def _split_constant_rel(
+    rel: Tensor, irr: Tensor, const: Any, tie_share: Callable[[], Tensor]
+) -> Tensor:
     """The relevant part of :func:`_split_constant` (same arithmetic)."""
     magnitude = rel.abs()
     total = magnitude + irr.abs()
@@ -994,7 +998,8 @@ def _s_affine(func, name, args, kwargs):
 
 
 def _s_batch_norm(func, name, args, kwargs):
-    names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+    names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps"]
     bound: Dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1,
                              "eps": 1e-5}
     bound.update(zip(names, args))
@@ -1154,7 +1159,8 @@ def _s_add(func, name, args, kwargs):
     else:
         rel = tot = None
         for coef, operand in shared:
-            r, t = (operand.rel, operand.tot) if coef == 1 else (coef * operand.rel, coef * operand.tot)
+            r, t = (operand.rel, operand.tot) if coef == 1 else (
+                coef * operand.rel, coef * operand.tot)
             rel = r if rel is None else rel + r
             tot = t if tot is None else tot + t
         summed = None
@@ -1239,7 +1245,8 @@ def _index_ok(index: Any) -> bool:
     ):
         return False
     return all(
-        i is None or i is Ellipsis or isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool))
+        i is None or i is Ellipsis or isinstance(i, slice)
+        or (isinstance(i, int) and not isinstance(i, bool))
         for i in index[1:]
     )
 
@@ -1257,9 +1264,12 @@ _ROW_OPS: Dict[str, Callable[[int, Sequence[Any], Dict[str, Any]], bool]] = {
     "unflatten": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
     "unsqueeze": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d + 1),
     "squeeze": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
-    "transpose": lambda d, a, k: _dims_ok([_arg(a, k, 1, "dim0", None), _arg(a, k, 2, "dim1", None)], d),
-    "swapaxes": lambda d, a, k: _dims_ok([_arg(a, k, 1, "axis0", None), _arg(a, k, 2, "axis1", None)], d),
-    "swapdims": lambda d, a, k: _dims_ok([_arg(a, k, 1, "dim0", None), _arg(a, k, 2, "dim1", None)], d),
+    "transpose": lambda d, a, k: _dims_ok(
+        [_arg(a, k, 1, "dim0", None), _arg(a, k, 2, "dim1", None)], d),
+    "swapaxes": lambda d, a, k: _dims_ok(
+        [_arg(a, k, 1, "axis0", None), _arg(a, k, 2, "axis1", None)], d),
+    "swapdims": lambda d, a, k: _dims_ok(
+        [_arg(a, k, 1, "dim0", None), _arg(a, k, 2, "dim1", None)], d),
     "permute": lambda d, a, k: _permute_ok(a, k, d),
     "select": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
     "narrow": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
@@ -1342,7 +1352,9 @@ def _s_reshape(func, name, args, kwargs):
 
 def _s_cat(func, name, args, kwargs):
     tensors = args[0] if args else kwargs.get("tensors")
-    if name not in ("cat", "concat", "concatenate", "stack") or not isinstance(tensors, (list, tuple)):
+    if name not in ("cat", "concat", "concatenate", "stack") or not isinstance(
+        tensors, (list, tuple)
+    ):
         return _FALLBACK
     dim = _arg(args, kwargs, 1, "dim", 0)
     if not tensors or not all(isinstance(t, SharedCDTensor) for t in tensors):
@@ -1456,7 +1468,14 @@ _INDEX_RULES = {"to", "contiguous", "clone", "detach", "long", "int"}
 def _rule_maybe_index(func, args, kwargs):
     if args and isinstance(args[0], MaskedIndices):
         return _rule_index_passthrough(func, args, kwargs)
-    return _RULES_BASE[_name(func)](func, args, kwargs)
+    rule = _RULES_BASE.get(_name(func))
+    if rule is None:  # e.g. x.long() on a decomposed activation
+        raise UnsupportedOperationError(
+            f"contextual decomposition has no rule for the operation `{_qualname(func)}` "
+            f"applied to a decomposed activation. Supported operations: "
+            f"{supported_operations()}"
+        )
+    return rule(func, args, kwargs)
 
 
 _RULES_BASE = dict(_RULES)
