@@ -962,11 +962,14 @@ def _split_joined_constant(out: Tensor, rows: int, masks: int, const: Tensor,
     the total rows get the whole constant."""
     rel = _by_mask(out[:rows], masks)
     total_rows = out[rows:]
+    # |A beta| + |A gamma| is 0 only where A total is 0 too: when the N total
+    # rows have no zero, the full check below is skipped
+    may_tie = total_rows.device.type != "cpu" or bool((total_rows == 0).any())
     denom = torch.sub(total_rows, rel).abs_()  # |A gamma|
     share = rel.abs()
     denom.add_(share)
     share.div_(denom)  # 0/0 = nan where both are 0: replaced next
-    if _may_tie(denom):
+    if may_tie and _may_tie(denom):
         share = torch.where(denom == 0, tie_share(), share)
     rel.add_(share.mul_(const))
     total_rows.add_(const)
