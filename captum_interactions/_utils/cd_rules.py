@@ -1158,6 +1158,8 @@ def _s_add(func, name, args, kwargs):
         for coef, operand in shared:
             part = operand.joined if coef == 1 else coef * operand.joined
             summed = part if summed is None else summed + part
+        if summed is shared[0][1].joined:  # x + 0: a new tensor, as the real op gives
+            summed = summed.clone()
         rel, tot = summed[:rows], summed[rows:]
     else:
         rel = tot = None
