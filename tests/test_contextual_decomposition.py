@@ -583,6 +583,7 @@ def test_cpu_chunk_cap_splits_large_passes_without_changing_results(monkeypatch)
 
     monkeypatch.setattr(ContextualDecomposition, "_run_rows", counting)
     monkeypatch.setattr(module, "_CPU_FIRST_CHUNK_ROWS", 6)  # 2 masks x 3 examples
+    monkeypatch.setattr(module, "_CPU_MIN_CHUNK_MASKS", 1)
     per_row_bytes = 8 * 3 * 8 * 8 * 4  # well below one row's activations
     monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", 3 * 3 * per_row_bytes)
     rel, irr = cd.decompose(x, masks)

@@ -45,8 +45,11 @@ def _output_dtype(inputs: Tuple[Tensor, ...]) -> torch.dtype:
 #: the benchmark CNN 784 single-pixel masks take 3x longer in one pass than in
 #: chunks of about 200; results do not depend on the chunking.
 _CPU_CHUNK_BYTES = 32 * 2**20
-#: ... measured on a first chunk of at most this many rows
+#: ... measured on a first chunk of at most this many rows. Neither goes below
+#: this many masks (each pass also computes the N examples' totals; the memory
+#: budget still rules)
 _CPU_FIRST_CHUNK_ROWS = 64
+_CPU_MIN_CHUNK_MASKS = 8
 
 
 class ContextualDecomposition(Attribution):
@@ -144,7 +147,8 @@ class ContextualDecomposition(Attribution):
         cpu_cap = internal_batch_size is None and inputs[0].device.type == "cpu"
         if cpu_cap:
             # a first chunk of moderate size measures the activations (below)
-            per_chunk = min(per_chunk, max(1, _CPU_FIRST_CHUNK_ROWS // num_examples))
+            per_chunk = min(per_chunk, max(
+                _CPU_MIN_CHUNK_MASKS, _CPU_FIRST_CHUNK_ROWS // num_examples))
         measured = False
         expansion = RowExpansion(target, additional_forward_args, num_examples, num_masks)
         rels, irrs = [], []
@@ -165,7 +169,8 @@ class ContextualDecomposition(Attribution):
                 per_chunk = cd_masks_per_chunk(**chunking, activations_per_row=per_row)
                 if cpu_cap:
                     per_chunk = min(per_chunk, max(
-                        1, int(_CPU_CHUNK_BYTES // (per_row * chunking["itemsize"] * num_examples))
+                        _CPU_MIN_CHUNK_MASKS,
+                        int(_CPU_CHUNK_BYTES // (per_row * chunking["itemsize"] * num_examples)),
                     ))
             if select_target:
                 rel = self._select(rel, chunk_target)
