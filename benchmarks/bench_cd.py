@@ -195,7 +195,7 @@ def main():
             acd.cd._shared_total = shared
             acd.attribute(x, target=0, block_size=block)  # warm-up
             t_h, hierarchy = timed(lambda: acd.attribute(x, target=0, block_size=block), device,
-                                   3 if block == 1 else repeats)
+                                   repeats)
             rows.append(dict(task=f"ACD 28x28, {block}x{block} blocks", method=label,
                              seconds=t_h, units=hierarchy.num_units,
                              levels=len(hierarchy.levels)))
