@@ -192,3 +192,24 @@ def test_acd_rescoring_and_max_levels_and_errors():
         acd.attribute(x, structure="sequence", percentile=100)
     with pytest.raises(ValueError, match="block_size"):
         acd.attribute(x, structure="sequence", block_size=0)
+
+
+def test_acd_hierarchy_is_the_same_with_both_parts_carried():
+    # ACD's CD passes run on the shared-total path; carrying both parts of every
+    # mask gives the same scores (float64, round-off) and so the same hierarchy
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3),
+    ).double().eval()
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    shared = AgglomerativeContextualDecomposition(model)
+    two_streams = AgglomerativeContextualDecomposition(model)
+    two_streams.cd._shared_total = False
+    first = shared.attribute(x, target=1)
+    second = two_streams.attribute(x, target=1)
+    assert len(first.levels) == len(second.levels) > 3
+    for a, b in zip(first.levels, second.levels):
+        assert [g.tolist() for g in a.groups] == [g.tolist() for g in b.groups]
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-12)
+        assert torch.equal(a.parents, b.parents)

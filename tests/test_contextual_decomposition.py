@@ -398,3 +398,207 @@ def test_full_mask_leaves_round_off_through_float32_batch_norm():
     rel, irr = cd.decompose(x, mask)
     torch.testing.assert_close(rel + irr, out, rtol=0, atol=1e-5 * float(scale))
     assert rel.abs().max() > 1e-3 * scale and irr.abs().max() > 1e-3 * scale
+
+
+# --- shared-total path (one total per example, the relevant part per mask) ----
+
+
+class _SharedOps(nn.Module):
+    """Operations with a shared-total rule beyond the Sequential cases: in-place
+    residual +=, in-place ReLU, a constant add, view(size(0), -1), permute,
+    chunk/cat, indexing, matmul and multiplication by constants, mean over dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = bn(nn.BatchNorm2d(4))
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.proj = nn.Parameter(torch.randn(10, 5))
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x), inplace=True)
+        identity = h
+        out = self.bn(self.conv2(h))
+        out += identity
+        out = torch.relu_(out) + 0.25
+        out = self.pool(out)  # (4, 5, 5)
+        a, b = out.chunk(2, dim=1)
+        out = torch.cat([b, a], dim=1).permute(0, 2, 3, 1)
+        out = out.reshape(out.size(0), -1, 10)[:, 1:, :]  # (rows, 9, 10)
+        out = torch.sigmoid(out @ self.proj * 0.5)
+        return self.lin(out.mean(1) - 1.0)
+
+
+def _shared_and_two_stream(model, x, masks, **kwargs):
+    cd = ContextualDecomposition(model)
+    shared = cd.decompose(x, masks, **kwargs)
+    cd._shared_total = False
+    two_stream = cd.decompose(x, masks, **kwargs)
+    return shared, two_stream
+
+
+def _count_fallbacks(monkeypatch):
+    from captum_interactions._utils import cd_rules
+
+    names = []
+    original = cd_rules._fallback
+
+    def counting(func, name, args, kwargs):
+        names.append(name)
+        return original(func, name, args, kwargs)
+
+    monkeypatch.setattr(cd_rules, "_fallback", counting)
+    return names
+
+
+@pytest.mark.parametrize("name", list(cases()) + ["shared_ops", "residual_bn"])
+def test_shared_total_equals_two_streams(name, monkeypatch):
+    # the shared-total path does the two-stream rules' arithmetic with
+    # gamma = total - beta: equal to round-off, for full, empty and random masks
+    if name == "shared_ops":
+        torch.manual_seed(0)
+        model, x = _SharedOps().to(DTYPE), torch.randn(3, 2, 8, 8, dtype=DTYPE)
+    elif name == "residual_bn":
+        torch.manual_seed(0)
+        model = _ResidualBlockBN().to(DTYPE)
+        for norm in (model.bn0, model.bn1, model.bn2):
+            bn(norm)
+        x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
+    else:
+        model, make_x = cases()[name]
+        x = make_x()
+    model.eval()
+    torch.manual_seed(1)
+    masks = (torch.rand((6, 1) + x.shape[1:]) > 0.5).to(DTYPE)
+    masks[0], masks[1] = 1, 0
+    fallbacks = _count_fallbacks(monkeypatch)
+    (rel_s, irr_s), (rel_t, irr_t) = _shared_and_two_stream(model, x, masks)
+    assert fallbacks == []  # every operation ran on the shared path
+    torch.testing.assert_close(rel_s, rel_t, **TOL)
+    torch.testing.assert_close(irr_s, irr_t, **TOL)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(rel_s + irr_s, out.expand_as(rel_s), **TOL)
+    assert (rel_s[2:] - rel_s[2:].mean(0)).abs().max() > 1e-4  # masks differ
+    assert irr_s[2:].abs().max() > 1e-4
+
+
+def test_shared_total_falls_back_to_two_streams_where_it_has_no_rule(monkeypatch):
+    # an LSTM on float inputs, a flip and a per-example constant (an additional
+    # forward argument, one row per mask and example): the shared activations
+    # are converted to two streams there, with the same result
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 5, batch_first=True)
+            self.lin = nn.Linear(5, 2)
+
+        def forward(self, x, scale):
+            h, _ = self.lstm(x.flip(1))
+            return self.lin(h[:, -1] * scale)
+
+    torch.manual_seed(0)
+    model = Mixed().to(DTYPE).eval()
+    x = torch.randn(3, 6, 4, dtype=DTYPE)
+    scale = torch.rand(3, 1, dtype=DTYPE) + 0.5
+    masks = torch.zeros(3, 1, 6, 1, dtype=DTYPE)
+    masks[0] = 1
+    masks[2, :, 1:4] = 1
+    fallbacks = _count_fallbacks(monkeypatch)
+    (rel_s, irr_s), (rel_t, irr_t) = _shared_and_two_stream(
+        model, x, masks, additional_forward_args=(scale,))
+    assert "flip" in fallbacks
+    torch.testing.assert_close(rel_s, rel_t, **TOL)
+    torch.testing.assert_close(irr_s, irr_t, **TOL)
+    torch.testing.assert_close(rel_s[0], model(x, scale).detach(), **TOL)
+    assert irr_s[2].abs().max() > 1e-4 and rel_s[2].abs().max() > 1e-4
+
+
+def test_shared_total_per_example_constant_is_not_shared(monkeypatch):
+    # x * c with c one row per mask and example: the total cannot be shared
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x, c):
+            return self.lin(torch.relu(x * c + c))
+
+    torch.manual_seed(0)
+    model = Scaled().to(DTYPE).eval()
+    x, c = torch.randn(2, 4, dtype=DTYPE), torch.randn(2, 4, dtype=DTYPE)
+    masks = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 1]], dtype=DTYPE)[:, None]
+    fallbacks = _count_fallbacks(monkeypatch)
+    (rel_s, irr_s), (rel_t, irr_t) = _shared_and_two_stream(
+        model, x, masks, additional_forward_args=(c,))
+    assert fallbacks[:1] == ["mul"]
+    torch.testing.assert_close(rel_s, rel_t, **TOL)
+    torch.testing.assert_close(irr_s, irr_t, **TOL)
+
+
+def test_shared_total_full_mask_keeps_an_exactly_zero_irrelevant_part_in_float32():
+    # the relevant rows of a full mask and the total rows go through the same
+    # calls, so they stay bitwise equal and gamma = total - beta is exactly 0
+    # (a round-off gamma would take whole biases at dead windows, |W beta| = 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 3),
+    ).eval()
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 6:20, 8:18] = torch.rand(2, 1, 14, 10)
+    masks = torch.zeros(3, 1, 1, 28, 28)
+    masks[0] = 1
+    masks[2, ..., :14, :] = 1
+    rel, irr = ContextualDecomposition(model).decompose(x, masks)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(irr[0], torch.zeros_like(irr[0]))
+    torch.testing.assert_close(rel[0], out, rtol=0, atol=1e-6)
+    assert torch.equal(rel[1], torch.zeros_like(rel[1]))
+    torch.testing.assert_close(rel[2] + irr[2], out, rtol=0, atol=1e-5)
+
+
+def test_cpu_chunk_cap_splits_large_passes_without_changing_results(monkeypatch):
+    # without internal_batch_size, a CPU pass is capped by its measured
+    # activation bytes (speed only): same results as one pass
+    from captum_interactions._core import contextual_decomposition as module
+
+    model, make_x = cases()["conv2d_bn_maxpool"]
+    model.eval()
+    x = make_x()
+    torch.manual_seed(3)
+    masks = (torch.rand(9, 1, 1, 8, 8) > 0.5).to(DTYPE)
+    cd = ContextualDecomposition(model)
+    one_pass = cd.decompose(x, masks, internal_batch_size=10**6)
+    chunks = []
+    original = ContextualDecomposition._run_rows
+
+    def counting(self, inputs, chunk_masks, extra):
+        chunks.append(chunk_masks[0].shape[0])
+        return original(self, inputs, chunk_masks, extra)
+
+    monkeypatch.setattr(ContextualDecomposition, "_run_rows", counting)
+    monkeypatch.setattr(module, "_CPU_FIRST_CHUNK_ROWS", 6)  # 2 masks x 3 examples
+    monkeypatch.setattr(module, "_CPU_MIN_CHUNK_MASKS", 1)
+    per_row_bytes = 8 * 3 * 8 * 8 * 4  # well below one row's activations
+    monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", 3 * 3 * per_row_bytes)
+    rel, irr = cd.decompose(x, masks)
+    assert chunks[0] == 2 and len(chunks) > 3 and sum(chunks) == 9
+    torch.testing.assert_close(rel, one_pass[0], **TOL)
+    torch.testing.assert_close(irr, one_pass[1], **TOL)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_integer_cast_of_an_activation_is_named_as_unsupported(shared):
+    class Cast(nn.Module):
+        def forward(self, x):
+            return x.long().float()
+
+    cd = ContextualDecomposition(Cast())
+    cd._shared_total = shared
+    with pytest.raises(UnsupportedOperationError, match="long"):
+        cd.decompose(torch.randn(2, 3), torch.ones(3))

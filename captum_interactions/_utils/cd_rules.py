@@ -64,6 +64,14 @@ Rules (beta = relevant, gamma = irrelevant, x = beta + gamma the true input):
 
 Anything else that produces a tensor from a CD activation raises
 :class:`UnsupportedOperationError` naming the operation.
+
+For many masks of the same examples the activations are carried as
+:class:`SharedCDTensor` instead: the relevant part of every (mask, example)
+row and the true activation of every example once, the irrelevant part being
+their difference. Its rules (see "shared-total representation" below) do the
+arithmetic of the rules above with ``gamma = total - beta``; an operation
+without one converts its operands to :class:`CDTensor` and continues with the
+rules above.
 """
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -207,6 +215,8 @@ class MaskedIndices(Tensor):
 def _plain(x: Any) -> Any:
     if isinstance(x, CDTensor):
         return x.total
+    if isinstance(x, SharedCDTensor):
+        return _expanded_total(x)
     if isinstance(x, MaskedIndices):
         return x.ids
     return x
@@ -228,11 +238,11 @@ def _name(func: Callable) -> str:
 
 def _dispatch(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
     name = _name(func)
+    if _has_shared(args, kwargs):
+        return _dispatch_shared(func, name, args, kwargs)
     rule = _RULES.get(name)
     if rule is not None:
-        if any(isinstance(a, MaskedIndices) for a in tree_flatten((args, kwargs))[0]) and (
-            name not in _INDEX_OK
-        ):
+        if name not in _INDEX_OK and _contains((args, kwargs), MaskedIndices):
             raise UnsupportedOperationError(
                 f"contextual decomposition: integer (token id) inputs can only be "
                 f"consumed by an embedding lookup (nn.Embedding / F.embedding); got "
@@ -762,6 +772,648 @@ def _rule_lstm(func, args, kwargs):
 
 
 # ----------------------------------------------------------------------------
+# shared-total representation
+#
+# For M masks of the same N examples the true activation of an example is the
+# same for every mask; only the relevant part differs. A SharedCDTensor holds
+# the relevant part of all M x N rows (mask-major) and the true activation of
+# the N examples once; the irrelevant part is implied, gamma = total - beta,
+# and is computed only where a rule needs it. Each rule below performs the
+# arithmetic of the two-stream rule above on (beta, total - beta), so the
+# decomposition is the same up to round-off; a layer then costs one pass over
+# M x N + N rows instead of 2 M x N. Where possible the relevant rows and the
+# total rows sit in one buffer (``joined``: M x N rows, then N rows) so that a
+# layer takes both in one call, and a full mask (beta == total) stays bitwise
+# equal to the total, keeping its irrelevant part exactly 0.
+#
+# An operation without a rule here converts its shared operands into two-stream
+# CDTensors (materializing gamma) and continues with the rules above; a call on
+# plain operands with a batch dimension (a per-row constant) does the same.
+
+_FALLBACK = object()
+
+
+class SharedCDTensor(Tensor):
+    """Relevant part ``rel`` of M x N rows (mask-major) and the true activation
+    ``tot`` of the N examples, shared by the M masks (the irrelevant part is
+    ``tot - rel``); ``joined``: a buffer holding ``rel`` rows then ``tot`` rows,
+    or None."""
+
+    rel: Tensor
+    tot: Tensor
+    masks: int
+    joined: Optional[Tensor]
+
+    @staticmethod
+    def wrap(
+        rel: Tensor, tot: Tensor, masks: int, joined: Optional[Tensor] = None
+    ) -> "SharedCDTensor":
+        obj = Tensor._make_subclass(SharedCDTensor, rel)
+        obj.rel, obj.tot, obj.masks, obj.joined = rel, tot, masks, joined
+        return obj
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return _dispatch(func, args, kwargs or {})
+
+
+def _wrap_joined(out: Any, rows: int, masks: int) -> Any:
+    """SharedCDTensor(s) over a joined buffer (or a tuple of them)."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_wrap_joined(o, rows, masks) for o in out)
+    return SharedCDTensor.wrap(out[:rows], out[rows:], masks, out)
+
+
+def _by_mask(t: Tensor, masks: int) -> Tensor:
+    """(M x N, ...) -> (M, N, ...) (always a view)."""
+    return t.unflatten(0, (masks, -1))
+
+
+def _irr_by_mask(x: SharedCDTensor) -> Tensor:
+    """The irrelevant part, (M, N, ...)."""
+    return torch.sub(x.tot.unsqueeze(0), _by_mask(x.rel, x.masks))
+
+
+def _expanded_total(x: SharedCDTensor) -> Tensor:
+    """The total of every row, (M x N, ...), materialized."""
+    shape = (x.masks,) + tuple(x.tot.shape)
+    return x.tot.unsqueeze(0).expand(shape).contiguous().flatten(0, 1)
+
+
+def _row_share_by_mask(rel: Tensor, irr: Tensor) -> Tensor:
+    """:func:`_row_share` of (M, N, ...) parts, shaped (M, N, 1, ...)."""
+    masks = rel.shape[0]
+    flat = lambda t: t.reshape((-1,) + tuple(t.shape[2:]))  # noqa: E731
+    return _by_mask(_row_share(flat(rel), flat(irr)), masks)
+
+
+def _input_tie(x: SharedCDTensor) -> Callable[[], Tensor]:
+    """The tie share of a layer whose input is ``x``, (M, N, 1, ...)."""
+    return lambda: _row_share_by_mask(_by_mask(x.rel, x.masks), _irr_by_mask(x))
+
+
+def _joined(x: SharedCDTensor) -> Tensor:
+    return x.joined if x.joined is not None else torch.cat([x.rel, x.tot])
+
+
+def _two_stream(x: SharedCDTensor) -> CDTensor:
+    total = _expanded_total(x)
+    return CDTensor.wrap(x.rel, total - x.rel, total)
+
+
+def _contains(value: Any, types: Any) -> bool:
+    """Whether ``value`` (nested lists, tuples, dicts) holds an instance of ``types``
+    (a plain recursion: cheaper than a pytree flatten on every intercepted call)."""
+    if isinstance(value, types):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains(v, types) for v in value)
+    if isinstance(value, dict):
+        return any(_contains(v, types) for v in value.values())
+    return False
+
+
+def _has_shared(args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    return _contains(args, SharedCDTensor) or (bool(kwargs) and _contains(kwargs, SharedCDTensor))
+
+
+def _shared_in(values: Any) -> bool:
+    return _contains(values, (SharedCDTensor, CDTensor))
+
+
+# metadata queries: answered from the relevant part (same shape, dtype, device)
+_META = {
+    "size", "dim", "ndimension", "numel", "nelement", "__len__", "stride", "is_contiguous",
+    "is_floating_point", "is_complex", "element_size", "get_device", "__get__",
+}
+
+
+def _meta_plain(x: Any) -> Any:
+    return x.rel if isinstance(x, SharedCDTensor) else x
+
+
+def _dispatch_shared(func: Callable, name: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+    rule = _SHARED_RULES.get(name)
+    if rule is not None:
+        out = rule(func, name, args, kwargs)
+        if out is not _FALLBACK:
+            return out
+    elif name in _META:
+        with _DISABLE():
+            if len(args) == 1 and not kwargs:  # x.numel(), x.dim(), x.shape ...
+                result = func(_meta_plain(args[0]))
+            else:
+                result = func(*tree_map(_meta_plain, tuple(args)), **tree_map(_meta_plain, kwargs))
+        if not _contains_tensor(result):
+            return result
+    return _fallback(func, name, args, kwargs)
+
+
+def _fallback(func: Callable, name: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+    """Convert the shared operands to two-stream CDTensors and apply the rules above."""
+    converted: Dict[int, CDTensor] = {}
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, SharedCDTensor):
+            if id(v) not in converted:
+                converted[id(v)] = _two_stream(v)
+            return converted[id(v)]
+        return v
+
+    result = _dispatch(func, tree_map(convert, tuple(args)), tree_map(convert, kwargs))
+    target = args[0] if args else None
+    if (
+        isinstance(target, SharedCDTensor) and isinstance(result, CDTensor)
+        and _inplace_requested(name, args, kwargs) and result.rel.shape == target.rel.shape
+    ):
+        # an in-place call: write the result into the shared activation
+        target.rel.copy_(result.rel)
+        target.tot.copy_(_by_mask(result.total, target.masks)[0])
+        return target
+    return result
+
+
+def _batch_free(c: Any, dims: int) -> bool:
+    """Whether a plain operand broadcasts against a (rows, ...) activation of
+    ``dims`` dimensions without a row dimension of its own."""
+    if isinstance(c, (SharedCDTensor, CDTensor, MaskedIndices)):
+        return False
+    if not isinstance(c, Tensor):
+        return True
+    return c.dim() < dims or (c.dim() == dims and c.shape[0] == 1)
+
+
+def _split_constant_rel(
+    rel: Tensor, irr: Tensor, const: Any, tie_share: Callable[[], Tensor]
+) -> Tensor:
+    """The relevant part of :func:`_split_constant` (same arithmetic)."""
+    magnitude = rel.abs()
+    total = magnitude + irr.abs()
+    share = magnitude.div_(total)
+    if _may_tie(total):
+        share = torch.where(total == 0, tie_share(), share)
+    return rel + share.mul_(const)
+
+
+def _split_joined_constant(out: Tensor, rows: int, masks: int, const: Tensor,
+                           tie_share: Callable[[], Tensor]) -> None:
+    """In place on ``out`` = [A beta (M x N rows); A total (N rows)] of a linear
+    map A: share ``const`` like :func:`_split_pair` with A gamma = A total - A beta;
+    the total rows get the whole constant."""
+    rel = _by_mask(out[:rows], masks)
+    total_rows = out[rows:]
+    # |A beta| + |A gamma| is 0 only where A total is 0 too: when the N total
+    # rows have no zero, the full check below is skipped
+    may_tie = total_rows.device.type != "cpu" or bool((total_rows == 0).any())
+    denom = torch.sub(total_rows, rel).abs_()  # |A gamma|
+    share = rel.abs()
+    denom.add_(share)
+    share.div_(denom)  # 0/0 = nan where both are 0: replaced next
+    if may_tie and _may_tie(denom):
+        share = torch.where(denom == 0, tie_share(), share)
+    rel.add_(share.mul_(const))
+    total_rows.add_(const)
+
+
+def _s_affine(func, name, args, kwargs):
+    x = args[0]
+    if not isinstance(x, SharedCDTensor) or len(args) < 2 or _shared_in((args[1:], kwargs)):
+        return _FALLBACK
+    args, kwargs = list(args), dict(kwargs)
+    weight = args[1]
+    if "bias" in kwargs:
+        bias = kwargs.pop("bias")
+    elif len(args) > 2:
+        bias, args[2] = args[2], None
+    else:
+        bias = None
+    linear = name == "linear"
+    if not isinstance(weight, Tensor) or (
+        x.rel.dim() < 2 if linear else x.rel.dim() != weight.dim()
+    ):
+        return _FALLBACK
+    rows = x.rel.shape[0]
+    out = func(_joined(x), *args[1:], **kwargs)
+    if bias is not None:
+        shaped = bias if linear else bias.reshape((-1,) + (1,) * (weight.dim() - 2))
+        _split_joined_constant(out, rows, x.masks, shaped, _input_tie(x))
+    return _wrap_joined(out, rows, x.masks)
+
+
+def _s_batch_norm(func, name, args, kwargs):
+    names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps"]
+    bound: Dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1,
+                             "eps": 1e-5}
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    if (
+        not isinstance(x, SharedCDTensor) or x.rel.dim() < 2 or bound["training"]
+        or bound["running_mean"] is None or bound["running_var"] is None
+        or _shared_in([v for k, v in bound.items() if k != "input"])
+    ):
+        return _FALLBACK
+    shape = (-1,) + (1,) * (x.rel.dim() - 2)
+    scale = torch.rsqrt(bound["running_var"] + bound["eps"])
+    if bound["weight"] is not None:
+        scale = scale * bound["weight"]
+    shift = -bound["running_mean"] * scale
+    if bound["bias"] is not None:
+        shift = shift + bound["bias"]
+    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    rows = x.rel.shape[0]
+    out = _joined(x) * scale
+    # the total is x * scale + shift like the parts (not torch's kernel, which
+    # rounds differently): a full mask keeps its irrelevant part exactly 0
+    _split_joined_constant(out, rows, x.masks, shift, _input_tie(x))
+    return _wrap_joined(out, rows, x.masks)
+
+
+def _s_layer_norm(func, name, args, kwargs):
+    names = ["input", "normalized_shape", "weight", "bias", "eps"]
+    bound: Dict[str, Any] = {"weight": None, "bias": None, "eps": 1e-5}
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    if not isinstance(x, SharedCDTensor) or _shared_in([bound["weight"], bound["bias"]]):
+        return _FALLBACK
+    shape = bound["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(shape) >= x.rel.dim():
+        return _FALLBACK
+    dims = tuple(range(-len(shape), 0))
+    with _DISABLE():
+        total = func(*tree_map(lambda v: v.tot if v is x else v, tuple(args)), **kwargs)
+    inv_std = torch.rsqrt(x.tot.var(dim=dims, unbiased=False, keepdim=True) + bound["eps"])
+    rel_in, irr_in = _by_mask(x.rel, x.masks), _irr_by_mask(x)
+    rel = (rel_in - rel_in.mean(dim=dims, keepdim=True)) * inv_std
+    irr = (irr_in - irr_in.mean(dim=dims, keepdim=True)) * inv_std
+    if bound["weight"] is not None:
+        rel, irr = rel * bound["weight"], irr * bound["weight"]
+    if bound["bias"] is not None:
+        rel = _split_constant_rel(rel, irr, bound["bias"],
+                                  lambda: _row_share_by_mask(rel_in, irr_in))
+    return SharedCDTensor.wrap(rel.flatten(0, 1), total, x.masks)
+
+
+def _s_pointwise(func, name, args, kwargs):
+    """ReLU family: beta' = f(beta), total' = f(total) (gamma' = f(total) - f(beta))."""
+    x = args[0]
+    if not isinstance(x, SharedCDTensor) or _shared_in((args[1:], kwargs)):
+        return _FALLBACK
+    rest = tuple(args[1:])
+    if x.joined is not None:
+        out = func(x.joined, *rest, **kwargs)
+        if _inplace_requested(name, args, kwargs):
+            return x
+        return _wrap_joined(out, x.rel.shape[0], x.masks)
+    rel, tot = func(x.rel, *rest, **kwargs), func(x.tot, *rest, **kwargs)
+    if _inplace_requested(name, args, kwargs):
+        return x
+    return SharedCDTensor.wrap(rel, tot, x.masks)
+
+
+def _s_smooth(func, name, args, kwargs):
+    """Two-player Shapley rule of :func:`_shapley_two` with gamma = total - beta."""
+    x = args[0]
+    if not isinstance(x, SharedCDTensor) or _shared_in((args[1:], kwargs)):
+        return _FALLBACK
+    call_args, call_kwargs = _out_of_place(name, args, kwargs)
+    rest = tuple(call_args[1:])
+
+    def f(t: Tensor) -> Tensor:
+        return func(t, *rest, **call_kwargs)
+
+    rel, irr = _by_mask(x.rel, x.masks), _irr_by_mask(x)
+    total = f(x.tot)
+    f_zero = f(torch.zeros((), dtype=rel.dtype, device=rel.device))
+    f_rel, f_irr = f(rel), f(irr)
+    f_total = total.unsqueeze(0)
+    b = 0.5 * ((f_rel - f_zero) + (f_total - f_irr))
+    c = 0.5 * ((f_irr - f_zero) + (f_total - f_rel))
+    new_rel = _split_constant_rel(b, c, f_zero, lambda: _row_share_by_mask(rel, irr)).flatten(0, 1)
+    if _inplace_requested(name, args, kwargs):
+        x.rel.copy_(new_rel)
+        x.tot.copy_(total)
+        return x
+    return SharedCDTensor.wrap(new_rel, total, x.masks)
+
+
+def _s_max_pool(func, name, args, kwargs):
+    """Both parts (and the total) gathered at the argmax of the example's total."""
+    x = args[0]
+    if not isinstance(x, SharedCDTensor) or _shared_in((args[1:], kwargs)):
+        return _FALLBACK
+    dims = 3 if "3d" in name else 2 if "2d" in name else 1
+    if x.rel.dim() != dims + 2:
+        return _FALLBACK
+    wants_indices = kwargs.get("return_indices", args[6] if len(args) > 6 else False)
+    call_args, call_kwargs = list(args), dict(kwargs)
+    if len(call_args) > 6:
+        call_args[6] = True
+    else:
+        call_kwargs["return_indices"] = True
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
+    with _DISABLE():
+        total, indices = pool(x.tot, *call_args[1:], **call_kwargs)
+    rows, masks = x.rel.shape[0], x.masks
+    flat_index = indices.flatten(-dims).unsqueeze(0)  # (1, N, C, L)
+    out = x.rel.new_empty((rows + total.shape[0],) + tuple(total.shape[1:]))
+    torch.gather(
+        _by_mask(x.rel.flatten(-dims), masks), -1,
+        flat_index.expand((masks,) + tuple(flat_index.shape[1:])),
+        out=_by_mask(out[:rows].flatten(-dims), masks),
+    )
+    out[rows:].copy_(total)
+    result = _wrap_joined(out, rows, masks)
+    return (result, indices.repeat((masks,) + (1,) * (indices.dim() - 1))) if wants_indices \
+        else result
+
+
+def _s_add(func, name, args, kwargs):
+    terms = _terms(name, args, kwargs)
+    shared = [(coef, o) for coef, o in terms if isinstance(o, SharedCDTensor)]
+    if not shared:
+        return _FALLBACK
+    first = shared[0][1]
+    dims, rows, masks = first.rel.dim(), first.rel.shape[0], first.masks
+    if any(
+        isinstance(o, (CDTensor, MaskedIndices))
+        or isinstance(o, SharedCDTensor) and (
+            o.masks != masks or o.rel.dim() != dims or o.rel.shape[0] != rows)
+        or not isinstance(o, SharedCDTensor) and not _batch_free(o, dims)
+        for _, o in terms
+    ):
+        return _FALLBACK
+    const: Any = 0
+    for coef, operand in terms:
+        if not isinstance(operand, SharedCDTensor):
+            const = const + coef * operand
+    has_const = isinstance(const, Tensor) or const != 0
+    inplace = _inplace_requested(name, args, kwargs)
+    target = args[0]
+    if all(o.joined is not None for _, o in shared):
+        summed = None
+        for coef, operand in shared:
+            part = operand.joined if coef == 1 else coef * operand.joined
+            summed = part if summed is None else summed + part
+        if summed is shared[0][1].joined:  # x + 0: a new tensor, as the real op gives
+            summed = summed.clone()
+        rel, tot = summed[:rows], summed[rows:]
+    else:
+        rel = tot = None
+        for coef, operand in shared:
+            r, t = (operand.rel, operand.tot) if coef == 1 else (
+                coef * operand.rel, coef * operand.tot)
+            rel = r if rel is None else rel + r
+            tot = t if tot is None else tot + t
+        summed = None
+    if has_const:
+        new_tot = tot + const
+        rel_m = _by_mask(rel, masks)
+        irr_m = torch.sub(tot.unsqueeze(0), rel_m)
+        rel_b, irr_b = torch.broadcast_tensors(rel_m, irr_m, new_tot.unsqueeze(0))[:2]
+        rel = _split_constant_rel(rel_b, irr_b, const,
+                                  lambda: _row_share_by_mask(rel_m, irr_m)).flatten(0, 1)
+        tot, summed = new_tot, None
+    elif summed is None:
+        full = torch.broadcast_shapes(rel.shape[1:], tot.shape[1:])
+        rel, tot = rel.expand((rows,) + full), tot.expand((tot.shape[0],) + full)
+    if inplace and isinstance(target, SharedCDTensor) and target.rel.shape == rel.shape:
+        target.rel.copy_(rel)
+        target.tot.copy_(tot)
+        return target
+    if summed is not None:
+        return _wrap_joined(summed, rows, masks)
+    return SharedCDTensor.wrap(rel, tot, masks)
+
+
+def _s_scale(func, name, args, kwargs):
+    """Multiplication / division / matmul of a shared activation by a batch-free constant."""
+    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    rest_kwargs = {k: v for k, v in kwargs.items() if k != "other"}
+    if _shared_in(rest_kwargs) or name in ("__rtruediv__", "__rmatmul__", "bmm"):
+        return _FALLBACK
+    if isinstance(a, SharedCDTensor):
+        x, other, first = a, b, True
+    elif name in ("mul", "__mul__", "__rmul__", "multiply"):
+        x, other, first = b, a, False
+    else:
+        return _FALLBACK
+    if not isinstance(x, SharedCDTensor):
+        return _FALLBACK
+    if "matmul" in name or name == "mm":
+        if not isinstance(other, Tensor) or isinstance(other, (SharedCDTensor, CDTensor)) \
+                or other.dim() > 2 or x.rel.dim() < 2:
+            return _FALLBACK
+    elif not _batch_free(other, x.rel.dim()):
+        return _FALLBACK
+    call = (lambda t: func(t, other, **rest_kwargs)) if first else \
+        (lambda t: func(other, t, **rest_kwargs))
+    if x.joined is not None:
+        out = call(x.joined)
+        if _inplace_requested(name, args, kwargs):
+            return x
+        return _wrap_joined(out, x.rel.shape[0], x.masks)
+    rel, tot = call(x.rel), call(x.tot)
+    if _inplace_requested(name, args, kwargs):
+        return x
+    return SharedCDTensor.wrap(rel, tot, x.masks)
+
+
+def _s_dropout(func, name, args, kwargs):
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    return _FALLBACK if training else args[0]
+
+
+def _norm_dim(d: Any, dims: int) -> Optional[int]:
+    if isinstance(d, bool) or not isinstance(d, int) or dims == 0:
+        return None
+    return d % dims
+
+
+def _arg(args: Sequence[Any], kwargs: Dict[str, Any], pos: int, key: str, default: Any) -> Any:
+    return args[pos] if len(args) > pos else kwargs.get(key, default)
+
+
+def _dims_ok(value: Any, dims: int) -> bool:
+    """Every dimension in ``value`` (int or sequence) is a valid non-row dimension."""
+    values = value if isinstance(value, (tuple, list)) else [value]
+    normed = [_norm_dim(v, dims) for v in values]
+    return len(normed) > 0 and all(v is not None and v >= 1 for v in normed)
+
+
+def _index_ok(index: Any) -> bool:
+    if not isinstance(index, tuple) or not index or not (
+        isinstance(index[0], slice) and index[0] == slice(None)
+    ):
+        return False
+    return all(
+        i is None or i is Ellipsis or isinstance(i, slice)
+        or (isinstance(i, int) and not isinstance(i, bool))
+        for i in index[1:]
+    )
+
+
+def _permute_ok(args, kwargs, d):
+    order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else \
+        args[1:] if len(args) > 1 else kwargs.get("dims", ())
+    return len(order) == d and _norm_dim(order[0], d) == 0
+
+
+# row-wise bias-free linear operations: (rel dims, args, kwargs) -> whether the
+# call keeps dimension 0 (the rows) and does not depend on the number of rows
+_ROW_OPS: Dict[str, Callable[[int, Sequence[Any], Dict[str, Any]], bool]] = {
+    "flatten": lambda d, a, k: _norm_dim(_arg(a, k, 1, "start_dim", 0), d) not in (None, 0),
+    "unflatten": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
+    "unsqueeze": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d + 1),
+    "squeeze": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
+    "transpose": lambda d, a, k: _dims_ok(
+        [_arg(a, k, 1, "dim0", None), _arg(a, k, 2, "dim1", None)], d),
+    "swapaxes": lambda d, a, k: _dims_ok(
+        [_arg(a, k, 1, "axis0", None), _arg(a, k, 2, "axis1", None)], d),
+    "swapdims": lambda d, a, k: _dims_ok(
+        [_arg(a, k, 1, "dim0", None), _arg(a, k, 2, "dim1", None)], d),
+    "permute": lambda d, a, k: _permute_ok(a, k, d),
+    "select": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
+    "narrow": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
+    "__getitem__": lambda d, a, k: len(a) > 1 and _index_ok(a[1]),
+    "chunk": lambda d, a, k: _dims_ok(_arg(a, k, 2, "dim", 0), d),
+    "split": lambda d, a, k: _dims_ok(_arg(a, k, 2, "dim", 0), d),
+    "unbind": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", 0), d),
+    "sum": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
+    "mean": lambda d, a, k: _dims_ok(_arg(a, k, 1, "dim", None), d),
+    "pad": lambda d, a, k: len(_arg(a, k, 1, "pad", ())) // 2 < d,
+}
+_ROW_OPS.update({
+    n: (lambda d, a, k: True)
+    for n in ("contiguous", "clone", "detach", "to", "float", "double", "half", "neg",
+              "__neg__", "negative")
+})
+_ROW_OPS.update({
+    f"{kind}{n}d": (lambda n: lambda d, a, k: d == n + 2)(n)
+    for kind in ("avg_pool", "adaptive_avg_pool") for n in (1, 2, 3)
+})
+_ROW_OPS.update({
+    n: (lambda d, a, k: d == 4) for n in ("pixel_shuffle", "pixel_unshuffle")
+})
+
+
+def _s_row_op(func, name, args, kwargs):
+    x = args[0]
+    if (
+        not isinstance(x, SharedCDTensor) or _shared_in((args[1:], kwargs))
+        or _inplace_requested(name, args, kwargs)
+        or not _ROW_OPS[name](x.rel.dim(), args, kwargs)
+    ):
+        return _FALLBACK
+    if name == "pad":
+        mode = _arg(args, kwargs, 2, "mode", "constant")
+        value = _arg(args, kwargs, 3, "value", None)
+        if mode == "constant" and value not in (None, 0, 0.0):
+            return _FALLBACK  # the two-stream rule raises
+    rest = tuple(args[1:])
+    rows = x.rel.shape[0]
+    if x.joined is not None:
+        return _wrap_joined(func(x.joined, *rest, **kwargs), rows, x.masks)
+    rel, tot = func(x.rel, *rest, **kwargs), func(x.tot, *rest, **kwargs)
+    if isinstance(rel, (tuple, list)):
+        return type(rel)(SharedCDTensor.wrap(r, t, x.masks) for r, t in zip(rel, tot))
+    return SharedCDTensor.wrap(rel, tot, x.masks)
+
+
+def _s_reshape(func, name, args, kwargs):
+    """view / reshape keeping the rows: the total rows take the same row shape."""
+    x = args[0]
+    if not isinstance(x, SharedCDTensor):
+        return _FALLBACK
+    if name in ("view_as", "reshape_as"):
+        other = args[1] if len(args) > 1 else kwargs.get("other")
+        if not isinstance(other, Tensor):
+            return _FALLBACK
+        shape = tuple(_meta_plain(other).shape)
+    else:
+        if _shared_in((args[1:], kwargs)) or kwargs:
+            return _FALLBACK
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) \
+            else tuple(args[1:])
+        if any(isinstance(s, torch.dtype) for s in shape):
+            return _FALLBACK  # view(dtype)
+    rows = x.rel.shape[0]
+    try:
+        rel = (x.rel.view if name.startswith("view") else x.rel.reshape)(tuple(shape))
+    except RuntimeError:
+        return _FALLBACK
+    if rel.dim() == 0 or rel.shape[0] != rows:
+        return _FALLBACK
+    row_shape = tuple(rel.shape[1:])
+    if x.joined is not None:
+        joined = x.joined.view((-1,) + row_shape) if name.startswith("view") else \
+            x.joined.reshape((-1,) + row_shape)
+        return _wrap_joined(joined, rows, x.masks)
+    return SharedCDTensor.wrap(rel, x.tot.reshape((-1,) + row_shape), x.masks)
+
+
+def _s_cat(func, name, args, kwargs):
+    tensors = args[0] if args else kwargs.get("tensors")
+    if name not in ("cat", "concat", "concatenate", "stack") or not isinstance(
+        tensors, (list, tuple)
+    ):
+        return _FALLBACK
+    dim = _arg(args, kwargs, 1, "dim", 0)
+    if not tensors or not all(isinstance(t, SharedCDTensor) for t in tensors):
+        return _FALLBACK
+    first = tensors[0]
+    rows, masks, dims = first.rel.shape[0], first.masks, first.rel.dim()
+    if any(t.masks != masks or t.rel.dim() != dims or t.rel.shape[0] != rows for t in tensors):
+        return _FALLBACK
+    if not _dims_ok(dim, dims + 1 if name == "stack" else dims):
+        return _FALLBACK
+    if all(t.joined is not None for t in tensors):
+        return _wrap_joined(func([t.joined for t in tensors], dim), rows, masks)
+    return SharedCDTensor.wrap(func([t.rel for t in tensors], dim),
+                               func([t.tot for t in tensors], dim), masks)
+
+
+_SHARED_RULES: Dict[str, Callable] = {n: _s_row_op for n in _ROW_OPS}
+_SHARED_RULES.update({n: _s_reshape for n in ("view", "reshape", "view_as", "reshape_as")})
+_SHARED_RULES.update({n: _s_affine for n in ("linear", "conv1d", "conv2d", "conv3d")})
+_SHARED_RULES.update({
+    n: _s_pointwise
+    for n in ("relu", "relu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "relu6",
+              "elu", "elu_")
+})
+_SHARED_RULES.update({
+    n: _s_smooth for n in ("tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "softplus")
+})
+_SHARED_RULES.update({
+    n: _s_max_pool
+    for n in ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+              "max_pool2d_with_indices", "max_pool3d_with_indices")
+})
+_SHARED_RULES.update({
+    n: _s_dropout
+    for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+              "feature_alpha_dropout")
+})
+_SHARED_RULES.update({
+    n: _s_add
+    for n in ("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
+              "__isub__", "__rsub__", "rsub", "subtract")
+})
+_SHARED_RULES.update({
+    n: _s_scale
+    for n in ("mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "div", "div_",
+              "__truediv__", "__itruediv__", "__rtruediv__", "true_divide", "divide",
+              "matmul", "__matmul__", "__rmatmul__", "mm", "bmm")
+})
+_SHARED_RULES.update({n: _s_cat for n in ("cat", "concat", "concatenate", "stack")})
+_SHARED_RULES["batch_norm"] = _s_batch_norm
+_SHARED_RULES["layer_norm"] = _s_layer_norm
+
+
+# ----------------------------------------------------------------------------
 # rule table (keyed by function name: torch.X, Tensor.X and F.X share names)
 
 _LINEAR_NAMES = [
@@ -821,7 +1473,14 @@ _INDEX_RULES = {"to", "contiguous", "clone", "detach", "long", "int"}
 def _rule_maybe_index(func, args, kwargs):
     if args and isinstance(args[0], MaskedIndices):
         return _rule_index_passthrough(func, args, kwargs)
-    return _RULES_BASE[_name(func)](func, args, kwargs)
+    rule = _RULES_BASE.get(_name(func))
+    if rule is None:  # e.g. x.long() on a decomposed activation
+        raise UnsupportedOperationError(
+            f"contextual decomposition has no rule for the operation `{_qualname(func)}` "
+            f"applied to a decomposed activation. Supported operations: "
+            f"{supported_operations()}"
+        )
+    return rule(func, args, kwargs)
 
 
 _RULES_BASE = dict(_RULES)
@@ -847,6 +1506,7 @@ def supported_operations() -> str:
 
 __all__ = [
     "CDTensor",
+    "SharedCDTensor",
     "MaskedIndices",
     "UnsupportedOperationError",
     "supported_operations",
