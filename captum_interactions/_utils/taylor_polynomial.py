@@ -176,10 +176,14 @@ class RecoveryPlan:
             self.directions.append((0,) * p)
 
     def direction_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(n_directions, p) integer directions as floats."""
-        return torch.tensor(self.directions, dtype=dtype, device=device).reshape(
-            len(self.directions), self.num_variables
-        )
+        """(n_directions, p) integer directions as floats (cached per dtype and device)."""
+        cache = self.__dict__.setdefault("_direction_cache", {})
+        key = (str(device), dtype)
+        if key not in cache:
+            cache[key] = torch.tensor(self.directions, dtype=dtype, device=device).reshape(
+                len(self.directions), self.num_variables
+            )
+        return cache[key]
 
     # the recovery is linear: below this many entries it is one dense
     # (n_directions, M_d) matrix per order, built once from the exact solves
@@ -213,6 +217,41 @@ class RecoveryPlan:
             out[d] = (univariate[0, 0].unsqueeze(-1) if d == 0
                       else univariate[d].transpose(0, 1) @ maps[d])
         return out
+
+    def recover_concatenated(self, univariate: Tensor) -> Tensor:
+        """``univariate`` (K + 1, n_directions, N) -> (N, sum_d M_d): the monomial
+        coefficients of every order, ascending, as one matrix product where the
+        stacked maps are small (else :meth:`recover` order by order)."""
+        cache = self.__dict__.setdefault("_stacked_cache", {})
+        key = (str(univariate.device), univariate.dtype, univariate.shape[0])
+        if key not in cache:
+            cache[key] = self._stacked_map(univariate.shape[0], univariate.device,
+                                           univariate.dtype)
+        stacked = cache[key]
+        if stacked is None:
+            parts = self.recover(univariate)
+            return torch.cat([parts[d] for d in self.orders], dim=1)
+        rows = univariate.shape[0] * univariate.shape[1]
+        return univariate.reshape(rows, -1).transpose(0, 1) @ stacked
+
+    def _stacked_map(self, num_coefficients: int, device: torch.device,
+                     dtype: torch.dtype) -> Optional[Tensor]:
+        """((K + 1) * n_directions, sum_d M_d) block map, or None if too large."""
+        maps = self._dense_maps(device, dtype)
+        n = len(self.directions)
+        total = sum(math.comb(self.num_variables + d - 1, d) for d in self.orders)
+        if maps is None or num_coefficients * n * total > self._DENSE_MAX_ENTRIES:
+            return None
+        stacked = torch.zeros(num_coefficients, n, total, dtype=dtype, device=device)
+        offset = 0
+        for d in self.orders:
+            if d == 0:
+                stacked[0, 0, offset] = 1  # the value, the same along every direction
+                offset += 1
+                continue
+            stacked[d, :, offset : offset + maps[d].shape[1]] = maps[d]
+            offset += maps[d].shape[1]
+        return stacked.reshape(num_coefficients * n, total)
 
     def _recover_blocks(self, univariate: Tensor) -> Dict[int, Tensor]:
         out = {}
@@ -314,6 +353,8 @@ class TaylorPolynomial:
         coefficients: Tensor,
         center: Tensor,
         feature_names: Optional[Sequence[str]] = None,
+        *,
+        _tables: Optional[Dict] = None,
     ) -> None:
         if coefficients.dim() == 1:
             coefficients = coefficients.unsqueeze(0)
@@ -330,7 +371,15 @@ class TaylorPolynomial:
                 f"`feature_names` must have {p} names, got {len(feature_names)}"
             )
         self.feature_names = list(feature_names)
-        self._degrees = self.exponents.sum(1)
+        # index tables derived from the exponents alone (degrees, per-order
+        # positions, derivative layouts), shared by polynomials built on the
+        # same exponents tensor (HOPE passes one per (p, K); indexing keeps it)
+        if _tables is None or _tables.get("exponents") is not self.exponents:
+            _tables = {"exponents": self.exponents}
+        self._tables = _tables
+        if "degrees" not in _tables:
+            _tables["degrees"] = self.exponents.sum(1)
+        self._degrees = _tables["degrees"]
 
     # -- basic structure ----------------------------------------------------
 
@@ -340,7 +389,11 @@ class TaylorPolynomial:
 
     @property
     def order(self) -> int:
-        return int(self._degrees.max().item()) if self._degrees.numel() else 0
+        if "order" not in self._tables:
+            self._tables["order"] = (
+                int(self._degrees.max().item()) if self._degrees.numel() else 0
+            )
+        return self._tables["order"]
 
     def __len__(self) -> int:
         return self.coefficients.shape[0]
@@ -349,7 +402,8 @@ class TaylorPolynomial:
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return TaylorPolynomial(
-            self.exponents, self.coefficients[index], self.center[index], self.feature_names
+            self.exponents, self.coefficients[index], self.center[index], self.feature_names,
+            _tables=self._tables,
         )
 
     def __iter__(self):
@@ -358,8 +412,18 @@ class TaylorPolynomial:
 
     def coefficients_of_order(self, k: int) -> Tuple[Tensor, Tensor]:
         """(exponents (M_k, p), coefficients (N, M_k)) of the order-k terms."""
-        mask = self._degrees == k
-        return self.exponents[mask], self.coefficients[:, mask]
+        key = ("positions", k)
+        if key not in self._tables:
+            positions = (self._degrees == k).nonzero().reshape(-1)
+            if positions.numel() and bool(
+                (positions == positions[0] + torch.arange(
+                    positions.numel(), device=positions.device)).all()
+            ):  # contiguous (graded order, as HOPE builds it): a view
+                first = int(positions[0])
+                positions = slice(first, first + positions.numel())
+            self._tables[key] = positions
+        positions = self._tables[key]
+        return self.exponents[positions], self.coefficients[:, positions]
 
     def coefficient(self, monomial: Sequence[int]) -> Tensor:
         """Coefficient (N,) of one monomial given by its exponent tuple."""
@@ -426,13 +490,16 @@ class TaylorPolynomial:
             raise ValueError(f"`k` must be in [0, {self.order}], got {k}")
         p = self.num_variables
         exps, coeffs = self.coefficients_of_order(k)
-        factorials, lookup = _derivative_layout(
-            tuple(map(tuple, exps.tolist())), p, k
-        )
-        derivs = coeffs * factorials.to(coeffs.device, coeffs.dtype)
+        key = ("layout", k, coeffs.device, coeffs.dtype)
+        if key not in self._tables:
+            factorials, lookup = _derivative_layout(tuple(map(tuple, exps.tolist())), p, k)
+            self._tables[key] = (factorials.to(coeffs.device, coeffs.dtype),
+                                 lookup.to(coeffs.device))
+        factorials, lookup = self._tables[key]
+        derivs = coeffs * factorials
         if k == 0:
             return derivs[:, 0]
-        return derivs[:, lookup.to(derivs.device)].reshape((len(self),) + (p,) * k)
+        return derivs[:, lookup].reshape((len(self),) + (p,) * k)
 
     # -- transformations ----------------------------------------------------
 
@@ -456,7 +523,8 @@ class TaylorPolynomial:
         contrib = self.coefficients[:, src.to(dev)] * weight.to(dev, shift.dtype) * powers
         out = torch.zeros_like(self.coefficients)
         out.index_add_(1, dst.to(dev), contrib)
-        return TaylorPolynomial(self.exponents, out, new_center.clone(), self.feature_names)
+        return TaylorPolynomial(self.exponents, out, new_center.clone(), self.feature_names,
+                                _tables=self._tables)
 
     def _recenter_pairs(self):
         rows = [tuple(r) for r in self.exponents.tolist()]
@@ -507,12 +575,13 @@ class TaylorPolynomial:
         if mode == "mean":
             coeffs = (w[:, None] * self.coefficients).sum(0, keepdim=True)
             return TaylorPolynomial(self.exponents, coeffs, (w[:, None] * self.center).sum(0),
-                                    self.feature_names)
+                                    self.feature_names, _tables=self._tables)
         local = self.recenter(center)
         if mode == "local":
             return local
         coeffs = (w[:, None] * local.coefficients).sum(0, keepdim=True)
-        return TaylorPolynomial(self.exponents, coeffs, center, self.feature_names)
+        return TaylorPolynomial(self.exponents, coeffs, center, self.feature_names,
+                                _tables=self._tables)
 
     def truncate(self, order: int) -> "TaylorPolynomial":
         keep = self._degrees <= order
