@@ -28,10 +28,10 @@ inverted.
 """
 import itertools
 import math
-from fractions import Fraction
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,9 +88,7 @@ def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...]
     lower = tuple(q for q in monomials(support_size, degree) if not all(e > 0 for e in q))
     block = [[_power(u, q) for q in full] for u in full]
     if len(full) <= _MAX_EXACT_INVERSE:
-        inverse = torch.tensor(
-            [[float(x) for x in row] for row in _fraction_inverse(block)], dtype=torch.float64
-        )
+        inverse = torch.tensor(_exact_inverse(block), dtype=torch.float64)
     else:
         inverse = torch.linalg.inv(torch.tensor(block, dtype=torch.float64))
     lower_matrix = torch.tensor(
@@ -100,35 +98,38 @@ def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...]
 
 
 def _power(u: Monomial, q: Monomial) -> int:
-    out = 1
-    for a, b in zip(u, q):
-        out *= a**b
-    return out
+    return math.prod(map(pow, u, q))
 
 
-def _fraction_inverse(matrix: List[List[int]]) -> List[List[Fraction]]:
-    """Exact inverse of an integer matrix by fraction-free Gauss-Jordan elimination.
+def _exact_inverse(matrix: List[List[int]]) -> List[List[float]]:
+    """Inverse of an integer matrix, exact and then rounded once to float64, by
+    fraction-free Gauss-Jordan elimination.
 
     Bareiss' update keeps every entry an integer (each division by the previous
-    pivot is exact), so no rational is normalised until the last step, where
-    the right block holds det(A) * A^{-1}."""
+    pivot is exact), so nothing is rounded until the last step, where the right
+    block holds det(A) * A^{-1}: each entry is then one correctly rounded
+    integer division. Rows are updated as numpy object arrays (Python integers,
+    any size), one vectorised update per pivot."""
     n = len(matrix)
-    rows = [list(row) + [int(i == j) for j in range(n)] for i, row in enumerate(matrix)]
+    rows = np.empty((n, 2 * n), dtype=object)
+    for i, row in enumerate(matrix):
+        rows[i, :n] = [int(x) for x in row]
+        rows[i, n:] = [int(i == j) for j in range(n)]
     previous = 1
+    others = np.ones(n, dtype=bool)
     for col in range(n):
-        pivot_row = next(r for r in range(col, n) if rows[r][col] != 0)
-        rows[col], rows[pivot_row] = rows[pivot_row], rows[col]
-        pivot_line = rows[col]
+        pivot_row = next(r for r in range(col, n) if rows[r, col] != 0)
+        if pivot_row != col:
+            rows[[col, pivot_row]] = rows[[pivot_row, col]]
+        pivot_line = rows[col].copy()
         pivot = pivot_line[col]
-        for r in range(n):
-            if r == col:
-                continue
-            line = rows[r]
-            factor = line[col]
-            rows[r] = [(pivot * a - factor * b) // previous for a, b in zip(line, pivot_line)]
+        others[col] = False
+        factors = rows[others, col].reshape(-1, 1)
+        rows[others] = (pivot * rows[others] - factors * pivot_line) // previous
+        others[col] = True
         previous = pivot
-    # now rows[i][i] == det (up to sign, the same on every row) for all i
-    return [[Fraction(x, rows[i][i]) for x in rows[i][n:]] for i in range(n)]
+    # now rows[i, i] == det (up to sign, the same on every row) for all i
+    return [[int(x) / int(rows[i, i]) for x in rows[i, n:]] for i in range(n)]
 
 
 class RecoveryPlan:
@@ -188,6 +189,7 @@ class RecoveryPlan:
     # the recovery is linear: below this many entries it is one dense
     # (n_directions, M_d) matrix per order, built once from the exact solves
     _DENSE_MAX_ENTRIES = 4_000_000
+    _STACKED_MAX_ENTRIES = 300_000
 
     def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
         """{d: (n_directions, M_d)} with coefficients_d = univariate[d].T @ map_d, or
@@ -240,7 +242,9 @@ class RecoveryPlan:
         maps = self._dense_maps(device, dtype)
         n = len(self.directions)
         total = sum(math.comb(self.num_variables + d - 1, d) for d in self.orders)
-        if maps is None or num_coefficients * n * total > self._DENSE_MAX_ENTRIES:
+        # the stacked map is block diagonal ((K + 1) times the entries of the
+        # maps): worth one product only while small, else one product per order
+        if maps is None or num_coefficients * n * total > self._STACKED_MAX_ENTRIES:
             return None
         stacked = torch.zeros(num_coefficients, n, total, dtype=dtype, device=device)
         offset = 0
@@ -291,6 +295,13 @@ def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tens
     )
     if k == 0:
         return factorials, torch.zeros(1, dtype=torch.long)
+    canonical = monomials(p, k)
+    if exps == canonical:  # as HOPE builds it
+        return factorials, _canonical_lookup(p, k)
+    if len(exps) == len(canonical) and set(exps) == set(canonical):  # complete, permuted
+        position = {m: n for n, m in enumerate(exps)}
+        permutation = torch.tensor([position[m] for m in canonical], dtype=torch.long)
+        return factorials, permutation[_canonical_lookup(p, k)]
     # every index tuple (i_1..i_k) and every monomial as its sorted index
     # tuple, keyed in base p: keys stay below p^k, the size of the output,
     # so they cannot overflow (base k + 1 over the exponents would for p > 40)
@@ -305,6 +316,23 @@ def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tens
     order = torch.argsort(keys)
     lookup = order[torch.searchsorted(keys[order], tuples @ radix)]
     return factorials, lookup.reshape(-1)
+
+
+@lru_cache(maxsize=None)
+def _canonical_lookup(p: int, k: int) -> Tensor:
+    """(p^k,) position in ``monomials(p, k)`` of the monomial of every entry
+    (i_1..i_k) of a (p,)*k tensor, row-major. Built order by order: the entry
+    (i_1..i_k) is the entry (i_1..i_{k-1}) times x_{i_k}, so one table of
+    "monomial of order k - 1 times x_i" (M_{k-1} x p) and one gather per order."""
+    if k == 0:
+        return torch.zeros(1, dtype=torch.long)
+    lower = monomials(p, k - 1)
+    index = {m: n for n, m in enumerate(monomials(p, k))}
+    times = torch.tensor(
+        [[index[m[:i] + (m[i] + 1,) + m[i + 1:]] for i in range(p)] for m in lower],
+        dtype=torch.long,
+    ).reshape(len(lower), p)
+    return times[_canonical_lookup(p, k - 1)].reshape(-1)
 
 
 def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
