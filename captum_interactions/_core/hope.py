@@ -56,6 +56,21 @@ _fixed_bytes = lru_cache(maxsize=64)(
 )
 
 
+def _clear_caches() -> None:
+    """Forget every cached plan and table (recovery plans, block inverses,
+    derivative layouts, exponent tables, series weights): the next call builds
+    them again, as a first call does. For benchmarks of that first call."""
+    from captum_interactions._utils import jets, taylor_polynomial
+
+    for cached in (
+        taylor_polynomial.recovery_plan, taylor_polynomial._support_block,
+        taylor_polynomial._derivative_layout, taylor_polynomial._canonical_lookup,
+        taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
+    ):
+        cached.cache_clear()
+    jets._WEIGHTS.clear()
+
+
 def _failing_module(forward_func: Callable, traceback: Any) -> Optional[str]:
     """The innermost module of ``forward_func`` whose ``forward`` was running when
     an error was raised, read from the error's traceback: free on success (no
