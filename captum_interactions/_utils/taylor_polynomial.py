@@ -111,6 +111,8 @@ def _exact_inverse(matrix: List[List[int]]) -> List[List[float]]:
     integer division. Rows are updated as numpy object arrays (Python integers,
     any size), one vectorised update per pivot."""
     n = len(matrix)
+    if n == 1:  # every block of support size 1
+        return [[1 / int(matrix[0][0])]]
     rows = np.empty((n, 2 * n), dtype=object)
     for i, row in enumerate(matrix):
         rows[i, :n] = [int(x) for x in row]
@@ -440,17 +442,20 @@ class TaylorPolynomial:
 
     def coefficients_of_order(self, k: int) -> Tuple[Tensor, Tensor]:
         """(exponents (M_k, p), coefficients (N, M_k)) of the order-k terms."""
-        key = ("positions", k)
-        if key not in self._tables:
-            positions = (self._degrees == k).nonzero().reshape(-1)
-            if positions.numel() and bool(
-                (positions == positions[0] + torch.arange(
-                    positions.numel(), device=positions.device)).all()
-            ):  # contiguous (graded order, as HOPE builds it): a view
-                first = int(positions[0])
-                positions = slice(first, first + positions.numel())
-            self._tables[key] = positions
-        positions = self._tables[key]
+        if "positions" not in self._tables:
+            # every order at once from one host copy of the degrees: a slice
+            # (a view) where an order is contiguous, as HOPE's graded layout is
+            found: Dict[int, List[int]] = {}
+            for n, degree in enumerate(self._degrees.tolist()):
+                found.setdefault(degree, []).append(n)
+            table = {}
+            for degree, where in found.items():
+                if where[-1] - where[0] == len(where) - 1:
+                    table[degree] = slice(where[0], where[-1] + 1)
+                else:
+                    table[degree] = torch.tensor(where, device=self.exponents.device)
+            self._tables["positions"] = table
+        positions = self._tables["positions"].get(k, slice(0, 0))
         return self.exponents[positions], self.coefficients[:, positions]
 
     def coefficient(self, monomial: Sequence[int]) -> Tensor:
