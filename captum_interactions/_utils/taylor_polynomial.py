@@ -203,6 +203,10 @@ class RecoveryPlan:
             sizes = [self.steps[d][3] for d in self.orders if d != 0]
             if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
                 cache[key] = None
+            elif self.num_variables == 1:
+                # one variable, one direction (1,): the univariate coefficients are T_d
+                one = torch.ones(1, 1, dtype=dtype, device=device)
+                cache[key] = {d: one for d in self.orders if d != 0}
             else:
                 identity = torch.eye(n, dtype=torch.float64)
                 top = max(self.orders)
