@@ -321,23 +321,19 @@ def _series_riccati(
     if integral0 is None:
         return _series_riccati_alone(a, y0, quadratic, linear, const), None
     ja = _weighted(a).unsqueeze(1)
-    slots = 1 if integral0 is None else 2
     # fwd[k] = (y_k, I_k); rev[m] = (g_{K-m}, y_{K-m}) with g = y'/a', reversed
-    # along the K axis so that sum_j j a_j g_{k-j} (and sum_j j a_j y_{k-j}) is
+    # along the K axis so that sum_j j a_j g_{k-j} and sum_j j a_j y_{k-j} are
     # one dot product; y in both orders gives the self-convolution sum_i y_i y_{k-i}
-    fwd = a.new_empty((order + 1, slots) + a.shape[1:])
+    fwd = a.new_empty((order + 1, 2) + a.shape[1:])
     rev = a.new_empty((order + 1, 2) + a.shape[1:])
     fwd[0, 0] = y0
-    if integral0 is not None:
-        fwd[0, 1] = integral0
+    fwd[0, 1] = integral0
     rev[order, 1] = y0
     rev[order, 0] = const + linear * y0 + quadratic * y0 * y0
     y = fwd[:, 0]
-    write = _writes_allowed(a, y0)
+    write = _writes_allowed(a, y0, integral0)
     for k in range(1, order + 1):
         sources = rev[order - k + 1 :]
-        if slots == 1:
-            sources = sources[:, :1]
         if write:
             _dot0(ja[:k], sources, out=fwd[k]).div_(k)
         else:
@@ -352,7 +348,7 @@ def _series_riccati(
             else:
                 square = _dot0(y[: k + 1], rev[order - k :, 1]).mul_(quadratic)
                 row[0] = square.add_(y[k], alpha=linear) if linear else square
-    return y, (fwd[:, 1] if integral0 is not None else None)
+    return y, fwd[:, 1]
 
 
 def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float,
