@@ -42,11 +42,14 @@ _MAX_MONOMIALS = 2_000_000
 
 
 @lru_cache(maxsize=32)
-def _exponent_table(num_variables: int, order: int) -> Tuple[Tensor, dict]:
-    """(M, p) exponents of every monomial up to ``order`` (graded) and the index
-    tables that TaylorPolynomial derives from them, shared by every call."""
+def _exponent_table(num_variables: int, order: int, device: str = "cpu") -> Tuple[Tensor, dict]:
+    """(M, p) exponents of every monomial up to ``order`` (graded) on ``device``
+    and the index tables that TaylorPolynomial derives from them, shared by
+    every call."""
     exponents = [m for d in range(order + 1) for m in monomials(num_variables, d)]
-    table = torch.tensor(exponents, dtype=torch.long).reshape(len(exponents), num_variables)
+    table = torch.tensor(exponents, dtype=torch.long, device=device).reshape(
+        len(exponents), num_variables
+    )
     return table, {"exponents": table}
 
 
@@ -360,9 +363,7 @@ class HOPE(GradientAttribution):
             center = flatten_features(inputs_t)
         else:
             center = inputs_t[0].new_zeros((inputs_t[0].shape[0], p))
-        exponents, tables = _exponent_table(p, order)
-        if exponents.device != coefficients.device:
-            exponents, tables = exponents.to(coefficients.device), None
+        exponents, tables = _exponent_table(p, order, str(coefficients.device))
         return TaylorPolynomial(
             exponents,
             coefficients,
