@@ -119,3 +119,59 @@ def test_unsupported_operation_is_named():
         torch.prod(jet)
     with pytest.raises(ValueError, match="Supported operations"):
         torch.atan(jet)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus", "sin", "cos", "exp"])
+def test_recurrences_agree_with_and_without_autograd_and_above_the_loop_size(name):
+    """The series recurrences write into preallocated buffers where autograd
+    allows it and copy otherwise, and switch to a multiply-add loop for large
+    coefficients: every path gives the same, exact coefficients."""
+    f = FUNCTIONS[name]
+    x0 = torch.linspace(0.2, 1.8, 9000, dtype=DTYPE)  # above _DOT_LOOP_NUMEL
+    direction = torch.linspace(-1.0, 1.0, 9000, dtype=DTYPE)
+    big = f(make_jet(x0, direction, 6)).coefficients
+    small = f(make_jet(x0[::1000], direction[::1000], 6)).coefficients
+    torch.testing.assert_close(big[:, ::1000], small, rtol=1e-13, atol=1e-13)
+    leaf = direction[::1000].clone().requires_grad_(True)
+    with_grad = f(make_jet(x0[::1000], leaf, 6)).coefficients
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), small, rtol=1e-13, atol=1e-13)
+    for i, (x, v) in enumerate(zip(x0[::1000].tolist(), direction[::1000].tolist())):
+        ref = nested_taylor(lambda t: f(x + v * t), 0.0, 6)
+        torch.testing.assert_close(small[:, i], ref, rtol=1e-10, atol=1e-10)
+
+
+def test_softplus_past_its_threshold_follows_torch():
+    """torch.nn.functional.softplus is the identity where beta * x > threshold:
+    those elements get the input's coefficients, the others the series."""
+    x0 = torch.tensor([0.3, 1.2, 2.6], dtype=DTYPE)  # beta * x0^2 = 0.18, 2.88, 13.52
+    v = torch.tensor([1.0, -0.5, 2.0], dtype=DTYPE)
+    square = make_jet(x0, v, 6) * make_jet(x0, v, 6)
+    got = F.softplus(square, beta=2.0, threshold=4.0).coefficients
+    for i in range(3):
+        ref = nested_taylor(
+            lambda t: F.softplus((x0[i] + v[i] * t) ** 2, beta=2.0, threshold=4.0), 0.0, 6)
+        torch.testing.assert_close(got[:, i], ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[:, 2], square.coefficients[:, 2], rtol=0, atol=0)
+    assert got[3:, :2].abs().min() > 1e-3  # the series parts do not truncate
+
+
+def test_affine_layers_skip_the_zero_coefficients_of_a_line():
+    """A jet marked as a line (degree 1) gives the same coefficients through
+    conv and linear layers as the unmarked jet, zeros above order 1 included."""
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1).to(DTYPE)
+    lin = torch.nn.Linear(3 * 5 * 5, 2).to(DTYPE)
+    x0, v = torch.randn(4, 2, 5, 5, dtype=DTYPE), torch.randn(4, 2, 5, 5, dtype=DTYPE)
+    line = make_jet(x0, v, 5)
+    assert line.degree == 1
+    plain = Jet(line.coefficients.clone())
+    assert plain.degree is None
+    for model in (conv, lambda t: lin(torch.tanh(conv(t)).flatten(1)),
+                  lambda t: lin(conv(t).flatten(1))):
+        got, ref = model(line).coefficients, model(plain).coefficients
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    out = lin(conv(line).flatten(1))
+    assert out.degree == 1 and out.coefficients[2:].abs().max() == 0
+    expected = lin(conv(x0 + 0.1 * v).flatten(1))
+    torch.testing.assert_close(out.coefficients[0] + 0.1 * out.coefficients[1], expected)

@@ -51,3 +51,25 @@ def test_batch_prints_one_line_per_polynomial():
     coefficients[1, INDEX[(0, 1)]] = -2.0
     p = TaylorPolynomial(EXPONENTS, coefficients, torch.zeros(2, 2, dtype=torch.float64))
     assert str(p) == "x1\n-2*x2"
+
+
+def test_derivative_tensor_does_not_depend_on_the_order_of_the_monomials():
+    """Entry (i_1..i_k) of the k-th derivative tensor is j! T_j for the monomial
+    j counting the i's, whichever order the exponents are stored in."""
+    import itertools
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    exps = [m for d in range(5) for m in monomials(3, d)]
+    coeffs = torch.randn(2, len(exps), generator=gen, dtype=torch.float64)
+    shuffle = torch.randperm(len(exps), generator=gen)
+    center = torch.zeros(2, 3, dtype=torch.float64)
+    graded = TaylorPolynomial(torch.tensor(exps), coeffs, center)
+    shuffled = TaylorPolynomial(torch.tensor(exps)[shuffle], coeffs[:, shuffle], center)
+    for k in range(5):
+        got, other = graded.derivative_tensor(k), shuffled.derivative_tensor(k)
+        assert torch.equal(got, other)
+        for idx in itertools.product(range(3), repeat=k):
+            j = tuple(idx.count(v) for v in range(3))
+            factorial = math.prod(math.factorial(e) for e in j)
+            assert torch.equal(got[(slice(None),) + idx], coeffs[:, exps.index(j)] * factorial)

@@ -48,17 +48,22 @@ class UnsupportedJetOperation(ValueError):
 
 
 class Jet(Tensor):
-    """Truncated Taylor series of a tensor-valued curve; value = coefficient 0."""
+    """Truncated Taylor series of a tensor-valued curve; value = coefficient 0.
+
+    ``degree`` (optional) marks the coefficients above it as known zeros (the
+    input line x0 + t v has degree 1), so that affine layers skip them."""
 
     coefficients: Tensor
+    degree: Optional[int]
 
     @staticmethod
-    def __new__(cls, coefficients: Tensor) -> "Jet":
+    def __new__(cls, coefficients: Tensor, degree: Optional[int] = None) -> "Jet":
         jet = Tensor._make_subclass(cls, coefficients[0].detach(), False)
         jet.coefficients = coefficients
+        jet.degree = degree if degree is not None and degree < coefficients.shape[0] - 1 else None
         return jet
 
-    def __init__(self, coefficients: Tensor) -> None:  # noqa: D107
+    def __init__(self, coefficients: Tensor, degree: Optional[int] = None) -> None:  # noqa: D107
         pass
 
     @property
@@ -105,7 +110,7 @@ def make_jet(value: Tensor, direction: Tensor, order: int) -> Jet:
     coeffs[0] = value
     if order >= 1:
         coeffs[1] = direction
-    return Jet(coeffs)
+    return Jet(coeffs, degree=min(order, 1))
 
 
 def coefficients_of(x: Any, order: int, like: Optional[Tensor] = None) -> Tensor:
@@ -199,11 +204,18 @@ def series_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.stack(torch.broadcast_tensors(*q))
 
 
+_WEIGHTS: Dict[Any, Tensor] = {}
+
+
 def _weighted(a: Tensor) -> Tensor:
     """(K, ...) j a_j for j = 1..K: the coefficients of t a'(t)."""
     order = a.shape[0] - 1
-    weights = torch.arange(1, order + 1, dtype=a.dtype, device=a.device)
-    return a[1:] * weights.reshape((order,) + (1,) * (a.dim() - 1))
+    key = (order, a.dim(), a.dtype, a.device)
+    weights = _WEIGHTS.get(key)
+    if weights is None:  # built once per order, dtype and device
+        weights = torch.arange(1, order + 1, dtype=a.dtype, device=a.device)
+        weights = _WEIGHTS[key] = weights.reshape((order,) + (1,) * (a.dim() - 1))
+    return a[1:] * weights
 
 
 def _ode_term(ja: Tensor, g_reversed: Tensor, k: int) -> Tensor:
@@ -217,18 +229,26 @@ def _ode_term(ja: Tensor, g_reversed: Tensor, k: int) -> Tensor:
 
 
 # above this many elements per coefficient an in-place multiply-add loop beats
-# one strided vecdot reduction (measured on CPU, float64)
-_DOT_LOOP_NUMEL = 16384
+# one strided vecdot reduction (measured on CPU, float64, one thread)
+_DOT_LOOP_NUMEL = 8192
 
 
-def _dot0(x: Tensor, y: Tensor) -> Tensor:
-    """sum_i x_i * y_i over the leading axis (both of the same shape)."""
-    if x[0].numel() < _DOT_LOOP_NUMEL:
-        return torch.linalg.vecdot(x, y, dim=0)
-    acc = x[0] * y[0]
+def _dot0(x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """sum_i x_i * y_i over the leading axis (shapes broadcast after it), into
+    ``out`` when given (only where no argument requires grad)."""
+    if x.shape[0] > 1 and y.numel() // y.shape[0] < _DOT_LOOP_NUMEL:
+        if out is None:
+            return torch.linalg.vecdot(x, y, dim=0)
+        return torch.linalg.vecdot(x, y, dim=0, out=out)
+    acc = x[0] * y[0] if out is None else torch.mul(x[0], y[0], out=out)
     for i in range(1, x.shape[0]):
         acc.addcmul_(x[i], y[i])
     return acc
+
+
+def _writes_allowed(*tensors: Tensor) -> bool:
+    """Whether ``out=`` may be used (autograd refuses it for inputs needing grad)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 def _ode_integrate(a: Tensor, y0: Tensor, g: Tensor) -> Tensor:
@@ -261,44 +281,112 @@ def series_log(a: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+def _signed_steps(order: int, like: Tensor) -> Tensor:
+    """(K, 2, 1, ...) with rows (-1/k, 1/k), k = 1..K (cached)."""
+    key = ("sincos", order, like.dim(), like.dtype, like.device)
+    steps = _WEIGHTS.get(key)
+    if steps is None:
+        k = torch.arange(1, order + 1, dtype=like.dtype, device=like.device)
+        steps = torch.stack([-1 / k, 1 / k], dim=1)
+        steps = _WEIGHTS[key] = steps.reshape((order, 2) + (1,) * (like.dim() - 1))
+    return steps
+
+
 def series_sin_cos(a: Tensor):
+    """sin' = cos a', cos' = -sin a': both sums of one order in one dot product.
+
+    ``rev`` holds (cos_m, sin_m) for m = K..0 (reversed), so
+    sum_j j a_j rev[K-k+j] = (k sin_k, -k cos_k), written back swapped."""
     order = a.shape[0] - 1
-    ja = _weighted(a)
-    s_reversed, c_reversed = torch.empty_like(a), torch.empty_like(a)
-    s_reversed[order], c_reversed[order] = torch.sin(a[0]), torch.cos(a[0])
+    ja = _weighted(a).unsqueeze(1)
+    steps = _signed_steps(order, a)
+    rev = a.new_empty((order + 1, 2) + a.shape[1:])
+    rev[order, 0], rev[order, 1] = torch.cos(a[0]), torch.sin(a[0])
     for k in range(1, order + 1):
-        s_k = _ode_term(ja, c_reversed, k)
-        c_reversed[order - k] = _ode_term(ja, s_reversed, k).neg_()
-        s_reversed[order - k] = s_k
-    return s_reversed.flip(0), c_reversed.flip(0)
+        sums = _dot0(ja[:k], rev[order - k + 1 :])  # (k sin_k, -k cos_k)
+        rev[order - k] = sums.flip(0).mul_(steps[k - 1])
+    rev = rev.flip(0)
+    return rev[:, 1], rev[:, 0]
 
 
-def _series_riccati(a: Tensor, y0: Tensor, quadratic: float, linear: float, const: float):
-    """y' = (const + linear*y + quadratic*y^2) a' (tanh: 1 - y^2; sigmoid: y - y^2)."""
+def _series_riccati(
+    a: Tensor, y0: Tensor, quadratic: float, linear: float, const: float,
+    integral0: Optional[Tensor] = None,
+):
+    """y' = (const + linear*y + quadratic*y^2) a' (tanh: 1 - y^2; sigmoid: y - y^2).
+
+    With ``integral0``, also the series of I with I' = y a', I(0) = integral0
+    (softplus from sigmoid), from the same dot products. Returns (y, I or None)."""
     order = a.shape[0] - 1
-    ja = _weighted(a)
-    # y in both orders (for the self-convolution sum_i y_i y_{k-i}), g reversed
-    y = torch.empty_like(a)
-    y_reversed, g_reversed = torch.empty_like(a), torch.empty_like(a)
-    y[0] = y_reversed[order] = y0
-    g_reversed[order] = const + linear * y0 + quadratic * y0 * y0
+    if integral0 is None:
+        return _series_riccati_alone(a, y0, quadratic, linear, const), None
+    ja = _weighted(a).unsqueeze(1)
+    # fwd[k] = (y_k, I_k); rev[m] = (g_{K-m}, y_{K-m}) with g = y'/a', reversed
+    # along the K axis so that sum_j j a_j g_{k-j} and sum_j j a_j y_{k-j} are
+    # one dot product; y in both orders gives the self-convolution sum_i y_i y_{k-i}
+    fwd = a.new_empty((order + 1, 2) + a.shape[1:])
+    rev = a.new_empty((order + 1, 2) + a.shape[1:])
+    fwd[0, 0] = y0
+    fwd[0, 1] = integral0
+    rev[order, 1] = y0
+    rev[order, 0] = const + linear * y0 + quadratic * y0 * y0
+    y = fwd[:, 0]
+    write = _writes_allowed(a, y0, integral0)
     for k in range(1, order + 1):
-        y_k = _ode_term(ja, g_reversed, k)
-        y[k] = y_reversed[order - k] = y_k
+        sources = rev[order - k + 1 :]
+        if write:
+            _dot0(ja[:k], sources, out=fwd[k]).div_(k)
+        else:
+            fwd[k] = _dot0(ja[:k], sources).div_(k)
         if k < order:
-            square = _dot0(y[: k + 1], y_reversed[order - k :])
-            g_reversed[order - k] = (
-                square.mul_(quadratic).add_(y_k, alpha=linear) if linear else square.mul_(quadratic)
-            )
+            row = rev[order - k]
+            row[1] = y[k]
+            if write:
+                g_k = _dot0(y[: k + 1], rev[order - k :, 1], out=row[0]).mul_(quadratic)
+                if linear:
+                    g_k.add_(y[k], alpha=linear)
+            else:
+                square = _dot0(y[: k + 1], rev[order - k :, 1]).mul_(quadratic)
+                row[0] = square.add_(y[k], alpha=linear) if linear else square
+    return y, fwd[:, 1]
+
+
+def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float,
+                          const: float) -> Tensor:
+    """:func:`_series_riccati` without the integral: y, g reversed and y reversed
+    in three contiguous buffers (fewest operations per order)."""
+    order = a.shape[0] - 1
+    ja = _weighted(a)
+    y, y_rev, g_rev = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+    y[0] = y0
+    y_rev[order] = y0
+    g_rev[order] = const + linear * y0 + quadratic * y0 * y0
+    write = _writes_allowed(a, y0)
+    for k in range(1, order + 1):
+        if write:
+            y_k = _dot0(ja[:k], g_rev[order - k + 1 :], out=y[k]).div_(k)
+        else:
+            y[k] = _dot0(ja[:k], g_rev[order - k + 1 :]).div_(k)
+            y_k = y[k]
+        if k < order:
+            y_rev[order - k] = y_k
+            if write:
+                g_k = _dot0(y[: k + 1], y_rev[order - k :], out=g_rev[order - k])
+                g_k.mul_(quadratic)
+                if linear:
+                    g_k.add_(y_k, alpha=linear)
+            else:
+                square = _dot0(y[: k + 1], y_rev[order - k :]).mul_(quadratic)
+                g_rev[order - k] = square.add_(y_k, alpha=linear) if linear else square
     return y
 
 
 def series_tanh(a: Tensor) -> Tensor:
-    return _series_riccati(a, torch.tanh(a[0]), -1.0, 0.0, 1.0)
+    return _series_riccati(a, torch.tanh(a[0]), -1.0, 0.0, 1.0)[0]
 
 
 def series_sigmoid(a: Tensor) -> Tensor:
-    return _series_riccati(a, torch.sigmoid(a[0]), -1.0, 1.0, 0.0)
+    return _series_riccati(a, torch.sigmoid(a[0]), -1.0, 1.0, 0.0)[0]
 
 
 def series_pow_scalar(a: Tensor, r: float) -> Tensor:
@@ -328,12 +416,19 @@ def series_sqrt(a: Tensor) -> Tensor:
 
 
 def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    # softplus' = sigmoid(beta a); torch switches to the identity where beta*a > threshold
-    sig = series_sigmoid(beta * a)
-    y_t = _ode_integrate(a, F.softplus(a[0], beta=beta, threshold=threshold), sig)
-    linear = (beta * a[0] > threshold).unsqueeze(0)
-    linear = torch.cat([torch.zeros_like(linear[:1]), linear.expand(a.shape[0] - 1, *a.shape[1:])])
-    return torch.where(linear, a, y_t)
+    # softplus' = sigmoid(beta a): with b = beta a, softplus = (1/beta) int sigmoid(b) db,
+    # integrated alongside the sigmoid's own recurrence
+    b = a if beta == 1.0 else a * beta
+    _, y = _series_riccati(b, torch.sigmoid(b[0]), -1.0, 1.0, 0.0,
+                           integral0=F.softplus(a[0], beta=beta, threshold=threshold))
+    if beta != 1.0:
+        y[1:] /= beta
+    # torch switches to the identity where beta * a > threshold
+    linear = b[0] > threshold
+    # (on CPU, skipped when no element is past the threshold: no sync to save)
+    if a.device.type != "cpu" or bool(linear.any()):
+        y[1:] = torch.where(linear, a[1:], y[1:])
+    return y
 
 
 def series_gelu_erf(a: Tensor) -> Tensor:
@@ -459,7 +554,7 @@ def _linear_rule(func, args, kwargs):
     """Linear, bias-free op: applied to every coefficient."""
     fast = _fast_linear(func, args, kwargs)
     if fast is not None:
-        return Jet(fast)
+        return Jet(fast, degree=args[0].degree)
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
 
@@ -741,6 +836,14 @@ def _affine_rule(func, args, kwargs):
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     rest, rest_kw = tuple(args[3:]), {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
+    degree = x.degree
+    if degree is not None:
+        # the coefficients above `degree` are zero and stay zero: map the others only
+        low = _affine_rule(func, (Jet(a[: degree + 1]),) + tuple(args[1:]), kwargs)
+        low = low.coefficients
+        out = low.new_zeros(a.shape[:1] + low.shape[1:])
+        out[: degree + 1] = low
+        return Jet(out, degree=degree)
     if func is F.linear:
         out = F.linear(a, weight)
         if bias is not None:

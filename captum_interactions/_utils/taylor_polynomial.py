@@ -28,10 +28,10 @@ inverted.
 """
 import itertools
 import math
-from fractions import Fraction
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,9 +88,7 @@ def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...]
     lower = tuple(q for q in monomials(support_size, degree) if not all(e > 0 for e in q))
     block = [[_power(u, q) for q in full] for u in full]
     if len(full) <= _MAX_EXACT_INVERSE:
-        inverse = torch.tensor(
-            [[float(x) for x in row] for row in _fraction_inverse(block)], dtype=torch.float64
-        )
+        inverse = torch.tensor(_exact_inverse(block), dtype=torch.float64)
     else:
         inverse = torch.linalg.inv(torch.tensor(block, dtype=torch.float64))
     lower_matrix = torch.tensor(
@@ -100,35 +98,40 @@ def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...]
 
 
 def _power(u: Monomial, q: Monomial) -> int:
-    out = 1
-    for a, b in zip(u, q):
-        out *= a**b
-    return out
+    return math.prod(map(pow, u, q))
 
 
-def _fraction_inverse(matrix: List[List[int]]) -> List[List[Fraction]]:
-    """Exact inverse of an integer matrix by fraction-free Gauss-Jordan elimination.
+def _exact_inverse(matrix: List[List[int]]) -> List[List[float]]:
+    """Inverse of an integer matrix, exact and then rounded once to float64, by
+    fraction-free Gauss-Jordan elimination.
 
     Bareiss' update keeps every entry an integer (each division by the previous
-    pivot is exact), so no rational is normalised until the last step, where
-    the right block holds det(A) * A^{-1}."""
+    pivot is exact), so nothing is rounded until the last step, where the right
+    block holds det(A) * A^{-1}: each entry is then one correctly rounded
+    integer division. Rows are updated as numpy object arrays (Python integers,
+    any size), one vectorised update per pivot."""
     n = len(matrix)
-    rows = [list(row) + [int(i == j) for j in range(n)] for i, row in enumerate(matrix)]
+    if n == 1:  # every block of support size 1
+        return [[1 / int(matrix[0][0])]]
+    rows = np.empty((n, 2 * n), dtype=object)
+    for i, row in enumerate(matrix):
+        rows[i, :n] = [int(x) for x in row]
+        rows[i, n:] = [int(i == j) for j in range(n)]
     previous = 1
+    others = np.ones(n, dtype=bool)
     for col in range(n):
-        pivot_row = next(r for r in range(col, n) if rows[r][col] != 0)
-        rows[col], rows[pivot_row] = rows[pivot_row], rows[col]
-        pivot_line = rows[col]
+        pivot_row = next(r for r in range(col, n) if rows[r, col] != 0)
+        if pivot_row != col:
+            rows[[col, pivot_row]] = rows[[pivot_row, col]]
+        pivot_line = rows[col].copy()
         pivot = pivot_line[col]
-        for r in range(n):
-            if r == col:
-                continue
-            line = rows[r]
-            factor = line[col]
-            rows[r] = [(pivot * a - factor * b) // previous for a, b in zip(line, pivot_line)]
+        others[col] = False
+        factors = rows[others, col].reshape(-1, 1)
+        rows[others] = (pivot * rows[others] - factors * pivot_line) // previous
+        others[col] = True
         previous = pivot
-    # now rows[i][i] == det (up to sign, the same on every row) for all i
-    return [[Fraction(x, rows[i][i]) for x in rows[i][n:]] for i in range(n)]
+    # now rows[i, i] == det (up to sign, the same on every row) for all i
+    return [[int(x) / int(rows[i, i]) for x in rows[i, n:]] for i in range(n)]
 
 
 class RecoveryPlan:
@@ -176,14 +179,19 @@ class RecoveryPlan:
             self.directions.append((0,) * p)
 
     def direction_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(n_directions, p) integer directions as floats."""
-        return torch.tensor(self.directions, dtype=dtype, device=device).reshape(
-            len(self.directions), self.num_variables
-        )
+        """(n_directions, p) integer directions as floats (cached per dtype and device)."""
+        cache = self.__dict__.setdefault("_direction_cache", {})
+        key = (str(device), dtype)
+        if key not in cache:
+            cache[key] = torch.tensor(self.directions, dtype=dtype, device=device).reshape(
+                len(self.directions), self.num_variables
+            )
+        return cache[key]
 
     # the recovery is linear: below this many entries it is one dense
     # (n_directions, M_d) matrix per order, built once from the exact solves
     _DENSE_MAX_ENTRIES = 4_000_000
+    _STACKED_MAX_ENTRIES = 300_000
 
     def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
         """{d: (n_directions, M_d)} with coefficients_d = univariate[d].T @ map_d, or
@@ -195,6 +203,10 @@ class RecoveryPlan:
             sizes = [self.steps[d][3] for d in self.orders if d != 0]
             if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
                 cache[key] = None
+            elif self.num_variables == 1:
+                # one variable, one direction (1,): the univariate coefficients are T_d
+                one = torch.ones(1, 1, dtype=dtype, device=device)
+                cache[key] = {d: one for d in self.orders if d != 0}
             else:
                 identity = torch.eye(n, dtype=torch.float64)
                 top = max(self.orders)
@@ -213,6 +225,43 @@ class RecoveryPlan:
             out[d] = (univariate[0, 0].unsqueeze(-1) if d == 0
                       else univariate[d].transpose(0, 1) @ maps[d])
         return out
+
+    def recover_concatenated(self, univariate: Tensor) -> Tensor:
+        """``univariate`` (K + 1, n_directions, N) -> (N, sum_d M_d): the monomial
+        coefficients of every order, ascending, as one matrix product where the
+        stacked maps are small (else :meth:`recover` order by order)."""
+        cache = self.__dict__.setdefault("_stacked_cache", {})
+        key = (str(univariate.device), univariate.dtype, univariate.shape[0])
+        if key not in cache:
+            cache[key] = self._stacked_map(univariate.shape[0], univariate.device,
+                                           univariate.dtype)
+        stacked = cache[key]
+        if stacked is None:
+            parts = self.recover(univariate)
+            return torch.cat([parts[d] for d in self.orders], dim=1)
+        rows = univariate.shape[0] * univariate.shape[1]
+        return univariate.reshape(rows, -1).transpose(0, 1) @ stacked
+
+    def _stacked_map(self, num_coefficients: int, device: torch.device,
+                     dtype: torch.dtype) -> Optional[Tensor]:
+        """((K + 1) * n_directions, sum_d M_d) block map, or None if too large."""
+        maps = self._dense_maps(device, dtype)
+        n = len(self.directions)
+        total = sum(math.comb(self.num_variables + d - 1, d) for d in self.orders)
+        # the stacked map is block diagonal ((K + 1) times the entries of the
+        # maps): worth one product only while small, else one product per order
+        if maps is None or num_coefficients * n * total > self._STACKED_MAX_ENTRIES:
+            return None
+        stacked = torch.zeros(num_coefficients, n, total, dtype=dtype, device=device)
+        offset = 0
+        for d in self.orders:
+            if d == 0:
+                stacked[0, 0, offset] = 1  # the value, the same along every direction
+                offset += 1
+                continue
+            stacked[d, :, offset : offset + maps[d].shape[1]] = maps[d]
+            offset += maps[d].shape[1]
+        return stacked.reshape(num_coefficients * n, total)
 
     def _recover_blocks(self, univariate: Tensor) -> Dict[int, Tensor]:
         out = {}
@@ -252,6 +301,13 @@ def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tens
     )
     if k == 0:
         return factorials, torch.zeros(1, dtype=torch.long)
+    canonical = monomials(p, k)
+    if exps == canonical:  # as HOPE builds it
+        return factorials, _canonical_lookup(p, k)
+    if len(exps) == len(canonical) and set(exps) == set(canonical):  # complete, permuted
+        position = {m: n for n, m in enumerate(exps)}
+        permutation = torch.tensor([position[m] for m in canonical], dtype=torch.long)
+        return factorials, permutation[_canonical_lookup(p, k)]
     # every index tuple (i_1..i_k) and every monomial as its sorted index
     # tuple, keyed in base p: keys stay below p^k, the size of the output,
     # so they cannot overflow (base k + 1 over the exponents would for p > 40)
@@ -266,6 +322,23 @@ def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tens
     order = torch.argsort(keys)
     lookup = order[torch.searchsorted(keys[order], tuples @ radix)]
     return factorials, lookup.reshape(-1)
+
+
+@lru_cache(maxsize=None)
+def _canonical_lookup(p: int, k: int) -> Tensor:
+    """(p^k,) position in ``monomials(p, k)`` of the monomial of every entry
+    (i_1..i_k) of a (p,)*k tensor, row-major. Built order by order: the entry
+    (i_1..i_k) is the entry (i_1..i_{k-1}) times x_{i_k}, so one table of
+    "monomial of order k - 1 times x_i" (M_{k-1} x p) and one gather per order."""
+    if k == 0:
+        return torch.zeros(1, dtype=torch.long)
+    lower = monomials(p, k - 1)
+    index = {m: n for n, m in enumerate(monomials(p, k))}
+    times = torch.tensor(
+        [[index[m[:i] + (m[i] + 1,) + m[i + 1:]] for i in range(p)] for m in lower],
+        dtype=torch.long,
+    ).reshape(len(lower), p)
+    return times[_canonical_lookup(p, k - 1)].reshape(-1)
 
 
 def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
@@ -314,6 +387,8 @@ class TaylorPolynomial:
         coefficients: Tensor,
         center: Tensor,
         feature_names: Optional[Sequence[str]] = None,
+        *,
+        _tables: Optional[Dict] = None,
     ) -> None:
         if coefficients.dim() == 1:
             coefficients = coefficients.unsqueeze(0)
@@ -330,7 +405,15 @@ class TaylorPolynomial:
                 f"`feature_names` must have {p} names, got {len(feature_names)}"
             )
         self.feature_names = list(feature_names)
-        self._degrees = self.exponents.sum(1)
+        # index tables derived from the exponents alone (degrees, per-order
+        # positions, derivative layouts), shared by polynomials built on the
+        # same exponents tensor (HOPE passes one per (p, K); indexing keeps it)
+        if _tables is None or _tables.get("exponents") is not self.exponents:
+            _tables = {"exponents": self.exponents}
+        self._tables = _tables
+        if "degrees" not in _tables:
+            _tables["degrees"] = self.exponents.sum(1)
+        self._degrees = _tables["degrees"]
 
     # -- basic structure ----------------------------------------------------
 
@@ -340,7 +423,11 @@ class TaylorPolynomial:
 
     @property
     def order(self) -> int:
-        return int(self._degrees.max().item()) if self._degrees.numel() else 0
+        if "order" not in self._tables:
+            self._tables["order"] = (
+                int(self._degrees.max().item()) if self._degrees.numel() else 0
+            )
+        return self._tables["order"]
 
     def __len__(self) -> int:
         return self.coefficients.shape[0]
@@ -349,7 +436,8 @@ class TaylorPolynomial:
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return TaylorPolynomial(
-            self.exponents, self.coefficients[index], self.center[index], self.feature_names
+            self.exponents, self.coefficients[index], self.center[index], self.feature_names,
+            _tables=self._tables,
         )
 
     def __iter__(self):
@@ -358,8 +446,21 @@ class TaylorPolynomial:
 
     def coefficients_of_order(self, k: int) -> Tuple[Tensor, Tensor]:
         """(exponents (M_k, p), coefficients (N, M_k)) of the order-k terms."""
-        mask = self._degrees == k
-        return self.exponents[mask], self.coefficients[:, mask]
+        if "positions" not in self._tables:
+            # every order at once from one host copy of the degrees: a slice
+            # (a view) where an order is contiguous, as HOPE's graded layout is
+            found: Dict[int, List[int]] = {}
+            for n, degree in enumerate(self._degrees.tolist()):
+                found.setdefault(degree, []).append(n)
+            table = {}
+            for degree, where in found.items():
+                if where[-1] - where[0] == len(where) - 1:
+                    table[degree] = slice(where[0], where[-1] + 1)
+                else:
+                    table[degree] = torch.tensor(where, device=self.exponents.device)
+            self._tables["positions"] = table
+        positions = self._tables["positions"].get(k, slice(0, 0))
+        return self.exponents[positions], self.coefficients[:, positions]
 
     def coefficient(self, monomial: Sequence[int]) -> Tensor:
         """Coefficient (N,) of one monomial given by its exponent tuple."""
@@ -426,13 +527,16 @@ class TaylorPolynomial:
             raise ValueError(f"`k` must be in [0, {self.order}], got {k}")
         p = self.num_variables
         exps, coeffs = self.coefficients_of_order(k)
-        factorials, lookup = _derivative_layout(
-            tuple(map(tuple, exps.tolist())), p, k
-        )
-        derivs = coeffs * factorials.to(coeffs.device, coeffs.dtype)
+        key = ("layout", k, coeffs.device, coeffs.dtype)
+        if key not in self._tables:
+            factorials, lookup = _derivative_layout(tuple(map(tuple, exps.tolist())), p, k)
+            self._tables[key] = (factorials.to(coeffs.device, coeffs.dtype),
+                                 lookup.to(coeffs.device))
+        factorials, lookup = self._tables[key]
+        derivs = coeffs * factorials
         if k == 0:
             return derivs[:, 0]
-        return derivs[:, lookup.to(derivs.device)].reshape((len(self),) + (p,) * k)
+        return derivs[:, lookup].reshape((len(self),) + (p,) * k)
 
     # -- transformations ----------------------------------------------------
 
@@ -456,7 +560,8 @@ class TaylorPolynomial:
         contrib = self.coefficients[:, src.to(dev)] * weight.to(dev, shift.dtype) * powers
         out = torch.zeros_like(self.coefficients)
         out.index_add_(1, dst.to(dev), contrib)
-        return TaylorPolynomial(self.exponents, out, new_center.clone(), self.feature_names)
+        return TaylorPolynomial(self.exponents, out, new_center.clone(), self.feature_names,
+                                _tables=self._tables)
 
     def _recenter_pairs(self):
         rows = [tuple(r) for r in self.exponents.tolist()]
@@ -507,12 +612,13 @@ class TaylorPolynomial:
         if mode == "mean":
             coeffs = (w[:, None] * self.coefficients).sum(0, keepdim=True)
             return TaylorPolynomial(self.exponents, coeffs, (w[:, None] * self.center).sum(0),
-                                    self.feature_names)
+                                    self.feature_names, _tables=self._tables)
         local = self.recenter(center)
         if mode == "local":
             return local
         coeffs = (w[:, None] * local.coefficients).sum(0, keepdim=True)
-        return TaylorPolynomial(self.exponents, coeffs, center, self.feature_names)
+        return TaylorPolynomial(self.exponents, coeffs, center, self.feature_names,
+                                _tables=self._tables)
 
     def truncate(self, order: int) -> "TaylorPolynomial":
         keep = self._degrees <= order
