@@ -285,3 +285,28 @@ def test_grouped_and_anisotropic_control_variate_match_the_full_matrix():
     onehot = torch.nn.functional.one_hot(mask[0], 4).to(DTYPE)  # (D, G)
     torch.testing.assert_close(grouped, onehot.T @ full @ onehot, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grouped_g, full_g @ onehot, atol=1e-10, rtol=1e-10)
+
+
+def test_explicit_subspace_with_tuple_inputs_and_one_sigma_each():
+    # in z's coordinates the model sees W diag(sigma) z: the basis must be that
+    # matrix's row space (W's own differs when the sigmas differ)
+    from tests.test_smooth_hess import ReluSum, closed_form
+
+    model = ReluSum(d=9, k=3, seed=6)
+    x1, x2 = torch.randn(2, 4, dtype=DTYPE), torch.randn(2, 5, dtype=DTYPE)
+    sigmas = (0.3, 0.8)
+    sigma_per_feature = torch.tensor([0.3] * 4 + [0.8] * 5, dtype=DTYPE)
+    hess_true, _ = closed_form(model, torch.cat([x1, x2], 1), sigma_per_feature)
+    sh = SmoothHess(lambda a, b: model(torch.cat([a, b], 1)))
+    runs = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        h = sh.attribute(
+            (x1, x2), n_samples=32, stdevs=sigmas, input_subspace=model.w.detach(),
+            output_layout="flat",
+        )
+        runs.append(h)
+    assert sh.last_call_subspace_rank == 3
+    runs = torch.stack(runs)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
