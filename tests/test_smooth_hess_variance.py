@@ -310,3 +310,29 @@ def test_explicit_subspace_with_tuple_inputs_and_one_sigma_each():
     runs = torch.stack(runs)
     se = runs.std(0) / math.sqrt(runs.shape[0])
     assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+
+
+def test_subspace_follows_in_place_changes_of_the_weight():
+    # the basis (an SVD of W) is reused across calls only while W is unchanged
+    net = relu_net(d=6, k=3, seed=2)
+    x = torch.randn(2, 6, dtype=DTYPE)
+    sh = SmoothHess(net)
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 3
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 3
+    with torch.no_grad():
+        net[0].weight[2].zero_()  # in place: a new version of the same tensor
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 2
+    with torch.no_grad():
+        net[0].weight = nn.Parameter(torch.randn(1, 6, dtype=DTYPE))
+        net[0].bias = nn.Parameter(torch.randn(1, dtype=DTYPE))
+        net[2].weight = nn.Parameter(torch.randn(2, 1, dtype=DTYPE))
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 1
+    # the result follows the new weights (one hidden unit: exact)
+    hess_true, _ = relu_net_closed_form(net, x, 0.1, output=0)
+    torch.testing.assert_close(
+        sh.attribute(x, target=0, n_samples=4), hess_true, atol=1e-10, rtol=1e-10
+    )

@@ -110,6 +110,7 @@ class SmoothHess(GradientAttribution):
         self.last_call_samples = 0
         self.last_call_subspace_rank: Optional[int] = None
         self.last_call_control_variate = False
+        self._basis_cache: Optional[Tuple[Tensor, Any, Optional[Tensor]]] = None
 
     def has_convergence_delta(self) -> bool:
         """False: SmoothHess has no completeness property to report an error of."""
@@ -296,7 +297,22 @@ class SmoothHess(GradientAttribution):
             if layer is not None and layer[1].weight.dtype != dtype:
                 layer = None  # the model call raises the dtype error below
         weight = self._subspace_weight(input_subspace, inputs_t, num_features, layer)
-        basis64 = None if weight is None else subspace_basis(weight, sigma_flat)
+        basis64 = None
+        if weight is not None:
+            # an SVD of W per call: reused while W (its storage and in-place
+            # version) and the sigmas are the same, e.g. over rounds or batches
+            # (the cache holds W itself, so its identity cannot be reused)
+            key = (
+                weight.data_ptr(), weight._version, tuple(weight.shape),
+                weight.dtype, weight.device, tuple(float(v) for v in sigmas),
+                tuple(shapes),
+            )
+            cache = self._basis_cache
+            if cache is not None and cache[0] is weight and cache[1] == key:
+                basis64 = cache[2]
+            else:
+                basis64 = subspace_basis(weight, sigma_flat)
+                self._basis_cache = (weight, key, basis64)
         surrogate_layer = None
         if (
             control_variate == "auto"
@@ -453,7 +469,7 @@ class SmoothHess(GradientAttribution):
                     "`input_subspace` must be 'auto', None or a (m, D) tensor, "
                     f"got {input_subspace!r}"
                 )
-            return None if layer is None else layer[1].weight.detach()
+            return None if layer is None else layer[1].weight
         if not isinstance(input_subspace, Tensor):
             raise TypeError(
                 "`input_subspace` must be 'auto', None or a (m, D) tensor, got "
@@ -467,7 +483,7 @@ class SmoothHess(GradientAttribution):
         if not input_subspace.is_floating_point():
             raise TypeError("`input_subspace` must be a floating-point tensor")
         check_finite((input_subspace,), "input_subspace")
-        return input_subspace.detach()
+        return input_subspace
 
     def _relu_surrogate(
         self, layer: Tuple[int, torch.nn.Linear], x_flat: Tensor, target: TargetType
