@@ -336,3 +336,17 @@ def test_subspace_follows_in_place_changes_of_the_weight():
     torch.testing.assert_close(
         sh.attribute(x, target=0, n_samples=4), hess_true, atol=1e-10, rtol=1e-10
     )
+
+
+def test_attribute_to_stderr_with_variance_reduction_is_honest():
+    net = squared_relu_net(d=12, k=5, seed=7)
+    x = torch.randn(3, 12, dtype=DTYPE)
+    hess_true, _ = squared_relu_closed_form(net, x, 0.4)
+    sh = SmoothHess(net)
+    torch.manual_seed(0)
+    hess, se = sh.attribute_to_stderr(x, rel_stderr=0.02, stdevs=0.4, initial_samples=64)
+    assert sh.last_call_subspace_rank == 5 and sh.last_call_control_variate
+    rel_se = se.flatten(1).norm(dim=1) / hess.flatten(1).norm(dim=1)
+    assert (rel_se <= 0.02).all()
+    rel_err = (hess - hess_true).flatten(1).norm(dim=1) / hess_true.flatten(1).norm(dim=1)
+    assert (rel_err < 3 * 0.02).all(), rel_err
