@@ -513,8 +513,8 @@ class SmoothHess(GradientAttribution):
 
         Per example, f at x, at x + sigma z (z ~ N(0, I)) and at x + sigma z_perp,
         z_perp a random direction orthogonal to the subspace with the norm of z.
-        A move along z_perp larger than 1% of the move along z (plus round-off)
-        means the model sees more than the subspace: ``ValueError`` for a given
+        A move along z_perp larger than 1% of the move along z (plus 1000 eps
+        times the size of the outputs, for round-off) means the model sees more than the subspace: ``ValueError`` for a given
         W, a warning and no projection for ``"auto"``.
         """
         num_examples, num_features = x_flat.shape
@@ -539,7 +539,9 @@ class SmoothHess(GradientAttribution):
         base, full, perp = out[0], out[1], out[2]
         move_full, move_perp = (full - base).abs(), (perp - base).abs()
         eps = torch.finfo(out.dtype).eps
-        allowed = 1e-2 * move_full + 1e3 * eps * (base.abs() + move_full)
+        # round-off scale: the example's own outputs and the batch's largest
+        scale = out.abs().amax(dim=0) + out.abs().max()
+        allowed = 1e-2 * move_full + 1e3 * eps * scale
         bad = (move_perp > allowed).nonzero().flatten().tolist()
         if not bad:
             return basis
