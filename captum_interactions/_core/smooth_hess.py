@@ -183,7 +183,9 @@ class SmoothHess(GradientAttribution):
                 points through the normal quantile), far ahead in few
                 dimensions. ``"gaussian"``: i.i.d. draws, the plain estimator.
                 ``"auto"``: ``"sobol"`` up to 16 features, else
-                ``"orthogonal"``. Structured samples are drawn in at least 16
+                ``"orthogonal"`` (counting the r dimensions of the subspace
+                when ``input_subspace`` projects, and D below reads r).
+                Structured samples are drawn in at least 16
                 independent blocks (orthonormal frames of up to D directions:
                 the full orthogonal gain needs ``n_samples`` >= 32 D with pairs);
                 their standard error comes from the spread of the block
