@@ -280,7 +280,9 @@ def subspace_basis(weight: Tensor, sigma_flat: Tensor) -> Optional[Tensor]:
 
     ``weight`` is (m, D) (the map the model sees the flattened inputs through)
     and ``sigma_flat`` (1, D). The rank r counts singular values above
-    ``s_max * max(m, D) * eps`` of W's dtype (NumPy's ``matrix_rank`` rule).
+    ``s_max * max(m, D) * eps`` of W's dtype (NumPy's ``matrix_rank`` rule):
+    the directions dropped move W x by at most that fraction of its largest
+    response, round-off for W's own precision (the only bias, at that level).
     Returns None when r = D (the projection would change nothing) or r = 0.
     """
     num_features = sigma_flat.shape[-1]
