@@ -18,11 +18,21 @@ gradient calls per example, the relative Frobenius error ||H_hat - H||_F / ||H||
 The estimators: ``gaussian`` with antithetic pairs is the reference
 implementation's estimator (Torop et al.: i.i.d. Stein sampling, antithetic);
 ``plain`` drops the pairs; ``orthogonal`` and ``sobol`` are this library's
-variance-reduced samplers (``auto``, the default, picks sobol up to 16
-features, orthogonal above). The calls each needs for 10%, 3% and 1% come from
-the fit error = c / sqrt(calls) at the largest budget measured (marked
-``extrapolated`` when outside the measured range), and the ratio to the
-reference estimator's calls.
+variance-reduced samplers; ``+ subspace`` projects the noise onto the input
+subspace the model sees (``input_subspace``: automatic for an ``nn.Sequential``
+starting with ``nn.Linear``, or an explicit W for the closed form with fewer
+units than features); ``+ cv`` adds the first-layer ReLU control variate
+(``control_variate``). ``auto (default)`` is what ``SmoothHess.attribute``
+does with no options. The closed forms are plain functions (no structure to
+detect), except ``relu_sum as nn.Sequential``, where the control variate is f
+itself (one hidden layer) and the estimate is exact.
+
+The calls each estimator needs for 10%, 3% and 1%: interpolated (log-log)
+between the two measured budgets around the target; beyond the largest budget
+extrapolated with error = c / sqrt(calls) from it, below the smallest one
+with the same law from it (both marked ``extrapolated``); the ratio is the
+reference estimator's calls over the estimator's. An estimator whose error
+is round-off (< 1e-10) at every budget is marked ``exact``.
 
     python benchmarks/bench_smooth_hess_samplers.py [--quick] [--device cuda]
 """
@@ -38,12 +48,22 @@ from captum_interactions import SmoothHess
 from _common import device_name, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OFF = dict(input_subspace=None, control_variate=None)
+REFERENCE = "gaussian (reference)"
 ESTIMATORS = {
-    "gaussian (reference)": dict(sampler="gaussian", antithetic=True),
-    "plain": dict(sampler="gaussian", antithetic=False),
-    "orthogonal": dict(sampler="orthogonal", antithetic=True),
-    "sobol": dict(sampler="sobol", antithetic=True),
+    REFERENCE: dict(sampler="gaussian", antithetic=True, **OFF),
+    "orthogonal": dict(sampler="orthogonal", antithetic=True, **OFF),
+    "sobol": dict(sampler="sobol", antithetic=True, **OFF),
+    "auto (default)": dict(),
 }
+MLP_ESTIMATORS = {
+    REFERENCE: dict(sampler="gaussian", **OFF),
+    "orthogonal": dict(sampler="orthogonal", **OFF),
+    "orthogonal + subspace": dict(sampler="orthogonal", control_variate=None),
+    "gaussian + subspace + cv": dict(sampler="gaussian"),
+    "auto (default)": dict(),
+}
+EXACT = 1e-10
 TARGETS = (0.10, 0.03, 0.01)
 SQRT2PI = math.sqrt(2 * math.pi)
 
@@ -72,7 +92,29 @@ def closed_forms(device, dtype):
     sigma = 0.5
     s = sigma * w.norm(dim=1)
     h_sum = torch.einsum("k,nk,ki,kj->nij", a, _phi((x @ w.T + b) / s) / s, w, w)
-    yield "relu_sum (d=20)", (lambda v: torch.relu(v @ w.T + b) @ a), x, sigma, h_sum
+    yield "relu_sum (d=20)", (lambda v: torch.relu(v @ w.T + b) @ a), x, sigma, h_sum, {}
+
+    # the same sum as nn.Sequential(Linear, ReLU, Linear): "auto" detects it
+    # and the control variate is f itself
+    net = nn.Sequential(nn.Linear(d, k), nn.ReLU(), nn.Linear(k, 1, bias=False))
+    net = net.to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+        net[0].bias.copy_(b)
+        net[2].weight.copy_(a[None])
+    yield "relu_sum as nn.Sequential (d=20)", net, x, sigma, h_sum, {"target": 0}
+
+    # fewer units than features: the model sees 8 of the 20 directions
+    k8 = 8
+    w8 = torch.randn(k8, d, generator=gen, dtype=dtype).to(device) / math.sqrt(d)
+    b8 = (0.5 * torch.randn(k8, generator=gen, dtype=dtype)).to(device)
+    a8 = torch.randn(k8, generator=gen, dtype=dtype).to(device)
+    s8 = sigma * w8.norm(dim=1)
+    h8 = torch.einsum("k,nk,ki,kj->nij", a8, _phi((x @ w8.T + b8) / s8) / s8, w8, w8)
+    yield (
+        "relu_sum, 8 units (d=20)", (lambda v: torch.relu(v @ w8.T + b8) @ a8), x,
+        sigma, h8, {"subspace": w8},
+    )
 
     sigma = 0.1
     x2 = torch.tensor([[0.05, 0.1], [-0.1, 0.2], [0.3, -0.05]], dtype=dtype, device=device)
@@ -85,14 +127,14 @@ def closed_forms(device, dtype):
         ],
         -2,
     )
-    yield "relu_product (d=2)", (lambda v: torch.relu(v[:, 0]) * torch.relu(v[:, 1])), x2, sigma, h_prod
+    yield "relu_product (d=2)", (lambda v: torch.relu(v[:, 0]) * torch.relu(v[:, 1])), x2, sigma, h_prod, {}
 
     # max(x1, x2) = x2 + relu(x1 - x2): the Hessian of a smoothed relu along (1, -1)
     direction = torch.tensor([1.0, -1.0], dtype=dtype, device=device)
     s = sigma * math.sqrt(2.0)
     u = x2 @ direction
     h_max = (_phi(u / s) / s)[:, None, None] * torch.outer(direction, direction)
-    yield "max (d=2)", (lambda v: torch.maximum(v[:, 0], v[:, 1])), x2, sigma, h_max
+    yield "max (d=2)", (lambda v: torch.maximum(v[:, 0], v[:, 1])), x2, sigma, h_max, {}
 
 
 def relative_error_exact(forward, x, sigma, truth, calls, repeats, options, target=None):
@@ -119,44 +161,44 @@ def relative_error_spread(forward, x, sigma, calls, repeats, options, target):
 
 
 def calls_to_reach(budgets, errors):
-    """Calls for each target from error = c / sqrt(calls), c fitted at the largest budget."""
-    c = errors[-1] * math.sqrt(budgets[-1])
+    """Calls for each target: log-log interpolation between the measured budgets
+    around it, else error = c / sqrt(calls) from the nearest end."""
     out = {}
+    exact = max(errors) < EXACT
     for target in TARGETS:
-        needed = (c / target) ** 2
-        measured = [n for n, e in zip(budgets, errors) if e <= target]
-        out[f"{target:g}"] = {
-            "calls": int(measured[0]) if measured else int(math.ceil(needed)),
-            "extrapolated": not measured,
-        }
+        entry = {"extrapolated": False, "exact": exact}
+        if exact:
+            entry["calls"] = 2  # one antithetic pair already gives round-off error
+        elif errors[0] <= target:
+            entry["calls"] = budgets[0] * (errors[0] / target) ** 2
+            entry["extrapolated"] = True
+        elif errors[-1] > target:
+            entry["calls"] = budgets[-1] * (errors[-1] / target) ** 2
+            entry["extrapolated"] = True
+        else:
+            i = next(i for i, e in enumerate(errors) if e <= target) - 1
+            n0, n1, e0, e1 = budgets[i], budgets[i + 1], errors[i], errors[i + 1]
+            frac = math.log(e0 / target) / math.log(e0 / e1)
+            entry["calls"] = math.exp(math.log(n0) + frac * math.log(n1 / n0))
+        entry["calls"] = max(2, int(math.ceil(entry["calls"])))
+        out[f"{target:g}"] = entry
     return out
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=int, default=8,
+                        help="repeats per budget on the closed forms")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: MKL's QR/SVD stall when threads are oversubscribed)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     budgets = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384, 65536]
-    repeats = 6 if args.quick else 16
+    repeats = 6 if args.quick else args.repeats
     cases = []
-    for name, forward, x, sigma, truth in closed_forms(device, torch.float64):
-        case = {"case": name, "sigma": sigma, "examples": x.shape[0], "estimators": {}}
-        for est, options in ESTIMATORS.items():
-            t0 = time.perf_counter()
-            errors = [
-                relative_error_exact(forward, x, sigma, truth, n, repeats, options)
-                for n in budgets
-            ]
-            case["estimators"][est] = {
-                "errors": errors,
-                "to_reach": calls_to_reach(budgets, errors),
-                "seconds": time.perf_counter() - t0,
-            }
-        cases.append(case)
-
     torch.manual_seed(0)
     mlp = nn.Sequential(
         nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 300), nn.ReLU(), nn.Linear(300, 10)
@@ -166,9 +208,7 @@ def main():
     mlp_repeats = 3
     case = {"case": "MLP 784-500-300-10 (float32, logit 3)", "sigma": 0.1,
             "examples": x.shape[0], "estimators": {}}
-    for est, options in ESTIMATORS.items():
-        if est == "plain":
-            continue  # clearly behind on every closed form; saves the slowest case
+    for est, options in MLP_ESTIMATORS.items():
         t0 = time.perf_counter()
         errors = [
             relative_error_spread(mlp, x, 0.1, n, mlp_repeats, options, target=3)
@@ -180,31 +220,64 @@ def main():
             "seconds": time.perf_counter() - t0,
         }
     cases.append(case)
+    _print_case(case, mlp_budgets)
+    for name, forward, x, sigma, truth, extra in closed_forms(device, torch.float64):
+        case = {"case": name, "sigma": sigma, "examples": x.shape[0], "estimators": {}}
+        estimators = dict(ESTIMATORS)
+        if "subspace" in extra:
+            estimators["orthogonal + subspace W"] = dict(
+                sampler="orthogonal", input_subspace=extra["subspace"]
+            )
+            estimators["auto + subspace W"] = dict(input_subspace=extra["subspace"])
+        if name.startswith("relu_sum as"):  # only what differs from relu_sum
+            estimators = {k: estimators[k] for k in (REFERENCE, "auto (default)")}
+        for est, options in estimators.items():
+            t0 = time.perf_counter()
+            errors = [
+                relative_error_exact(
+                    forward, x, sigma, truth, n, repeats, options, extra.get("target")
+                )
+                for n in budgets
+            ]
+            case["estimators"][est] = {
+                "errors": errors,
+                "to_reach": calls_to_reach(budgets, errors),
+                "seconds": time.perf_counter() - t0,
+            }
+        cases.append(case)
+        _print_case(case, budgets)
+
     _print_and_write(cases, budgets, mlp_budgets, repeats, mlp_repeats, device, args)
 
 
+def _print_case(case, ns):
+    """Print one case's table (as it finishes) and add the ratios to it."""
+    print(f"\n{case['case']}  (sigma {case['sigma']}, {case['examples']} points)")
+    print(f"{'estimator':26s}" + "".join(f"{n:>9d}" for n in ns)
+          + "".join(f"{'to ' + k:>16s}" for k in ("10%", "3%", "1%")))
+    ref = case["estimators"][REFERENCE]["to_reach"]
+    for est, row in case["estimators"].items():
+        cells = []
+        for key in ("0.1", "0.03", "0.01"):
+            calls = row["to_reach"][key]["calls"]
+            ratio = ref[key]["calls"] / calls
+            mark = "~" if row["to_reach"][key]["extrapolated"] else ""
+            if row["to_reach"][key]["exact"]:
+                cells.append("exact")
+            else:
+                cells.append(f"{mark + str(calls):>8s} ({ratio:4.1f}x)")
+            row["to_reach"][key]["fewer_calls_than_reference"] = ratio
+        print(f"{est:26s}" + "".join(f"{e:9.2g}" for e in row["errors"])
+              + "".join(f"{c:>16s}" for c in cells), flush=True)
+
+
 def _print_and_write(cases, budgets, mlp_budgets, repeats, mlp_repeats, device, args):
-    reference = "gaussian (reference)"
-    for case in cases:
-        ns = mlp_budgets if case["case"].startswith("MLP") else budgets
-        print(f"\n{case['case']}  (sigma {case['sigma']}, {case['examples']} points)")
-        print(f"{'estimator':22s}" + "".join(f"{n:>9d}" for n in ns)
-              + "".join(f"{'to ' + k:>16s}" for k in ("10%", "3%", "1%")))
-        ref = case["estimators"][reference]["to_reach"]
-        for est, row in case["estimators"].items():
-            cells = []
-            for key in ("0.1", "0.03", "0.01"):
-                calls = row["to_reach"][key]["calls"]
-                ratio = ref[key]["calls"] / calls
-                mark = "~" if row["to_reach"][key]["extrapolated"] else ""
-                cells.append(f"{mark}{calls:>7d} ({ratio:4.1f}x)")
-                row["to_reach"][key]["fewer_calls_than_reference"] = ratio
-            print(f"{est:22s}" + "".join(f"{e:9.4f}" for e in row["errors"])
-                  + "".join(f"{c:>16s}" for c in cells))
     print("\nerror: relative Frobenius error (RMS over repeats); '~': extrapolated "
           "with error = c/sqrt(calls); (Nx): reference calls / estimator calls")
     result = {
-        "device": device_name(device), "budgets": budgets, "mlp_budgets": mlp_budgets,
+        "device": device_name(device), "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(),
+        "budgets": budgets, "mlp_budgets": mlp_budgets,
         "repeats": repeats, "mlp_repeats": mlp_repeats, "quick": args.quick,
         "cases": cases,
     }

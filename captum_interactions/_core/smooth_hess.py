@@ -14,6 +14,7 @@ from captum_interactions._utils.common import (
     check_finite,
     check_noise_resolution,
     format_inputs,
+    run_scalar_forward,
     normalize_stdevs,
     preserved_module_state,
     validate_internal_batch_size,
@@ -35,9 +36,13 @@ from captum_interactions._utils.stein import (
     SteinAccumulator,
     draw_noise,
     example_chunks,
+    ReluSurrogate,
+    first_linear_layer,
+    relu_after,
     noise_block_sizes,
     plain_gradients,
     resolve_sampler,
+    subspace_basis,
 )
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
@@ -67,6 +72,16 @@ class SmoothHess(GradientAttribution):
     identity becomes :math:`\mathbb{E}[\Sigma^{-1} e\, \nabla f(x+e)^\top]`,
     e ~ N(0, Sigma), i.e. z is divided by each feature's sigma.
 
+    Two exact variance reductions apply when the model starts with a linear
+    layer (``input_subspace``, ``control_variate``): the noise is projected
+    onto the input subspace the model sees (a conditional expectation, so
+    still unbiased), and the Stein terms of a first-layer surrogate whose
+    smoothed Hessian is known in closed form are subtracted and its exact
+    value added back. On a 784-500-300-10 ReLU MLP both together with the
+    orthogonal sampler (the default there) need 9-10x fewer gradient calls
+    than i.i.d. antithetic sampling for a relative error of 10% to 1%
+    (``benchmarks/bench_smooth_hess_samplers.py``).
+
     Cost: ``n_samples`` gradient evaluations per example, plus rank-one updates
     of a D x D (or G x G with ``feature_mask``) matrix per sample.
 
@@ -93,6 +108,9 @@ class SmoothHess(GradientAttribution):
         GradientAttribution.__init__(self, forward_func)
         self.last_call_cost = CostCounter()
         self.last_call_samples = 0
+        self.last_call_subspace_rank: Optional[int] = None
+        self.last_call_control_variate = False
+        self._basis_cache: Optional[Tuple[Tensor, Any, Optional[Tensor]]] = None
 
     def has_convergence_delta(self) -> bool:
         """False: SmoothHess has no completeness property to report an error of."""
@@ -113,6 +131,8 @@ class SmoothHess(GradientAttribution):
         antithetic: bool = True,
         sampler: str = "auto",
         output_layout: str = "nested",
+        input_subspace: Union[str, None, Tensor] = "auto",
+        control_variate: Optional[str] = "auto",
     ) -> Any:
         r"""
         Hessian of the Gaussian-smoothed model at ``inputs`` (and SmoothGrad), from gradients only.
@@ -163,7 +183,9 @@ class SmoothHess(GradientAttribution):
                 points through the normal quantile), far ahead in few
                 dimensions. ``"gaussian"``: i.i.d. draws, the plain estimator.
                 ``"auto"``: ``"sobol"`` up to 16 features, else
-                ``"orthogonal"``. Structured samples are drawn in at least 16
+                ``"orthogonal"`` (counting the r dimensions of the subspace
+                when ``input_subspace`` projects, and D below reads r).
+                Structured samples are drawn in at least 16
                 independent blocks (orthonormal frames of up to D directions:
                 the full orthogonal gain needs ``n_samples`` >= 32 D with pairs);
                 their standard error comes from the spread of the block
@@ -174,6 +196,36 @@ class SmoothHess(GradientAttribution):
                 tuple aligned with the inputs, for ``NoiseTunnel`` and
                 ``captum.metrics`` on tuple inputs) or ``"flat"``, as in
                 :meth:`IntegratedHessians.attribute`. Default: "nested"
+            input_subspace (str, Tensor or None, optional): Rao-Blackwellised
+                sampling in the subspace of inputs the model sees. If the model
+                uses the (flattened, concatenated) inputs x only through W x,
+                pass W, shape (m, D): z is replaced by its projection onto the
+                row space of W (scaled by sigma), E[z | that projection], which
+                is unbiased and removes the variance of the rest exactly, and
+                the sampler draws in that r-dimensional subspace (r = rank W;
+                nothing changes when r = D). The condition is checked with one
+                forward pass per call (the output must not move along a random
+                excluded direction as long as a typical sample; else a
+                ``ValueError``); a W that passes the check but is wrong in
+                directions it did not probe biases the estimate. ``"auto"``:
+                W is the weight of the first layer of an ``nn.Sequential`` that
+                starts with ``nn.Linear`` (after any ``nn.Identity`` /
+                ``nn.Flatten()``), one input tensor, no forward hooks on those
+                modules; otherwise no projection. ``None``: never project.
+                The rank used is in ``self.last_call_subspace_rank`` (None
+                without projection). Default: "auto"
+            control_variate (str or None, optional): ``"auto"``: when the
+                model is an ``nn.Sequential`` that starts with ``nn.Linear``
+                then ``nn.ReLU`` (the ``"auto"`` rule of ``input_subspace``),
+                subtract the Stein terms of the surrogate
+                g(x) = v^T relu(W x + b), v the gradient of the later layers at
+                the clean point (one more gradient row per example), computed
+                with the same noise, and add g's exact smoothed Hessian and
+                gradient back. Unbiased for any v; the first layer's kink
+                crossings cancel (exact for one hidden layer). Costs a
+                (rows x D) @ (D x m) product per pass. ``None``: off. Whether it
+                was used is in ``self.last_call_control_variate``.
+                Default: "auto"
 
         Returns:
             **hessian**, followed by **smoothgrad** if ``return_smoothgrad``,
@@ -234,18 +286,85 @@ class SmoothHess(GradientAttribution):
             [torch.full_like(x[:1], s) for x, s in zip(inputs_t, sigmas)]
         )  # (1, D)
 
-        sampler = resolve_sampler(sampler, num_features)
-        block_sizes = noise_block_sizes(sampler, num_units, num_examples, num_features)
-        # before the (N, G, G) accumulators are allocated: the budget bounds the
-        # gradient rows per pass (and raises if the output cannot fit); an
-        # orthogonal block also holds its Gaussian matrix and radii while drawn
-        noise_numel = max(block_sizes) * num_examples * num_features
-        internal_batch_size = smooth_hess_rows(
-            num_examples, num_features, groups.num_groups, inputs_t[0].element_size(),
-            rows_per_unit, return_stderr,
-            noise_numel * (3 if sampler == "orthogonal" else 1),
-            internal_batch_size, get_memory_budget(device),
-        )
+        resolve_sampler(sampler, 1)  # validated before any model call
+        if control_variate not in ("auto", None):
+            raise ValueError(
+                f"`control_variate` must be 'auto' or None, got {control_variate!r}"
+            )
+        layer = None
+        if (input_subspace == "auto" or control_variate == "auto") and (
+            additional_forward_args is None
+        ):
+            layer = first_linear_layer(self.forward_func, inputs_t)
+            if layer is not None and layer[1].weight.dtype != dtype:
+                layer = None  # the model call raises the dtype error below
+        weight = self._subspace_weight(input_subspace, inputs_t, num_features, layer)
+        basis64 = None
+        if weight is not None:
+            # an SVD of W per call: reused while W (its storage and in-place
+            # version) and the sigmas are the same, e.g. over rounds or batches
+            # (the cache holds W itself, so its identity cannot be reused)
+            key = (
+                weight.data_ptr(), weight._version, tuple(weight.shape),
+                weight.dtype, weight.device, tuple(float(v) for v in sigmas),
+                tuple(shapes),
+            )
+            cache = self._basis_cache
+            if cache is not None and cache[0] is weight and cache[1] == key:
+                basis64 = cache[2]
+            else:
+                basis64 = subspace_basis(weight, sigma_flat)
+                self._basis_cache = (weight, key, basis64)
+        surrogate_layer = None
+        if (
+            control_variate == "auto"
+            and layer is not None
+            and relu_after(self.forward_func, layer[0])
+            and _rows_in_span(layer[1].weight.detach(), sigma_flat, basis64)
+        ):
+            surrogate_layer = layer
+
+        def plan(basis: Optional[Tensor], with_surrogate: bool) -> Tuple[str, List[int], int]:
+            sample_dim = num_features if basis is None else basis.shape[1]
+            resolved = resolve_sampler(sampler, sample_dim)
+            sizes = noise_block_sizes(resolved, num_units, num_examples, sample_dim)
+            # before the (N, G, G) accumulators are allocated: the budget bounds
+            # the gradient rows per pass (and raises if the output cannot fit);
+            # an orthogonal block also holds its Gaussian matrix and radii while
+            # drawn; with a subspace it is drawn in r dimensions, then mapped to
+            # D; a control variate holds its exact (N, G, G) Hessian
+            noise_numel = max(sizes) * num_examples * num_features
+            noise_numel *= 3 if resolved == "orthogonal" else 1
+            noise_numel += 0 if basis is None else noise_numel
+            if with_surrogate:
+                noise_numel += num_examples * groups.num_groups * (groups.num_groups + 1)
+            rows = smooth_hess_rows(
+                num_examples, num_features, groups.num_groups,
+                inputs_t[0].element_size(), rows_per_unit, return_stderr,
+                noise_numel, internal_batch_size, get_memory_budget(device),
+            )
+            return resolved, sizes, rows
+
+        basis = None if basis64 is None else basis64.to(device=device, dtype=dtype)
+        plan(basis, surrogate_layer is not None)  # budget errors before any model call
+        self.last_call_cost = CostCounter()
+        surrogate = None
+        if basis is not None or surrogate_layer is not None:
+            with preserved_module_state(self.forward_func, eval_mode=True):
+                if basis is not None:
+                    basis = self._check_subspace(
+                        basis, x_flat, sigma_flat, shapes, target,
+                        additional_forward_args,
+                        strict=not isinstance(input_subspace, str),
+                    )
+                    if basis is None:  # "auto" fell back: the structure is not what it seems
+                        surrogate_layer = None
+                if surrogate_layer is not None:
+                    surrogate = self._relu_surrogate(surrogate_layer, x_flat, target)
+        self.last_call_subspace_rank = None if basis is None else basis.shape[1]
+        self.last_call_control_variate = surrogate is not None
+        sampler, block_sizes, internal_batch_size = plan(basis, surrogate is not None)
+        sample_dim = num_features if basis is None else basis.shape[1]
         accumulator = SteinAccumulator(
             num_examples,
             groups,
@@ -258,12 +377,13 @@ class SmoothHess(GradientAttribution):
         examples_per_pass, units_per_pass = example_chunks(
             num_examples, rows_per_unit, num_units, internal_batch_size
         )
-        self.last_call_cost = CostCounter()
         with preserved_module_state(self.forward_func, eval_mode=True):
             for block_units in block_sizes:
                 noise = draw_noise(
-                    sampler, block_units, num_examples, num_features, dtype, device
+                    sampler, block_units, num_examples, sample_dim, dtype, device
                 )
+                if basis is not None:
+                    noise = noise @ basis.transpose(0, 1)  # (units, N, D): z = Q xi
                 for e0 in range(0, num_examples, examples_per_pass):
                     e1 = min(num_examples, e0 + examples_per_pass)
                     target_e, args_e = base_expansion.rows(e0, e1)
@@ -286,6 +406,10 @@ class SmoothHess(GradientAttribution):
                             expansion.additional_forward_args,
                         )
                         grad_flat = flatten_features(grads).view(copies, e1 - e0, -1)
+                        if surrogate is not None:  # Stein terms of f - g
+                            grad_flat = grad_flat - surrogate.gradients(
+                                points_flat, e0, e1
+                            )
                         if antithetic:
                             plus, minus = grad_flat.chunk(2)
                             b, c = 0.5 * (plus - minus), 0.5 * (plus + minus)
@@ -296,15 +420,19 @@ class SmoothHess(GradientAttribution):
                         self.last_call_cost.batches += 1
                 accumulator.end_block(block_units)
 
+        mean_hessian = accumulator.mean_hessian(num_units)
+        mean_gradient = accumulator.mean_gradient(num_units)
+        if surrogate is not None:  # + the control variate's exact expectation
+            exact_hessian, exact_gradient = surrogate.smoothed(x_flat, sigma_flat, groups)
+            mean_hessian = mean_hessian + exact_hessian
+            mean_gradient = mean_gradient + exact_gradient
         hessian = format_interaction_output(
-            accumulator.mean_hessian(num_units), groups, is_inputs_tuple, output_layout
+            mean_hessian, groups, is_inputs_tuple, output_layout
         )
         outputs = [hessian]
         if return_smoothgrad:
             outputs.append(
-                _format_gradient(
-                    accumulator.mean_gradient(num_units), groups, shapes, is_inputs_tuple
-                )
+                _format_gradient(mean_gradient, groups, shapes, is_inputs_tuple)
             )
         if return_stderr:
             outputs.append(
@@ -326,6 +454,109 @@ class SmoothHess(GradientAttribution):
                 )
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+
+    def _subspace_weight(
+        self,
+        input_subspace: Union[str, None, Tensor],
+        inputs: Tuple[Tensor, ...],
+        num_features: int,
+        layer: Optional[Tuple[int, torch.nn.Linear]],
+    ) -> Optional[Tensor]:
+        """The map W the model sees the flattened inputs through, or None."""
+        if input_subspace is None:
+            return None
+        if isinstance(input_subspace, str):
+            if input_subspace != "auto":
+                raise ValueError(
+                    "`input_subspace` must be 'auto', None or a (m, D) tensor, "
+                    f"got {input_subspace!r}"
+                )
+            return None if layer is None else layer[1].weight
+        if not isinstance(input_subspace, Tensor):
+            raise TypeError(
+                "`input_subspace` must be 'auto', None or a (m, D) tensor, got "
+                f"{type(input_subspace).__name__}"
+            )
+        if input_subspace.dim() != 2 or input_subspace.shape[1] != num_features:
+            raise ValueError(
+                f"`input_subspace` must have shape (m, {num_features}) (the "
+                f"flattened features), got {tuple(input_subspace.shape)}"
+            )
+        if not input_subspace.is_floating_point():
+            raise TypeError("`input_subspace` must be a floating-point tensor")
+        check_finite((input_subspace,), "input_subspace")
+        return input_subspace
+
+    def _relu_surrogate(
+        self, layer: Tuple[int, torch.nn.Linear], x_flat: Tensor, target: TargetType
+    ) -> ReluSurrogate:
+        """g = v^T relu(W x + b), v the gradient of the layers after the ReLU at x."""
+        index, linear = layer
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        hidden = torch.relu(torch.nn.functional.linear(x_flat, weight, bias))
+        rest = self.forward_func[index + 2 :]
+        (slopes,) = plain_gradients(rest, (hidden,), target, None)
+        self.last_call_cost.gradient_rows += x_flat.shape[0]
+        self.last_call_cost.batches += 1
+        return ReluSurrogate(weight, bias, slopes.reshape(x_flat.shape[0], -1))
+
+    def _check_subspace(
+        self,
+        basis: Tensor,
+        x_flat: Tensor,
+        sigma_flat: Tensor,
+        shapes: Sequence[Tuple[int, ...]],
+        target: TargetType,
+        additional_forward_args: Any,
+        strict: bool,
+    ) -> Optional[Tensor]:
+        """One forward pass: the output must not move along an excluded direction.
+
+        Per example, f at x, at x + sigma z (z ~ N(0, I)) and at x + sigma z_perp,
+        z_perp a random direction orthogonal to the subspace with the norm of z.
+        A move along z_perp larger than 1% of the move along z (plus 1000 eps
+        times the size of the outputs, for round-off) means the model sees more than the subspace: ``ValueError`` for a given
+        W, a warning and no projection for ``"auto"``.
+        """
+        num_examples, num_features = x_flat.shape
+        z = torch.randn_like(x_flat)
+        z_perp = z
+        for _ in range(2):  # twice: exact even when z is (nearly) in the subspace
+            z_perp = z_perp - (z_perp @ basis) @ basis.transpose(0, 1)
+        z_perp = z_perp * (
+            z.norm(dim=1, keepdim=True) / z_perp.norm(dim=1, keepdim=True).clamp_min(
+                torch.finfo(z.dtype).tiny
+            )
+        )
+        points_flat = torch.cat([x_flat, x_flat + sigma_flat * z, x_flat + sigma_flat * z_perp])
+        expansion = RowExpansion(target, additional_forward_args, num_examples, 3)
+        with torch.no_grad():
+            out = run_scalar_forward(
+                self.forward_func,
+                split_features(points_flat, shapes),
+                expansion.target,
+                expansion.additional_forward_args,
+            ).reshape(3, num_examples)
+        base, full, perp = out[0], out[1], out[2]
+        move_full, move_perp = (full - base).abs(), (perp - base).abs()
+        eps = torch.finfo(out.dtype).eps
+        # round-off scale: the example's own outputs and the batch's largest
+        scale = out.abs().amax(dim=0) + out.abs().max()
+        allowed = 1e-2 * move_full + 1e3 * eps * scale
+        bad = (move_perp > allowed).nonzero().flatten().tolist()
+        if not bad:
+            return basis
+        message = (
+            f"the model's output moves along directions outside `input_subspace` "
+            f"(rank {basis.shape[1]} of {num_features} features) for examples {bad}: "
+            f"it does not see its inputs only through W x, and projecting the "
+            f"noise would bias the estimate"
+        )
+        if strict:
+            raise ValueError(message + "; pass input_subspace=None")
+        warnings.warn(message + "; sampling without projection", stacklevel=3)
+        return None
 
     def attribute_to_stderr(
         self,
@@ -418,6 +649,17 @@ class SmoothHess(GradientAttribution):
                 stacklevel=2,
             )
         return tuple(pooled)
+
+def _rows_in_span(weight: Tensor, sigma_flat: Tensor, basis: Optional[Tensor]) -> bool:
+    """Whether the rows of W diag(sigma) lie in the span of ``basis`` (all of R^D if None)."""
+    if basis is None:
+        return True
+    rows = weight.reshape(weight.shape[0], -1).to(torch.float64)
+    rows = rows * sigma_flat.reshape(1, -1).to(rows.device, torch.float64)
+    basis = basis.to(rows.device)
+    residual = rows - (rows @ basis) @ basis.transpose(0, 1)
+    return bool(residual.norm() <= 1e-4 * rows.norm())
+
 
 def _format_gradient(
     flat: Tensor,

@@ -1,0 +1,352 @@
+"""SmoothHess's exact variance reductions: input-subspace projection and the
+first-layer ReLU control variate (``input_subspace``, ``control_variate``).
+
+Both must keep the estimator unbiased (mean over seeds within its standard
+error of a closed form) and the reported standard error honest (95% intervals
+cover 90-99%)."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from captum_interactions import SmoothHess
+
+DTYPE = torch.float64
+SQRT2PI = math.sqrt(2 * math.pi)
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+def squared_relu_net(d, k, seed):
+    """f(x) = sum_j c_j relu(w_j . x + b_j)^2: a first Linear + ReLU whose
+    smoothed Hessian is known but is not the surrogate's (v depends on x)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(d, k), nn.ReLU(), Square(), nn.Linear(k, 1, bias=False))
+    net = net.to(DTYPE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DTYPE))
+    return net
+
+
+def squared_relu_closed_form(net, x, sigma):
+    """E[relu(u + s e)^2]'' = 2 Phi(u/s), ' = 2 (s phi(u/s) + u Phi(u/s))."""
+    w, b, c = net[0].weight.detach(), net[0].bias.detach(), net[3].weight.detach()[0]
+    u = x @ w.T + b
+    s = sigma * w.norm(dim=1)
+    t = u / s
+    cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * t * t) / SQRT2PI
+    hess = torch.einsum("k,nk,ki,kj->nij", c, 2 * cdf, w, w)
+    grad = (c * 2 * (s * pdf + u * cdf)) @ w
+    return hess, grad
+
+
+def relu_net(d, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(d, k), nn.ReLU(), nn.Linear(k, 2)).to(DTYPE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DTYPE))
+    return net
+
+
+def relu_net_closed_form(net, x, sigma, output):
+    w, b, a = net[0].weight.detach(), net[0].bias.detach(), net[2].weight.detach()[output]
+    u = x.reshape(x.shape[0], -1) @ w.T + b
+    s = sigma * w.norm(dim=1)
+    t = u / s
+    pdf = torch.exp(-0.5 * t * t) / SQRT2PI
+    cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
+    return torch.einsum("k,nk,ki,kj->nij", a, pdf / s, w, w), (a * cdf) @ w
+
+
+def test_one_hidden_layer_is_exact_with_the_control_variate():
+    # f = a.relu(Wx + b) + c is its own surrogate: f - g is constant, so any
+    # sample count returns the closed form (checks the surrogate's exact
+    # smoothed Hessian and gradient, a wrong phi/s or Phi fails by far)
+    net = relu_net(d=7, k=4, seed=0)
+    x = torch.randn(3, 7, dtype=DTYPE)
+    hess_true, grad_true = relu_net_closed_form(net, x, 0.3, output=1)
+    sh = SmoothHess(net)
+    torch.manual_seed(0)
+    h, g = sh.attribute(x, target=1, n_samples=4, stdevs=0.3, return_smoothgrad=True)
+    assert sh.last_call_control_variate and sh.last_call_subspace_rank == 4
+    torch.testing.assert_close(h, hess_true, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(g, grad_true, atol=1e-10, rtol=1e-10)
+    # one extra gradient row per example for the surrogate's slopes
+    assert sh.last_call_cost.gradient_rows == 3 * 4 + 3
+    # without it the same model is a noisy estimate
+    torch.manual_seed(0)
+    h_plain = sh.attribute(x, target=1, n_samples=4, stdevs=0.3, control_variate=None)
+    assert (h_plain - hess_true).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["orthogonal", "sobol", "gaussian"])
+def test_projection_and_control_variate_are_unbiased(sampler):
+    # rank-5 projection of 12 features + a surrogate that is not exact: the
+    # mean over seeds stays within its standard error of the closed form (a
+    # projection onto the wrong subspace, or a control variate without its
+    # exact mean, fails by far more)
+    net = squared_relu_net(d=12, k=5, seed=3)
+    x = torch.randn(2, 12, dtype=DTYPE)
+    hess_true, grad_true = squared_relu_closed_form(net, x, 0.4)
+    sh = SmoothHess(net)
+    runs, grads = [], []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        h, g = sh.attribute(
+            x, n_samples=24, stdevs=0.4, sampler=sampler, return_smoothgrad=True
+        )
+        runs.append(h)
+        grads.append(g)
+    assert sh.last_call_subspace_rank == 5 and sh.last_call_control_variate
+    runs, grads = torch.stack(runs), torch.stack(grads)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    se_g = grads.std(0) / math.sqrt(grads.shape[0])
+    assert ((grads.mean(0) - grad_true).abs() < 4.5 * se_g + 1e-12).all()
+
+
+@pytest.mark.parametrize("sampler", ["orthogonal", "gaussian"])
+def test_reported_stderr_covers_95_percent_with_variance_reduction(sampler):
+    net = squared_relu_net(d=12, k=5, seed=1)
+    x = torch.randn(3, 12, dtype=DTYPE)
+    hess_true, grad_true = squared_relu_closed_form(net, x, 0.4)
+    sh = SmoothHess(net)
+    covered, covered_g = [], []
+    for seed in range(120):
+        torch.manual_seed(seed)
+        h, g, se, se_g = sh.attribute(
+            x, n_samples=512, stdevs=0.4, sampler=sampler, return_smoothgrad=True,
+            return_stderr=True,
+        )
+        # entries outside the projected subspace are exactly 0 with SE 0
+        inside = se > 0
+        covered.append(((h - hess_true).abs() <= 1.96 * se)[inside].double().mean())
+        covered_g.append(((g - grad_true).abs() <= 1.96 * se_g).double().mean())
+    coverage = torch.stack(covered).mean().item()
+    coverage_g = torch.stack(covered_g).mean().item()
+    assert 0.90 <= coverage <= 0.99, coverage
+    assert 0.90 <= coverage_g <= 0.99, coverage_g
+
+
+def test_variance_reduction_on_a_two_layer_relu_net():
+    # the error spread over seeds (no closed form needed: the estimators are
+    # unbiased) at equal gradient calls, i.i.d. antithetic pairs vs the default
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+    ).to(DTYPE)
+    x = torch.randn(2, 40, dtype=DTYPE)
+    sh = SmoothHess(net)
+
+    def spread(**options):
+        runs = []
+        for seed in range(12):
+            torch.manual_seed(100 + seed)
+            runs.append(sh.attribute(x, n_samples=512, stdevs=0.5, **options))
+        runs = torch.stack(runs)
+        return (runs - runs.mean(0)).pow(2).sum().sqrt().item(), runs.mean(0)
+
+    reference, ref_mean = spread(sampler="gaussian", input_subspace=None, control_variate=None)
+    default, default_mean = spread()
+    assert sh.last_call_subspace_rank == 16 and sh.last_call_control_variate
+    assert default < 0.5 * reference, (default, reference)
+    # and they estimate the same matrix
+    diff = (default_mean - ref_mean).norm() / ref_mean.norm()
+    assert diff < 3 * reference / math.sqrt(12) / ref_mean.norm(), diff
+
+
+def test_explicit_subspace_unbiased_and_wrong_one_raises():
+    from tests.test_smooth_hess import ReluSum, closed_form
+
+    model = ReluSum(d=9, k=3, seed=5)  # not a Sequential: "auto" sees nothing
+    x = torch.randn(2, 9, dtype=DTYPE)
+    hess_true, _ = closed_form(model, x, 0.5)
+    sh = SmoothHess(model)
+    torch.manual_seed(0)
+    sh.attribute(x, n_samples=8, stdevs=0.5)
+    assert sh.last_call_subspace_rank is None and not sh.last_call_control_variate
+    runs = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        runs.append(sh.attribute(x, n_samples=32, stdevs=0.5, input_subspace=model.w))
+    assert sh.last_call_subspace_rank == 3
+    runs = torch.stack(runs)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    # a subspace the model does not live in is caught before sampling
+    wrong = torch.randn(3, 9, dtype=DTYPE)
+    with pytest.raises(ValueError, match="outside `input_subspace`"):
+        sh.attribute(x, n_samples=8, stdevs=0.5, input_subspace=wrong)
+    # a full-rank map changes nothing: same draws, same numbers
+    full = torch.randn(9, 9, dtype=DTYPE)
+    torch.manual_seed(1)
+    a = sh.attribute(x, n_samples=8, stdevs=0.5, input_subspace=full)
+    assert sh.last_call_subspace_rank is None
+    torch.manual_seed(1)
+    b = sh.attribute(x, n_samples=8, stdevs=0.5, input_subspace=None)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="shape"):
+        sh.attribute(x, n_samples=8, input_subspace=torch.randn(3, 8, dtype=DTYPE))
+    with pytest.raises(ValueError, match="input_subspace"):
+        sh.attribute(x, n_samples=8, input_subspace="first_layer")
+    with pytest.raises(ValueError, match="control_variate"):
+        sh.attribute(x, n_samples=8, control_variate="surrogate")
+
+
+def test_auto_rule_detection_and_opt_out():
+    net = relu_net(d=6, k=3, seed=2)
+    x = torch.randn(2, 6, dtype=DTYPE)
+    sh = SmoothHess(net)
+    # opting out equals a wrapped model "auto" cannot see into
+    torch.manual_seed(0)
+    off = sh.attribute(x, target=0, n_samples=16, input_subspace=None, control_variate=None)
+    assert sh.last_call_subspace_rank is None and not sh.last_call_control_variate
+    wrapped = SmoothHess(lambda v: net(v))
+    torch.manual_seed(0)
+    torch.testing.assert_close(
+        wrapped.attribute(x, target=0, n_samples=16), off, atol=0, rtol=0
+    )
+    # each part on its own
+    sh.attribute(x, target=0, n_samples=16, control_variate=None)
+    assert sh.last_call_subspace_rank == 3 and not sh.last_call_control_variate
+    sh.attribute(x, target=0, n_samples=16, input_subspace=None)
+    assert sh.last_call_subspace_rank is None and sh.last_call_control_variate
+    # a forward hook on the first layer could use the input: no detection
+    handle = net[0].register_forward_pre_hook(lambda m, inp: None)
+    try:
+        sh.attribute(x, target=0, n_samples=16)
+        assert sh.last_call_subspace_rank is None and not sh.last_call_control_variate
+    finally:
+        handle.remove()
+    # Flatten then Linear on image-shaped inputs; more units than features
+    image_net = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 1))
+    image_net = image_net.to(DTYPE)
+    sh_img = SmoothHess(image_net)
+    sh_img.attribute(torch.randn(2, 1, 4, 4, dtype=DTYPE), n_samples=8)
+    assert sh_img.last_call_subspace_rank == 5 and sh_img.last_call_control_variate
+    wide = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 1)).to(DTYPE)
+    sh_wide = SmoothHess(wide)
+    sh_wide.attribute(torch.randn(2, 4, dtype=DTYPE), n_samples=8)
+    assert sh_wide.last_call_subspace_rank is None and sh_wide.last_call_control_variate
+    # no ReLU after the first Linear: projection only
+    tanh_net = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 1)).to(DTYPE)
+    sh_tanh = SmoothHess(tanh_net)
+    sh_tanh.attribute(x, n_samples=8)
+    assert sh_tanh.last_call_subspace_rank == 3 and not sh_tanh.last_call_control_variate
+
+
+def test_auto_falls_back_with_a_warning_when_the_check_fails():
+    # a global pre-hook makes the first Linear see x + x^2: the structure
+    # looks right, the one-forward check sees the output move off the subspace
+    net = relu_net(d=6, k=3, seed=2)
+    x = torch.randn(2, 6, dtype=DTYPE)
+
+    def distort(module, inputs):
+        if isinstance(module, nn.Linear) and module.in_features == 6:
+            return (inputs[0] + inputs[0] ** 2,)
+        return None
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(distort)
+    try:
+        sh = SmoothHess(net)
+        with pytest.warns(UserWarning, match="outside `input_subspace`"):
+            sh.attribute(x, target=0, n_samples=8)
+        assert sh.last_call_subspace_rank is None and not sh.last_call_control_variate
+    finally:
+        handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 3
+
+
+def test_grouped_and_anisotropic_control_variate_match_the_full_matrix():
+    # tuple inputs with one sigma each cannot use "auto" (one input tensor);
+    # one input with a feature mask: group sums of the full estimate, same draws
+    net = squared_relu_net(d=8, k=3, seed=4)
+    x = torch.randn(2, 8, dtype=DTYPE)
+    mask = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
+    sh = SmoothHess(net)
+    torch.manual_seed(0)
+    full, full_g = sh.attribute(x, n_samples=64, stdevs=0.4, return_smoothgrad=True)
+    torch.manual_seed(0)
+    grouped, grouped_g = sh.attribute(
+        x, n_samples=64, stdevs=0.4, return_smoothgrad=True, feature_mask=mask
+    )
+    assert sh.last_call_control_variate
+    onehot = torch.nn.functional.one_hot(mask[0], 4).to(DTYPE)  # (D, G)
+    torch.testing.assert_close(grouped, onehot.T @ full @ onehot, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grouped_g, full_g @ onehot, atol=1e-10, rtol=1e-10)
+
+
+def test_explicit_subspace_with_tuple_inputs_and_one_sigma_each():
+    # in z's coordinates the model sees W diag(sigma) z: the basis must be that
+    # matrix's row space (W's own differs when the sigmas differ)
+    from tests.test_smooth_hess import ReluSum, closed_form
+
+    model = ReluSum(d=9, k=3, seed=6)
+    x1, x2 = torch.randn(2, 4, dtype=DTYPE), torch.randn(2, 5, dtype=DTYPE)
+    sigmas = (0.3, 0.8)
+    sigma_per_feature = torch.tensor([0.3] * 4 + [0.8] * 5, dtype=DTYPE)
+    hess_true, _ = closed_form(model, torch.cat([x1, x2], 1), sigma_per_feature)
+    sh = SmoothHess(lambda a, b: model(torch.cat([a, b], 1)))
+    runs = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        h = sh.attribute(
+            (x1, x2), n_samples=32, stdevs=sigmas, input_subspace=model.w.detach(),
+            output_layout="flat",
+        )
+        runs.append(h)
+    assert sh.last_call_subspace_rank == 3
+    runs = torch.stack(runs)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+
+
+def test_subspace_follows_in_place_changes_of_the_weight():
+    # the basis (an SVD of W) is reused across calls only while W is unchanged
+    net = relu_net(d=6, k=3, seed=2)
+    x = torch.randn(2, 6, dtype=DTYPE)
+    sh = SmoothHess(net)
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 3
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 3
+    with torch.no_grad():
+        net[0].weight[2].zero_()  # in place: a new version of the same tensor
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 2
+    with torch.no_grad():
+        net[0].weight = nn.Parameter(torch.randn(1, 6, dtype=DTYPE))
+        net[0].bias = nn.Parameter(torch.randn(1, dtype=DTYPE))
+        net[2].weight = nn.Parameter(torch.randn(2, 1, dtype=DTYPE))
+    sh.attribute(x, target=0, n_samples=8)
+    assert sh.last_call_subspace_rank == 1
+    # the result follows the new weights (one hidden unit: exact)
+    hess_true, _ = relu_net_closed_form(net, x, 0.1, output=0)
+    torch.testing.assert_close(
+        sh.attribute(x, target=0, n_samples=4), hess_true, atol=1e-10, rtol=1e-10
+    )
+
+
+def test_attribute_to_stderr_with_variance_reduction_is_honest():
+    net = squared_relu_net(d=12, k=5, seed=7)
+    x = torch.randn(3, 12, dtype=DTYPE)
+    hess_true, _ = squared_relu_closed_form(net, x, 0.4)
+    sh = SmoothHess(net)
+    torch.manual_seed(0)
+    hess, se = sh.attribute_to_stderr(x, rel_stderr=0.02, stdevs=0.4, initial_samples=64)
+    assert sh.last_call_subspace_rank == 5 and sh.last_call_control_variate
+    rel_se = se.flatten(1).norm(dim=1) / hess.flatten(1).norm(dim=1)
+    assert (rel_se <= 0.02).all()
+    rel_err = (hess - hess_true).flatten(1).norm(dim=1) / hess_true.flatten(1).norm(dim=1)
+    assert (rel_err < 3 * 0.02).all(), rel_err
