@@ -157,6 +157,7 @@ def path_integrator(
             counter=counter,
             run_rows=run_rows,
             method_name=method_name,
+            copy_examples=examples,
         )
         return interactions if index is None else interactions[index]
 
