@@ -17,7 +17,7 @@ groups the cost is G HVPs per row, never D.
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from captum.attr import NoiseTunnel
@@ -94,9 +94,8 @@ def hessian_vector_products(
     operation of the model has no vmap rule.
     """
     live = [i for i, g in enumerate(grads) if g.requires_grad]
-    results = [torch.zeros_like(d) for d in directions]
-    if not live:
-        return tuple(results)  # gradient constant in the inputs: H = 0
+    if not live:  # gradient constant in the inputs: H = 0
+        return tuple(torch.zeros_like(d) for d in directions)
     outputs = [grads[i] for i in live]
     grad_outputs = [directions[i] for i in live]
     with torch.enable_grad():
@@ -131,8 +130,9 @@ def hessian_vector_products(
                 else torch.stack([col[i] for col in columns])
                 for i in range(len(leaves))
             )
+    # zeros only where an input does not reach the gradient (allocated on demand)
     return tuple(
-        res if h is None else h.detach() for res, h in zip(results, hv)
+        torch.zeros_like(d) if h is None else h.detach() for d, h in zip(directions, hv)
     )
 
 
@@ -324,8 +324,8 @@ def accumulate_path_interactions(
             else:
                 into.index_add_(0, rows_index, values)
 
-        scale = flatten_features([s[start:stop] for s in scales])  # (r, D)
-        grad_flat = flatten_features([g.detach() for g in grads])
+        scale = _read_only_flat([s[start:stop] for s in scales])  # (r, D)
+        grad_flat = _read_only_flat([g.detach() for g in grads])
         first = groups.group_sum(scale * grad_flat, rows_index)
         add_rows(diagonal, first * first_order_weight[start:stop, None])
         scale_w2 = scale * second_order_weight[start:stop, None]  # (r, D)
@@ -337,7 +337,7 @@ def accumulate_path_interactions(
             del directions_flat
             hv = hessian_vector_products(leaves, grads, directions)
             del directions
-            hv_flat = flatten_features(hv, batch_dims=2)  # (C, r, D)
+            hv_flat = _read_only_flat(hv, batch_dims=2)  # (C, r, D)
             del hv
             block = groups.group_sum(hv_flat * scale_w2, rows_index)  # (C, r, G)
             del hv_flat
@@ -410,6 +410,14 @@ def path_scalars(
             counter.batches += 1
         del leaves, grads, hv
     return torch.cat(values), torch.cat(firsts), torch.cat(seconds)
+
+
+def _read_only_flat(tensors: Sequence[Tensor], batch_dims: int = 1) -> Tensor:
+    """:func:`flatten_features` for values that are only read: one tensor is
+    reshaped (a view where possible) instead of copied by ``torch.cat``."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(tensors[0].shape[:batch_dims] + (-1,))
+    return flatten_features(tensors, batch_dims=batch_dims)
 
 
 def _row_dot(a: Tuple[Tensor, ...], b: Tuple[Tensor, ...]) -> Tensor:
