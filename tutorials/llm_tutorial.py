@@ -129,8 +129,11 @@ result = llm.attribute(inp, target="sad", n_steps=N_STEPS)
 change = float((result.output_log_probs - result.baseline_log_probs).sum())
 print(f"log p(sad | prompt) - log p(sad | baseline) = {change:.4f}")
 print(f"sum of all interactions                     = {float(result.seq_interactions.sum()):.4f}")
+interaction_hvps = N_STEPS * len(result.input_tokens)
 print(f"Hessian-vector products: {result.hvps} = {N_STEPS} path points x "
-      f"{len(result.input_tokens)} tokens")
+      f"{len(result.input_tokens)} tokens"
+      + (f" + {result.hvps - interaction_hvps} single-direction ones that place the points"
+         if result.hvps > interaction_hvps else ""))
 row_sum_gap = (result.seq_attr - first_order.seq_attr.double()).abs().max()
 print(f"largest |row sum - Captum's seq_attr|: {row_sum_gap:.2e}")
 top = result.top_pairs(3)
