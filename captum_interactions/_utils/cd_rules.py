@@ -1376,45 +1376,47 @@ def _s_cat(func, name, args, kwargs):
                                func([t.tot for t in tensors], dim), masks)
 
 
+# function names of each family of rules, shared by both rule tables
+# (torch.X, Tensor.X and F.X share names)
+_AFFINE_NAMES = ("linear", "conv1d", "conv2d", "conv3d")
+_RELU_NAMES = (
+    "relu", "relu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "relu6", "elu", "elu_",
+)
+_SMOOTH_NAMES = ("tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "softplus")
+_MAX_POOL_NAMES = (
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+    "max_pool2d_with_indices", "max_pool3d_with_indices",
+)
+_DROPOUT_NAMES = (
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+)
+_ADD_NAMES = (
+    "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__isub__",
+    "__rsub__", "rsub", "subtract",
+)
+_SCALE_NAMES = (
+    "mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "div", "div_", "__truediv__",
+    "__itruediv__", "__rtruediv__", "true_divide", "divide", "matmul", "__matmul__",
+    "__rmatmul__", "mm", "bmm",
+)
+_CAT_NAMES = ("cat", "concat", "concatenate", "stack")
+
 _SHARED_RULES: Dict[str, Callable] = {n: _s_row_op for n in _ROW_OPS}
 _SHARED_RULES.update({n: _s_reshape for n in ("view", "reshape", "view_as", "reshape_as")})
-_SHARED_RULES.update({n: _s_affine for n in ("linear", "conv1d", "conv2d", "conv3d")})
-_SHARED_RULES.update({
-    n: _s_pointwise
-    for n in ("relu", "relu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "relu6",
-              "elu", "elu_")
-})
-_SHARED_RULES.update({
-    n: _s_smooth for n in ("tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "softplus")
-})
-_SHARED_RULES.update({
-    n: _s_max_pool
-    for n in ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-              "max_pool2d_with_indices", "max_pool3d_with_indices")
-})
-_SHARED_RULES.update({
-    n: _s_dropout
-    for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-              "feature_alpha_dropout")
-})
-_SHARED_RULES.update({
-    n: _s_add
-    for n in ("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
-              "__isub__", "__rsub__", "rsub", "subtract")
-})
-_SHARED_RULES.update({
-    n: _s_scale
-    for n in ("mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "div", "div_",
-              "__truediv__", "__itruediv__", "__rtruediv__", "true_divide", "divide",
-              "matmul", "__matmul__", "__rmatmul__", "mm", "bmm")
-})
-_SHARED_RULES.update({n: _s_cat for n in ("cat", "concat", "concatenate", "stack")})
+_SHARED_RULES.update({n: _s_affine for n in _AFFINE_NAMES})
+_SHARED_RULES.update({n: _s_pointwise for n in _RELU_NAMES})
+_SHARED_RULES.update({n: _s_smooth for n in _SMOOTH_NAMES})
+_SHARED_RULES.update({n: _s_max_pool for n in _MAX_POOL_NAMES})
+_SHARED_RULES.update({n: _s_dropout for n in _DROPOUT_NAMES})
+_SHARED_RULES.update({n: _s_add for n in _ADD_NAMES})
+_SHARED_RULES.update({n: _s_scale for n in _SCALE_NAMES})
+_SHARED_RULES.update({n: _s_cat for n in _CAT_NAMES})
 _SHARED_RULES["batch_norm"] = _s_batch_norm
 _SHARED_RULES["layer_norm"] = _s_layer_norm
 
 
 # ----------------------------------------------------------------------------
-# rule table (keyed by function name: torch.X, Tensor.X and F.X share names)
+# rule table of the two-part path (keyed by function name)
 
 _LINEAR_NAMES = [
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
@@ -1429,38 +1431,14 @@ _LINEAR_NAMES = [
 
 _RULES: Dict[str, Callable] = {}
 _RULES.update({n: _rule_linear_op for n in _LINEAR_NAMES})
-_RULES.update({n: _rule_affine for n in ("linear", "conv1d", "conv2d", "conv3d")})
-_RULES.update({
-    n: _rule_relu_family
-    for n in ("relu", "relu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "relu6",
-              "elu", "elu_")
-})
-_RULES.update({
-    n: _rule_smooth
-    for n in ("tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "softplus")
-})
-_RULES.update({
-    n: _rule_max_pool
-    for n in ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-              "max_pool2d_with_indices", "max_pool3d_with_indices")
-})
-_RULES.update({
-    n: _rule_dropout
-    for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-              "feature_alpha_dropout")
-})
-_RULES.update({
-    n: _rule_add
-    for n in ("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
-              "__isub__", "__rsub__", "rsub", "subtract")
-})
-_RULES.update({
-    n: _rule_scale
-    for n in ("mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "div", "div_",
-              "__truediv__", "__itruediv__", "__rtruediv__", "true_divide", "divide",
-              "matmul", "__matmul__", "__rmatmul__", "mm", "bmm")
-})
-_RULES.update({n: _rule_cat for n in ("cat", "concat", "concatenate", "stack", "hstack", "vstack")})
+_RULES.update({n: _rule_affine for n in _AFFINE_NAMES})
+_RULES.update({n: _rule_relu_family for n in _RELU_NAMES})
+_RULES.update({n: _rule_smooth for n in _SMOOTH_NAMES})
+_RULES.update({n: _rule_max_pool for n in _MAX_POOL_NAMES})
+_RULES.update({n: _rule_dropout for n in _DROPOUT_NAMES})
+_RULES.update({n: _rule_add for n in _ADD_NAMES})
+_RULES.update({n: _rule_scale for n in _SCALE_NAMES})
+_RULES.update({n: _rule_cat for n in _CAT_NAMES + ("hstack", "vstack")})
 _RULES["pad"] = _rule_pad
 _RULES["batch_norm"] = _rule_batch_norm
 _RULES["layer_norm"] = _rule_layer_norm
