@@ -290,6 +290,14 @@ def panel_completeness(
     return -np.log(right) * right * df_b + log_a * left * df_a + f_b - f_a
 
 
+def _coarse(errors: np.ndarray) -> np.ndarray:
+    """|errors| with 8-bit significands, as sort keys: panels whose errors differ
+    by round-off only (a batch evaluated whole or example by example, symmetric
+    panels) tie, and the stable sort then takes them in path order."""
+    significand, exponent = np.frexp(np.abs(errors))
+    return np.ldexp(np.round(significand * 256) / 256, exponent)
+
+
 def graded_log_weight_rule(
     n_steps: int, path_values: PathValues, num_examples: int
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -353,7 +361,7 @@ def graded_log_weight_rule(
     while a.shape[1] < num_panels:
         leaves = a.shape[1]
         count = min(-(-leaves // 2), num_panels - leaves)
-        worst = np.argsort(-np.abs(err), axis=1, kind="stable")[:, :count]
+        worst = np.argsort(-_coarse(err), axis=1, kind="stable")[:, :count]
         split = np.zeros((n, leaves), dtype=bool)
         np.put_along_axis(split, worst, True, axis=1)
         mid = 0.5 * (a + b)[split].reshape(n, count)
@@ -390,7 +398,7 @@ def graded_log_weight_rule(
 
     # n_steps points on the panels; the remainder goes to the worst panels
     base, extra = divmod(n_steps, num_panels)
-    rank = np.argsort(np.argsort(-np.abs(err), axis=1, kind="stable"), axis=1)
+    rank = np.argsort(np.argsort(-_coarse(err), axis=1, kind="stable"), axis=1)
     sizes = base + (rank < extra)
     parts_t, parts_w = [], []
     for size in np.unique(sizes):
