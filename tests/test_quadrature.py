@@ -434,3 +434,17 @@ def test_graded_rule_counts_its_pilot_and_respects_internal_batch_size():
     # 64 points x 4 features x 3 examples, plus the pilot's single-direction HVPs
     pilot = cost.hvps - 64 * 4 * 3
     assert pilot > 0 and cost.gradient_rows == 64 * 3 + pilot
+
+
+def test_graded_rule_of_an_example_does_not_depend_on_its_batch():
+    """Each example's partition comes from its own path alone: a batch gives the
+    same interactions as the examples one by one (float64 round-off)."""
+    model = sharp_mlp(beta=200.0)
+    torch.manual_seed(3)
+    x = 2 * torch.randn(6, 4, dtype=DTYPE)
+    ih = IntegratedHessians(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = ih.attribute(x, n_steps=64)
+        alone = torch.cat([ih.attribute(x[i : i + 1], n_steps=64) for i in range(6)])
+    torch.testing.assert_close(batch, alone, rtol=0, atol=1e-12 * batch.abs().max().item())
