@@ -1063,14 +1063,19 @@ def _s_pointwise(func, name, args, kwargs):
     if not isinstance(x, SharedCDTensor) or _shared_in((args[1:], kwargs)):
         return _FALLBACK
     rest = tuple(args[1:])
+    out = _map_parts(x, lambda t: func(t, *rest, **kwargs))
+    return x if _inplace_requested(name, args, kwargs) else out
+
+
+def _map_parts(x: "SharedCDTensor", call: Callable[[Tensor], Any]) -> Any:
+    """``call`` (an op that keeps rows independent) applied to the relevant rows
+    and the total rows: once on the joined buffer when the parts share one,
+    else on each part (an op returning a tuple gives a tuple of results)."""
     if x.joined is not None:
-        out = func(x.joined, *rest, **kwargs)
-        if _inplace_requested(name, args, kwargs):
-            return x
-        return _wrap_joined(out, x.rel.shape[0], x.masks)
-    rel, tot = func(x.rel, *rest, **kwargs), func(x.tot, *rest, **kwargs)
-    if _inplace_requested(name, args, kwargs):
-        return x
+        return _wrap_joined(call(x.joined), x.rel.shape[0], x.masks)
+    rel, tot = call(x.rel), call(x.tot)
+    if isinstance(rel, (tuple, list)):
+        return type(rel)(SharedCDTensor.wrap(r, t, x.masks) for r, t in zip(rel, tot))
     return SharedCDTensor.wrap(rel, tot, x.masks)
 
 
@@ -1211,15 +1216,8 @@ def _s_scale(func, name, args, kwargs):
         return _FALLBACK
     call = (lambda t: func(t, other, **rest_kwargs)) if first else \
         (lambda t: func(other, t, **rest_kwargs))
-    if x.joined is not None:
-        out = call(x.joined)
-        if _inplace_requested(name, args, kwargs):
-            return x
-        return _wrap_joined(out, x.rel.shape[0], x.masks)
-    rel, tot = call(x.rel), call(x.tot)
-    if _inplace_requested(name, args, kwargs):
-        return x
-    return SharedCDTensor.wrap(rel, tot, x.masks)
+    out = _map_parts(x, call)
+    return x if _inplace_requested(name, args, kwargs) else out
 
 
 def _s_dropout(func, name, args, kwargs):
@@ -1314,13 +1312,7 @@ def _s_row_op(func, name, args, kwargs):
         if mode == "constant" and value not in (None, 0, 0.0):
             return _FALLBACK  # the two-stream rule raises
     rest = tuple(args[1:])
-    rows = x.rel.shape[0]
-    if x.joined is not None:
-        return _wrap_joined(func(x.joined, *rest, **kwargs), rows, x.masks)
-    rel, tot = func(x.rel, *rest, **kwargs), func(x.tot, *rest, **kwargs)
-    if isinstance(rel, (tuple, list)):
-        return type(rel)(SharedCDTensor.wrap(r, t, x.masks) for r, t in zip(rel, tot))
-    return SharedCDTensor.wrap(rel, tot, x.masks)
+    return _map_parts(x, lambda t: func(t, *rest, **kwargs))
 
 
 def _s_reshape(func, name, args, kwargs):
