@@ -422,7 +422,7 @@ def _read_only_flat(tensors: Sequence[Tensor], batch_dims: int = 1) -> Tensor:
 
 def _row_dot(a: Tuple[Tensor, ...], b: Tuple[Tensor, ...]) -> Tensor:
     """Per-row dot products of two tuples of (R, *F_i) tensors, shape (R,)."""
-    return (flatten_features(a) * flatten_features(b)).sum(-1)
+    return (_read_only_flat(a) * _read_only_flat(b)).sum(-1)
 
 
 #: Values of ``output_layout`` (see :func:`format_interaction_output`).
