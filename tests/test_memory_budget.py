@@ -82,6 +82,19 @@ def test_default_follows_available_memory(monkeypatch):
 # -- errors before allocation, naming the argument and the bytes --------------
 
 
+def test_host_memory_reading_is_reused_briefly(monkeypatch):
+    readings = iter([10 * 2**30, 2 * 2**30])
+    clock = [100.0]
+    monkeypatch.setattr(memory, "_read_available_cpu_bytes", lambda: next(readings))
+    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(memory, "_host_reading", (-float("inf"), 0))
+    assert memory.default_memory_budget("cpu") == 5 * 2**30
+    clock[0] += 0.9 * memory._HOST_READING_TTL  # still fresh: not read again
+    assert memory.default_memory_budget("cpu") == 5 * 2**30
+    clock[0] += memory._HOST_READING_TTL  # stale: read again
+    assert memory.default_memory_budget("cpu") == 2**30
+
+
 def test_integrated_hessians_output_too_large_names_feature_mask_and_bytes():
     model = mlp(3000, dtype=torch.float32)
     x = torch.randn(1, 3000)

@@ -380,3 +380,24 @@ def test_huge_bounds_do_not_cancel_the_other_operand():
     (h,) = torch.autograd.grad(g.sum(), x)
     torch.testing.assert_close(g, torch.full_like(g, 0.5))
     torch.testing.assert_close(h, torch.full_like(h, 2.5))
+
+
+def test_dependence_trace_reads_the_same_leaves_as_tree_flatten():
+    # the trace's fast reader of op arguments must see every tensor that
+    # torch's pytree sees, in any argument structure
+    from torch.utils._pytree import tree_flatten
+
+    from captum_interactions._utils.nonsmooth import _leaves
+
+    a, b, c = torch.ones(1), torch.zeros(2), torch.ones(3)
+    cases = [
+        ((a, 2, None), {}),
+        (([a, b], 1.5), {"dim": 0}),
+        (((a, (b, c)),), {"out": None}),
+        (({"x": a, "y": [b]},), {"weight": c}),
+        ((torch.float32, "mean"), {"tensors": (a, b)}),
+    ]
+    for args, kwargs in cases:
+        expected = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        got = [t for t in _leaves(args, kwargs) if isinstance(t, torch.Tensor)]
+        assert [id(t) for t in got] == [id(t) for t in expected]

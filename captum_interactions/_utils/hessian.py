@@ -305,7 +305,9 @@ def accumulate_path_interactions(
             step -= step % count  # whole copies per chunk
         stop = min(num_rows, start + step)
         target, args = expansion.rows(start, stop)
-        with ActivationMeter(forward_func) as meter:
+        # the measurement only re-plans later chunks: none when one chunk is all
+        meter = ActivationMeter(forward_func, enabled=stop < num_rows)
+        with meter:
             leaves, grads = run_rows(
                 forward_func, tuple(p[start:stop] for p in points), target, args
             )
@@ -324,6 +326,16 @@ def accumulate_path_interactions(
             else:
                 into.index_add_(0, rows_index, values)
 
+        def add_hvp_rows(into: Tensor, block: Tensor) -> None:
+            """into[e, :, c] += sum over the rows of example e of block[c, row, :]."""
+            if whole_copies:
+                # sum the copies while the rows are still contiguous (a strided
+                # reshape of the permuted block would copy it first)
+                per_copy = block.reshape((block.shape[0], -1, count) + block.shape[2:])
+                into.index_add_(0, copy_examples, per_copy.sum(1).permute(1, 2, 0))
+            else:
+                into.index_add_(0, rows_index, block.permute(1, 2, 0))
+
         scale = _read_only_flat([s[start:stop] for s in scales])  # (r, D)
         grad_flat = _read_only_flat([g.detach() for g in grads])
         first = groups.group_sum(scale * grad_flat, rows_index)
@@ -341,7 +353,7 @@ def accumulate_path_interactions(
             del hv
             block = groups.group_sum(hv_flat * scale_w2, rows_index)  # (C, r, G)
             del hv_flat
-            add_rows(result[:, :, g0:g1], block.permute(1, 2, 0))
+            add_hvp_rows(result[:, :, g0:g1], block)
             del block
             if counter is not None:
                 counter.hvps += (g1 - g0) * (stop - start)

@@ -28,7 +28,8 @@ import contextlib
 import math
 import os
 import re
-from typing import Callable, Iterator, List, Optional, Union
+import time
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -126,7 +127,21 @@ def memory_budget(budget: Union[None, int, float, str]) -> Iterator[None]:
         _override = previous
 
 
+#: how long a reading of the host's free memory is reused (seconds): calls of
+#: a few milliseconds would otherwise spend a noticeable part reading /proc
+_HOST_READING_TTL = 0.5
+_host_reading: Tuple[float, int] = (-float("inf"), 0)
+
+
 def _available_cpu_bytes() -> int:
+    global _host_reading
+    now = time.monotonic()
+    if now - _host_reading[0] > _HOST_READING_TTL:
+        _host_reading = (now, _read_available_cpu_bytes())
+    return _host_reading[1]
+
+
+def _read_available_cpu_bytes() -> int:
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -359,11 +374,11 @@ class ActivationMeter:
 
     Used to estimate the activation memory per row of a batch (the autograd
     graph of a double backward holds a few times that). Hooks are removed on
-    exit, even on error.
+    exit, even on error. ``enabled=False`` measures nothing (no hooks).
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        self.modules = leaf_modules(forward_func)
+    def __init__(self, forward_func: Callable, enabled: bool = True) -> None:
+        self.modules = leaf_modules(forward_func) if enabled else []
         self.numel = 0
         self.measured = bool(self.modules)
         self._handles: list = []

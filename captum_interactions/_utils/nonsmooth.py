@@ -65,6 +65,32 @@ _GRADIENT_CUTS = frozenset({"detach"})
 _DIFF = "diff"
 
 
+def _leaves(args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> List[Any]:
+    """The leaves of ``(args, kwargs)``, as ``tree_flatten`` gives them.
+
+    Runs for every op of the inspected forward: arguments that are tensors,
+    numbers or flat tuples/lists of them are read directly, anything else goes
+    through ``tree_flatten``.
+    """
+    leaves: List[Any] = []
+    for value in (args, tuple(kwargs.values()) if kwargs else ()):
+        for item in value:
+            if isinstance(item, (tuple, list)):
+                if all(isinstance(i, _FLAT_LEAF) for i in item):
+                    leaves.extend(item)
+                else:
+                    leaves.extend(tree_flatten(item)[0])
+            elif isinstance(item, _FLAT_LEAF) or item is None:
+                leaves.append(item)
+            else:
+                leaves.extend(tree_flatten(item)[0])
+    return leaves
+
+
+# leaves that tree_flatten returns as themselves
+_FLAT_LEAF = (Tensor, int, float, bool, str, torch.dtype, torch.device)
+
+
 class _Dependence(TorchFunctionMode):
     """Follows input dependence through torch functions and records non-smooth ops."""
 
@@ -123,8 +149,11 @@ class _Dependence(TorchFunctionMode):
         return out
 
     def _record(self, args: Any, kwargs: Any, out: Any, name: str) -> None:
-        pairs = [(t, self.state(t)) for t in tree_flatten((args, kwargs))[0]]
-        pairs = [(t, s) for t, s in pairs if s is not None]
+        pairs = []
+        for t in _leaves(args, kwargs):
+            state = self.state(t)
+            if state is not None:
+                pairs.append((t, state))
         if not pairs:
             return
         base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
@@ -134,7 +163,7 @@ class _Dependence(TorchFunctionMode):
             self.cuts[base] += 1
         elif differentiable and base in _FLAGGED:
             self.nonsmooth[base] += 1
-        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
+        outputs = [o for o in _leaves((out,), None) if isinstance(o, Tensor)]
         floating_out = any(o.is_floating_point() or o.is_complex() for o in outputs)
         steps = [s for t, s in pairs if s != _DIFF and not t.is_floating_point()]
         if steps and floating_out and base not in _ZERO_GRADIENT:

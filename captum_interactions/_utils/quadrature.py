@@ -612,9 +612,10 @@ def warn_if_incomplete(
     sharp layer along the path, which no fixed rule avoids before enough steps.
     """
     change = output_change.to(delta.dtype)
-    bad = torch.nonzero(delta.abs() > COMPLETENESS_WARNING * change.abs()).flatten()
-    if bad.numel() == 0:
+    missed = delta.abs() > COMPLETENESS_WARNING * change.abs()
+    if not bool(missed.any()):
         return
+    bad = torch.nonzero(missed).flatten()
     shown = bad[:10]
     errors = (delta[shown].abs() / change[shown].abs()).tolist()
     listed = ", ".join(f"{i}: {e:.1e}" for i, e in zip(shown.tolist(), errors))
