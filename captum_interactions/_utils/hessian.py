@@ -351,7 +351,8 @@ def accumulate_path_interactions(
             del directions
             hv_flat = _read_only_flat(hv, batch_dims=2)  # (C, r, D)
             del hv
-            block = groups.group_sum(hv_flat * scale_w2, rows_index)  # (C, r, G)
+            # in place: hv is this call's own fresh output
+            block = groups.group_sum(hv_flat.mul_(scale_w2), rows_index)  # (C, r, G)
             del hv_flat
             add_hvp_rows(result[:, :, g0:g1], block)
             del block
