@@ -30,7 +30,9 @@ each operation of the model by its exact rule on the coefficients:
 Any other operation raises :class:`UnsupportedJetOperation` naming it.
 """
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -309,84 +311,139 @@ def series_sin_cos(a: Tensor):
     return rev[:, 1], rev[:, 0]
 
 
-def _series_riccati(
-    a: Tensor, y0: Tensor, quadratic: float, linear: float, const: float,
-    integral0: Optional[Tensor] = None,
-):
-    """y' = (const + linear*y + quadratic*y^2) a' (tanh: 1 - y^2; sigmoid: y - y^2).
+# f(u0 + delta) = sum_m f^(m)(u0)/m! delta^m for tanh, sigmoid and softplus: the
+# normalized derivatives are polynomials in y = f(u0) (sigmoid for softplus), so
+# all of them are one matrix product with the powers of y; the powers of the
+# series delta (Faa di Bruno: one product per partition of k <= K) come from a
+# product tree with one gather-multiply per doubling of the number of parts.
+# Whole-tensor operations: O(log K) dispatched ops instead of O(K) per order.
 
-    With ``integral0``, also the series of I with I' = y a', I(0) = integral0
-    (softplus from sigmoid), from the same dot products. Returns (y, I or None)."""
+_DERIVATIVE_ODES = {  # y' = const + linear y + quadratic y^2
+    "tanh": (1, 0, -1),
+    "sigmoid": (0, 1, -1),
+}
+
+
+@lru_cache(maxsize=None)
+def _derivative_polynomials(kind: str, order: int) -> Tuple[Tuple[Fraction, ...], ...]:
+    """P_0..P_order with f^(m)(u)/m! = P_m(f(u)) (coefficients of y^0.., exact)."""
+    const, linear, quadratic = _DERIVATIVE_ODES[kind]
+    polys = [(Fraction(0), Fraction(1))]
+    for m in range(1, order + 1):
+        prev = polys[-1]
+        out = [Fraction(0)] * (len(prev) + 1)
+        for i in range(1, len(prev)):  # d/du y^i = i y^(i-1) y'
+            c = i * prev[i]
+            out[i - 1] += c * const
+            out[i] += c * linear
+            out[i + 1] += c * quadratic
+        polys.append(tuple(x / m for x in out))
+    return tuple(polys)
+
+
+def _partitions(k: int, largest: int) -> List[Tuple[int, ...]]:
+    """Partitions of k into parts <= largest, parts in decreasing order."""
+    if k == 0:
+        return [()]
+    return [(j,) + rest for j in range(min(k, largest), 0, -1)
+            for rest in _partitions(k - j, j)]
+
+
+@lru_cache(maxsize=None)
+def _monomial_tree(order: int, degree: int):
+    """Rows of the monomials prod_j delta_j^(mu_j) over the partitions mu of
+    k = 1..order into parts <= degree, rows 0..degree-1 being delta_1..delta_degree;
+    stage s appends the partitions with 2^(s-1) < parts <= 2^s, each as the
+    product of two earlier rows. Returns (stages [(left, right)], k of each row,
+    number of parts of each row, multinomial count m!/prod mu_j! of each row)."""
+    rows: List[Tuple[int, ...]] = [(j,) for j in range(1, degree + 1)]
+    index = {mu: i for i, mu in enumerate(rows)}
+    every = [mu for k in range(1, order + 1) for mu in _partitions(k, degree)]
+    stages = []
+    size = 1
+    while size < order:
+        new = [mu for mu in every if size < len(mu) <= 2 * size]
+        left, right = [], []
+        for mu in new:
+            half = (len(mu) + 1) // 2
+            left.append(index[mu[:half]])
+            right.append(index[mu[half:]])
+        for mu in new:
+            index[mu] = len(rows)
+            rows.append(mu)
+        if new:
+            stages.append((left, right))
+        size *= 2
+    counts = []
+    for mu in rows:
+        c = math.factorial(len(mu))
+        for j in set(mu):
+            c //= math.factorial(mu.count(j))
+        counts.append(c)
+    return stages, [sum(mu) for mu in rows], [len(mu) for mu in rows], counts
+
+
+_SERIES_PLANS: Dict[Any, Any] = {}
+
+
+def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
+                      device: torch.device):
+    """Index tensors of the product tree and the (rows, order + 1) matrix W with
+    W @ (1, y, .., y^order) = count * f^(m)(u)/m! on every row (cached)."""
+    key = (kind, order, degree, dtype, device)
+    plan = _SERIES_PLANS.get(key)
+    if plan is not None:
+        return plan
+    polys = _derivative_polynomials("sigmoid" if kind == "softplus" else kind, order)
+    if kind == "softplus":  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m
+        polys = (None,) + tuple(tuple(c / m for c in p) for m, p in enumerate(polys[:-1], 1))
+    width = order + 2 if kind != "softplus" else order + 1
+    if degree == 1:  # rows: delta_1^m, m = 1..order (count 1)
+        parts, counts, stages, k_rows = list(range(1, order + 1)), [1] * order, [], None
+    else:
+        stages, ks, parts, counts = _monomial_tree(order, degree)
+        stages = [tuple(torch.tensor(t, dtype=torch.long, device=device) for t in s)
+                  for s in stages]
+        k_rows = torch.tensor([k - 1 for k in ks], dtype=torch.long, device=device)
+    table = [[c * Fraction(x) for x in polys[m]] + [Fraction(0)] * (width - len(polys[m]))
+             for m, c in zip(parts, counts)]
+    weights = torch.tensor([[float(x) for x in row] for row in table], dtype=dtype,
+                           device=device)
+    plan = _SERIES_PLANS[key] = (stages, k_rows, weights[:, :1], weights[:, 1:])
+    return plan
+
+
+def _compose(a: Tensor, kind: str, y0: Tensor, basis: Tensor, degree: Optional[int]) -> Tensor:
+    """Series of f(a) for f = tanh / sigmoid (``basis`` = y0) or softplus
+    (``basis`` = sigmoid(a_0)), with f(a_0) = ``y0``. ``degree``: a_k = 0 above it."""
     order = a.shape[0] - 1
-    if integral0 is None:
-        return _series_riccati_alone(a, y0, quadratic, linear, const), None
-    ja = _weighted(a).unsqueeze(1)
-    # fwd[k] = (y_k, I_k); rev[m] = (g_{K-m}, y_{K-m}) with g = y'/a', reversed
-    # along the K axis so that sum_j j a_j g_{k-j} and sum_j j a_j y_{k-j} are
-    # one dot product; y in both orders gives the self-convolution sum_i y_i y_{k-i}
-    fwd = a.new_empty((order + 1, 2) + a.shape[1:])
-    rev = a.new_empty((order + 1, 2) + a.shape[1:])
-    fwd[0, 0] = y0
-    fwd[0, 1] = integral0
-    rev[order, 1] = y0
-    rev[order, 0] = const + linear * y0 + quadratic * y0 * y0
-    y = fwd[:, 0]
-    write = _writes_allowed(a, y0, integral0)
-    for k in range(1, order + 1):
-        sources = rev[order - k + 1 :]
-        if write:
-            _dot0(ja[:k], sources, out=fwd[k]).div_(k)
-        else:
-            fwd[k] = _dot0(ja[:k], sources).div_(k)
-        if k < order:
-            row = rev[order - k]
-            row[1] = y[k]
-            if write:
-                g_k = _dot0(y[: k + 1], rev[order - k :, 1], out=row[0]).mul_(quadratic)
-                if linear:
-                    g_k.add_(y[k], alpha=linear)
-            else:
-                square = _dot0(y[: k + 1], rev[order - k :, 1]).mul_(quadratic)
-                row[0] = square.add_(y[k], alpha=linear) if linear else square
-    return y, fwd[:, 1]
+    if order == 0:
+        return y0.unsqueeze(0)
+    degree = order if degree is None or degree < 1 else min(degree, order)
+    stages, k_rows, const, linear = _composition_plan(kind, order, degree, a.dtype, a.device)
+    flat = a.reshape(order + 1, -1)
+    # powers y^1..y^w of the basis, then every row's weighted derivative at once
+    powers = basis.reshape(1, -1).expand(linear.shape[1], -1).cumprod(0)
+    derivatives = torch.addmm(const, linear, powers)
+    if degree == 1:  # a line: the only monomials are delta_1^k
+        higher = derivatives.mul_(flat[1].expand(order, -1).cumprod(0))
+    else:
+        monomials = flat[1 : degree + 1]
+        for left, right in stages:
+            monomials = torch.cat([monomials, monomials.index_select(0, left) * monomials.index_select(0, right)])
+        terms = derivatives.mul_(monomials)
+        higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
+    return torch.cat([y0.reshape(1, -1), higher]).reshape(a.shape)
 
 
-def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float,
-                          const: float) -> Tensor:
-    """:func:`_series_riccati` without the integral: y, g reversed and y reversed
-    in three contiguous buffers (fewest operations per order)."""
-    order = a.shape[0] - 1
-    ja = _weighted(a)
-    y, y_rev, g_rev = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
-    y[0] = y0
-    y_rev[order] = y0
-    g_rev[order] = const + linear * y0 + quadratic * y0 * y0
-    write = _writes_allowed(a, y0)
-    for k in range(1, order + 1):
-        if write:
-            y_k = _dot0(ja[:k], g_rev[order - k + 1 :], out=y[k]).div_(k)
-        else:
-            y[k] = _dot0(ja[:k], g_rev[order - k + 1 :]).div_(k)
-            y_k = y[k]
-        if k < order:
-            y_rev[order - k] = y_k
-            if write:
-                g_k = _dot0(y[: k + 1], y_rev[order - k :], out=g_rev[order - k])
-                g_k.mul_(quadratic)
-                if linear:
-                    g_k.add_(y_k, alpha=linear)
-            else:
-                square = _dot0(y[: k + 1], y_rev[order - k :]).mul_(quadratic)
-                g_rev[order - k] = square.add_(y_k, alpha=linear) if linear else square
-    return y
+def series_tanh(a: Tensor, degree: Optional[int] = None) -> Tensor:
+    y0 = torch.tanh(a[0])
+    return _compose(a, "tanh", y0, y0, degree)
 
 
-def series_tanh(a: Tensor) -> Tensor:
-    return _series_riccati(a, torch.tanh(a[0]), -1.0, 0.0, 1.0)[0]
-
-
-def series_sigmoid(a: Tensor) -> Tensor:
-    return _series_riccati(a, torch.sigmoid(a[0]), -1.0, 1.0, 0.0)[0]
+def series_sigmoid(a: Tensor, degree: Optional[int] = None) -> Tensor:
+    y0 = torch.sigmoid(a[0])
+    return _compose(a, "sigmoid", y0, y0, degree)
 
 
 def series_pow_scalar(a: Tensor, r: float) -> Tensor:
@@ -415,12 +472,12 @@ def series_sqrt(a: Tensor) -> Tensor:
     return torch.stack(s)
 
 
-def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    # softplus' = sigmoid(beta a): with b = beta a, softplus = (1/beta) int sigmoid(b) db,
-    # integrated alongside the sigmoid's own recurrence
+def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0,
+                    degree: Optional[int] = None) -> Tensor:
+    # softplus(a) = (1/beta) softplus(b), b = beta a, whose derivatives are sigmoid's
     b = a if beta == 1.0 else a * beta
-    _, y = _series_riccati(b, torch.sigmoid(b[0]), -1.0, 1.0, 0.0,
-                           integral0=F.softplus(a[0], beta=beta, threshold=threshold))
+    y0 = F.softplus(a[0], beta=beta, threshold=threshold)
+    y = _compose(b, "softplus", y0, torch.sigmoid(b[0]), degree)
     if beta != 1.0:
         y[1:] /= beta
     # torch switches to the identity where beta * a > threshold
@@ -650,6 +707,15 @@ def _unary(series: Callable):
     return rule
 
 
+def _unary_of_degree(series: Callable):
+    """A rule whose series uses the input's degree (a line: powers of a_1 only)."""
+
+    def rule(func, args, kwargs):
+        return Jet(series(args[0].coefficients, args[0].degree))
+
+    return rule
+
+
 def _sin_rule(func, args, kwargs):
     return Jet(series_sin_cos(args[0].coefficients)[0])
 
@@ -739,7 +805,8 @@ def _elu_rule(func, args, kwargs):
 def _softplus_rule(func, args, kwargs):
     beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
     threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
-    return Jet(series_softplus(args[0].coefficients, float(beta), float(threshold)))
+    return Jet(series_softplus(args[0].coefficients, float(beta), float(threshold),
+                               args[0].degree))
 
 
 def _gelu_rule(func, args, kwargs):
@@ -979,8 +1046,8 @@ _register(["torch.expm1", "Tensor.expm1"],
 _register(["torch.erf", "Tensor.erf", "torch.special.erf"], _unary(series_erf))
 _register(["torch.sin", "Tensor.sin"], _sin_rule)
 _register(["torch.cos", "Tensor.cos"], _cos_rule)
-_register(["torch.tanh", "Tensor.tanh", "F.tanh"], _unary(series_tanh))
-_register(["torch.sigmoid", "Tensor.sigmoid", "F.sigmoid"], _unary(series_sigmoid))
+_register(["torch.tanh", "Tensor.tanh", "F.tanh"], _unary_of_degree(series_tanh))
+_register(["torch.sigmoid", "Tensor.sigmoid", "F.sigmoid"], _unary_of_degree(series_sigmoid))
 _register(["torch.pow", "Tensor.pow", "Tensor.__pow__"], _pow_rule)
 _register(["Tensor.__rpow__"], _rpow_rule)
 _register(["torch.relu", "Tensor.relu", "F.relu"], _relu_rule)
