@@ -311,34 +311,112 @@ def series_sin_cos(a: Tensor):
     return rev[:, 1], rev[:, 0]
 
 
+def _series_riccati(
+    a: Tensor, y0: Tensor, quadratic: float, linear: float, const: float,
+    integral0: Optional[Tensor] = None,
+):
+    """y' = (const + linear*y + quadratic*y^2) a' (tanh: 1 - y^2; sigmoid: y - y^2).
+
+    With ``integral0``, also the series of I with I' = y a', I(0) = integral0
+    (softplus from sigmoid), from the same dot products. Returns (y, I or None)."""
+    order = a.shape[0] - 1
+    if integral0 is None:
+        return _series_riccati_alone(a, y0, quadratic, linear, const), None
+    ja = _weighted(a).unsqueeze(1)
+    # fwd[k] = (y_k, I_k); rev[m] = (g_{K-m}, y_{K-m}) with g = y'/a', reversed
+    # along the K axis so that sum_j j a_j g_{k-j} and sum_j j a_j y_{k-j} are
+    # one dot product; y in both orders gives the self-convolution sum_i y_i y_{k-i}
+    fwd = a.new_empty((order + 1, 2) + a.shape[1:])
+    rev = a.new_empty((order + 1, 2) + a.shape[1:])
+    fwd[0, 0] = y0
+    fwd[0, 1] = integral0
+    rev[order, 1] = y0
+    rev[order, 0] = const + linear * y0 + quadratic * y0 * y0
+    y = fwd[:, 0]
+    write = _writes_allowed(a, y0, integral0)
+    for k in range(1, order + 1):
+        sources = rev[order - k + 1 :]
+        if write:
+            _dot0(ja[:k], sources, out=fwd[k]).div_(k)
+        else:
+            fwd[k] = _dot0(ja[:k], sources).div_(k)
+        if k < order:
+            row = rev[order - k]
+            row[1] = y[k]
+            if write:
+                g_k = _dot0(y[: k + 1], rev[order - k :, 1], out=row[0]).mul_(quadratic)
+                if linear:
+                    g_k.add_(y[k], alpha=linear)
+            else:
+                square = _dot0(y[: k + 1], rev[order - k :, 1]).mul_(quadratic)
+                row[0] = square.add_(y[k], alpha=linear) if linear else square
+    return y, fwd[:, 1]
+
+
+def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float,
+                          const: float) -> Tensor:
+    """:func:`_series_riccati` without the integral: y, g reversed and y reversed
+    in three contiguous buffers (fewest operations per order)."""
+    order = a.shape[0] - 1
+    ja = _weighted(a)
+    y, y_rev, g_rev = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+    y[0] = y0
+    y_rev[order] = y0
+    g_rev[order] = const + linear * y0 + quadratic * y0 * y0
+    write = _writes_allowed(a, y0)
+    for k in range(1, order + 1):
+        if write:
+            y_k = _dot0(ja[:k], g_rev[order - k + 1 :], out=y[k]).div_(k)
+        else:
+            y[k] = _dot0(ja[:k], g_rev[order - k + 1 :]).div_(k)
+            y_k = y[k]
+        if k < order:
+            y_rev[order - k] = y_k
+            if write:
+                g_k = _dot0(y[: k + 1], y_rev[order - k :], out=g_rev[order - k])
+                g_k.mul_(quadratic)
+                if linear:
+                    g_k.add_(y_k, alpha=linear)
+            else:
+                square = _dot0(y[: k + 1], y_rev[order - k :]).mul_(quadratic)
+                g_rev[order - k] = square.add_(y_k, alpha=linear) if linear else square
+    return y
+
+
 # f(u0 + delta) = sum_m f^(m)(u0)/m! delta^m for tanh, sigmoid and softplus: the
-# normalized derivatives are polynomials in y = f(u0) (sigmoid for softplus), so
-# all of them are one matrix product with the powers of y; the powers of the
+# normalized derivatives are polynomials in y = tanh(u0) (tanh(u0 / 2) for
+# sigmoid and softplus), so all of them are one matrix product with a few powers
+# of y and q = 1 - y^2; the powers of the
 # series delta (Faa di Bruno: one product per partition of k <= K) come from a
 # product tree with one gather-multiply per doubling of the number of parts.
 # Whole-tensor operations: O(log K) dispatched ops instead of O(K) per order.
 
-_DERIVATIVE_ODES = {  # y' = const + linear y + quadratic y^2
-    "tanh": (1, 0, -1),
-    "sigmoid": (0, 1, -1),
-}
-
-
 @lru_cache(maxsize=None)
-def _derivative_polynomials(kind: str, order: int) -> Tuple[Tuple[Fraction, ...], ...]:
-    """P_0..P_order with f^(m)(u)/m! = P_m(f(u)) (coefficients of y^0.., exact)."""
-    const, linear, quadratic = _DERIVATIVE_ODES[kind]
+def _tanh_polynomials(order: int) -> Tuple[Tuple[Fraction, ...], ...]:
+    """P_0..P_order with tanh^(m)(u)/m! = P_m(tanh u) (coefficients of y^0.., exact)."""
     polys = [(Fraction(0), Fraction(1))]
     for m in range(1, order + 1):
         prev = polys[-1]
         out = [Fraction(0)] * (len(prev) + 1)
-        for i in range(1, len(prev)):  # d/du y^i = i y^(i-1) y'
-            c = i * prev[i]
-            out[i - 1] += c * const
-            out[i] += c * linear
-            out[i + 1] += c * quadratic
+        for i in range(1, len(prev)):  # d/du y^i = i y^(i-1) (1 - y^2)
+            out[i - 1] += i * prev[i]
+            out[i + 1] -= i * prev[i]
         polys.append(tuple(x / m for x in out))
     return tuple(polys)
+
+
+def _in_q_basis(poly: Sequence[Fraction], half: int) -> List[Fraction]:
+    """P(y) = A(q) + y B(q) with q = 1 - y^2: (A_0..A_half, B_0..B_half).
+
+    Near |y| = 1 the monomials y^j nearly cancel in a derivative polynomial
+    (tanh^(m) is exponentially small there); in q = sech^2 and y q^i each
+    derivative is a sum of terms of one sign there, hence accurate."""
+    out = [Fraction(0)] * (2 * half + 2)
+    for j, c in enumerate(poly):
+        i, odd = divmod(j, 2)  # y^j = y^odd (1 - q)^i
+        for r in range(i + 1):
+            out[odd * (half + 1) + r] += c * math.comb(i, r) * (-1) ** r
+    return out
 
 
 def _partitions(k: int, largest: int) -> List[Tuple[int, ...]]:
@@ -384,20 +462,36 @@ def _monomial_tree(order: int, degree: int):
 
 
 _SERIES_PLANS: Dict[Any, Any] = {}
+# above this many monomial elements (rows x coefficient size) the O(K^2)
+# recurrence beats the composition (measured on CPU, float64, one thread)
+_COMPOSE_NUMEL = 65536
 
 
 def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
                       device: torch.device):
-    """Index tensors of the product tree and the (rows, order + 1) matrix W with
-    W @ (1, y, .., y^order) = count * f^(m)(u)/m! on every row (cached)."""
+    """Index tensors of the product tree, and (const, W) with const + W @ basis =
+    count * f^(m)(u)/m! on every row (m: the row's number of parts), where
+    basis = (q, .., q^h, y, y q, .., y q^h) with y = tanh(u) (tanh) or
+    tanh(u / 2) (sigmoid, softplus) and q = 1 - y^2 (cached)."""
     key = (kind, order, degree, dtype, device)
     plan = _SERIES_PLANS.get(key)
     if plan is not None:
         return plan
-    polys = _derivative_polynomials("sigmoid" if kind == "softplus" else kind, order)
-    if kind == "softplus":  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m
-        polys = (None,) + tuple(tuple(c / m for c in p) for m, p in enumerate(polys[:-1], 1))
-    width = order + 2 if kind != "softplus" else order + 1
+    half = (order + 1) // 2
+    polys = _tanh_polynomials(order)
+    # sigmoid(u) = (1 + tanh(u / 2)) / 2, softplus' = sigmoid
+    if kind == "tanh":
+        derivative = lambda m: _in_q_basis(polys[m], half)  # noqa: E731
+    elif kind == "sigmoid":
+        derivative = lambda m: [c / 2 ** (m + 1)  # noqa: E731
+                                for c in _in_q_basis(polys[m], half)]
+    else:  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m; the basis row of y holds
+        # sigmoid itself (= (1 + y) / 2, which cancels where sigmoid is near 0)
+
+        def derivative(m: int) -> List[Fraction]:
+            if m == 1:
+                return [Fraction(int(i == half + 1)) for i in range(2 * half + 2)]
+            return [c / (m * 2**m) for c in _in_q_basis(polys[m - 1], half)]
     if degree == 1:  # rows: delta_1^m, m = 1..order (count 1)
         parts, counts, stages, k_rows = list(range(1, order + 1)), [1] * order, [], None
     else:
@@ -405,45 +499,82 @@ def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
         stages = [tuple(torch.tensor(t, dtype=torch.long, device=device) for t in s)
                   for s in stages]
         k_rows = torch.tensor([k - 1 for k in ks], dtype=torch.long, device=device)
-    table = [[c * Fraction(x) for x in polys[m]] + [Fraction(0)] * (width - len(polys[m]))
-             for m, c in zip(parts, counts)]
-    weights = torch.tensor([[float(x) for x in row] for row in table], dtype=dtype,
-                           device=device)
-    plan = _SERIES_PLANS[key] = (stages, k_rows, weights[:, :1], weights[:, 1:])
+    weights = torch.tensor([[float(c * x) for x in derivative(m)]
+                            for m, c in zip(parts, counts)], dtype=dtype, device=device)
+    const = weights[:, :1] if bool(weights[:, 0].any()) else None
+    plan = _SERIES_PLANS[key] = (stages, k_rows, const, weights[:, 1:])
     return plan
 
 
-def _compose(a: Tensor, kind: str, y0: Tensor, basis: Tensor, degree: Optional[int]) -> Tensor:
-    """Series of f(a) for f = tanh / sigmoid (``basis`` = y0) or softplus
-    (``basis`` = sigmoid(a_0)), with f(a_0) = ``y0``. ``degree``: a_k = 0 above it."""
+def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
+             degree: Optional[int], linear: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Series of f(a) for f = tanh, sigmoid or softplus with f(a_0) = ``y0``,
+    y = tanh(a_0) (tanh(a_0 / 2) for sigmoid and softplus), q = 1 - y^2 (given
+    accurately); ``linear`` replaces y in the basis (softplus: sigmoid(a_0)).
+    ``degree``: a_k = 0 above it. None where the recurrence is the cheaper way
+    (large coefficients, high order)."""
     order = a.shape[0] - 1
     if order == 0:
         return y0.unsqueeze(0)
     degree = order if degree is None or degree < 1 else min(degree, order)
-    stages, k_rows, const, linear = _composition_plan(kind, order, degree, a.dtype, a.device)
+    stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
+    if degree > 1 and weights.shape[0] * (a.numel() // a.shape[0]) > _COMPOSE_NUMEL:
+        return None  # work grows with the partition count: the recurrence is cheaper
     flat = a.reshape(order + 1, -1)
-    # powers y^1..y^w of the basis, then every row's weighted derivative at once
-    powers = basis.reshape(1, -1).expand(linear.shape[1], -1).cumprod(0)
-    derivatives = torch.addmm(const, linear, powers)
+    # basis (q^1..q^h, y, y q^1..y q^h), then every row's weighted derivative at once
+    y, q = y.reshape(1, -1), q.reshape(1, -1)
+    q_powers = q.expand((weights.shape[1] - 1) // 2, -1).cumprod(0)
+    basis = torch.cat([q_powers, y if linear is None else linear.reshape(1, -1), q_powers * y])
+    derivatives = weights @ basis if const is None else torch.addmm(const, weights, basis)
+    write = _writes_allowed(a, y0, y, q) and (linear is None or _writes_allowed(linear))
+    if write:  # fresh large tensors cost page faults: fill one output in place
+        out = flat.new_empty(flat.shape)
+        out[0] = y0.reshape(-1)
     if degree == 1:  # a line: the only monomials are delta_1^k
-        higher = derivatives.mul_(flat[1].expand(order, -1).cumprod(0))
-    else:
-        monomials = flat[1 : degree + 1]
+        terms = derivatives.mul_(flat[1].expand(order, -1).cumprod(0))
+        if write:
+            out[1:] = terms
+            return out.reshape(a.shape)
+        return torch.cat([y0.reshape(1, -1), terms]).reshape(a.shape)
+    if write:
+        monomials = flat.new_empty((derivatives.shape[0], flat.shape[1]))
+        monomials[:degree] = flat[1 : degree + 1]
+        filled = degree
         for left, right in stages:
-            monomials = torch.cat([monomials, monomials.index_select(0, left) * monomials.index_select(0, right)])
-        terms = derivatives.mul_(monomials)
-        higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
+            rows = monomials[filled : filled + left.shape[0]]
+            done = monomials[:filled]  # disjoint from `rows` (out= refuses overlap)
+            torch.index_select(done, 0, left, out=rows)
+            rows.mul_(done.index_select(0, right))
+            filled += left.shape[0]
+        out[1:].zero_().index_add_(0, k_rows, derivatives.mul_(monomials))
+        return out.reshape(a.shape)
+    monomials = flat[1 : degree + 1]
+    for left, right in stages:
+        monomials = torch.cat(
+            [monomials, monomials.index_select(0, left) * monomials.index_select(0, right)]
+        )
+    terms = derivatives.mul_(monomials)
+    higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
     return torch.cat([y0.reshape(1, -1), higher]).reshape(a.shape)
 
 
 def series_tanh(a: Tensor, degree: Optional[int] = None) -> Tensor:
     y0 = torch.tanh(a[0])
-    return _compose(a, "tanh", y0, y0, degree)
+    out = _compose(a, "tanh", y0, y0, (1 - y0) * (1 + y0), degree)
+    return out if out is not None else _series_riccati(a, y0, -1.0, 0.0, 1.0)[0]
+
+
+def _half_tanh(s: Tensor, b0: Tensor):
+    """tanh(b0 / 2) = s - r and 1 - tanh(b0 / 2)^2 = 4 s r from s = sigmoid(b0)
+    and r = sigmoid(-b0) (no cancellation where s is near 0 or 1)."""
+    r = torch.sigmoid(-b0)
+    return s - r, (4 * s) * r
 
 
 def series_sigmoid(a: Tensor, degree: Optional[int] = None) -> Tensor:
     y0 = torch.sigmoid(a[0])
-    return _compose(a, "sigmoid", y0, y0, degree)
+    out = _compose(a, "sigmoid", y0, *_half_tanh(y0, a[0]), degree)
+    return out if out is not None else _series_riccati(a, y0, -1.0, 1.0, 0.0)[0]
 
 
 def series_pow_scalar(a: Tensor, r: float) -> Tensor:
@@ -477,7 +608,10 @@ def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0,
     # softplus(a) = (1/beta) softplus(b), b = beta a, whose derivatives are sigmoid's
     b = a if beta == 1.0 else a * beta
     y0 = F.softplus(a[0], beta=beta, threshold=threshold)
-    y = _compose(b, "softplus", y0, torch.sigmoid(b[0]), degree)
+    s0 = torch.sigmoid(b[0])
+    y = _compose(b, "softplus", y0, *_half_tanh(s0, b[0]), degree, linear=s0)
+    if y is None:
+        y = _series_riccati(b, s0, -1.0, 1.0, 0.0, integral0=y0)[1]
     if beta != 1.0:
         y[1:] /= beta
     # torch switches to the identity where beta * a > threshold
