@@ -179,3 +179,64 @@ def test_affine_layers_skip_the_zero_coefficients_of_a_line():
     assert out.degree == 1 and out.coefficients[2:].abs().max() == 0
     expected = lin(conv(x0 + 0.1 * v).flatten(1))
     torch.testing.assert_close(out.coefficients[0] + 0.1 * out.coefficients[1], expected)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus"])
+@pytest.mark.parametrize("path", ["line", "composition", "recurrence"])
+def test_tanh_sigmoid_softplus_series_match_nested_autograd_orders_1_to_7(name, path, monkeypatch):
+    """Every path of the three series (a line: powers of a_1 only; a full series
+    by composition over partitions; the recurrence used for large tensors) at
+    random points, saturated ones included, against float64 nested autograd."""
+    import captum_interactions._utils.jets as jets
+
+    if path == "recurrence":
+        monkeypatch.setattr(jets, "_COMPOSE_NUMEL", 0)
+    f = {"tanh": torch.tanh, "sigmoid": torch.sigmoid,
+         "softplus": lambda t: F.softplus(t, beta=1.5)}[name]
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.cat([torch.tensor([-12.0, -3.0, 6.0, 11.0], dtype=DTYPE),
+                    torch.randn(4, generator=gen, dtype=DTYPE)])
+    for order in (1, 3, 7):
+        coeffs = torch.randn((order + 1, 8), generator=gen, dtype=DTYPE) * 0.7
+        coeffs[0] = x0
+        if path == "line":
+            coeffs[2:] = 0
+        jet = Jet(coeffs, degree=1 if path == "line" else None)
+        assert jet.degree == (1 if path == "line" and order > 1 else None)
+        got = f(jet).coefficients
+        for i in range(8):
+            ref = nested_taylor(
+                lambda t: f(sum(coeffs[k, i] * t**k for k in range(order + 1))), 0.0, order)
+            torch.testing.assert_close(got[:, i], ref, rtol=1e-12,
+                                       atol=1e-14 * ref.abs().max().item())
+
+
+def test_monomial_tree_covers_every_composition_once():
+    """The rows of the product tree are the partitions of k <= K; their
+    multinomial counts add up to the C(k-1, m-1) compositions of k into m parts
+    (the terms of [delta^m]_k), and every row is the product of its factors."""
+    from captum_interactions._utils.jets import _monomial_tree
+
+    for order, degree in ((6, 6), (8, 3), (10, 10)):
+        stages, ks, parts, counts = _monomial_tree(order, degree)
+        for k in range(1, order + 1):
+            for m in range(1, k + 1):
+                total = sum(c for kk, mm, c in zip(ks, parts, counts) if (kk, mm) == (k, m))
+                # parts <= degree: the compositions with no part above it
+                expected = math.comb(k - 1, m - 1) if degree == order else sum(
+                    1 for c in _compositions(k, m) if max(c) <= degree)
+                assert total == expected, (order, degree, k, m)
+        filled = degree
+        for left, right in stages:
+            assert max(left + right) < filled
+            for l_row, r_row, row in zip(left, right, range(filled, filled + len(left))):
+                assert ks[l_row] + ks[r_row] == ks[row]
+                assert parts[l_row] + parts[r_row] == parts[row]
+            filled += len(left)
+        assert filled == len(ks)
+
+
+def _compositions(k, m):
+    if m == 1:
+        return [(k,)]
+    return [(j,) + rest for j in range(1, k) for rest in _compositions(k - j, m - 1)]
