@@ -240,3 +240,38 @@ def _compositions(k, m):
     if m == 1:
         return [(k,)]
     return [(j,) + rest for j in range(1, k) for rest in _compositions(k - j, m - 1)]
+
+
+def test_dense_conv_path_matches_the_direct_conv_and_follows_weight_updates():
+    """Conv layers on many rows of a small input run as one product with the
+    conv's dense matrix (cached per weight): the same coefficients as the direct
+    call for conv1d/2d/3d with stride, padding, dilation and groups, and a new
+    matrix once the weight changes in place."""
+    import captum_interactions._utils.jets as jets
+
+    torch.manual_seed(5)
+    cases = [
+        (torch.nn.Conv1d(2, 4, 3, stride=2, padding=1), (2, 9)),
+        (torch.nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2), (4, 5, 5)),
+        (torch.nn.Conv3d(1, 2, 2), (1, 3, 3, 3)),
+    ]
+    for conv, shape in cases:
+        conv = conv.to(DTYPE)
+        rows = 2 * math.prod(shape)  # enough rows for the dense path
+        jet = Jet(torch.randn((3, rows) + shape, dtype=DTYPE))
+        jets.clear_caches()
+        got = conv(jet).coefficients
+        assert [entry[2] is not None for entry in jets._DENSE_CONV.values()] == [True]
+        with torch.no_grad():
+            ref = torch.stack([conv._conv_forward(c, conv.weight, None)
+                               for c in jet.coefficients])
+        ref[0] += conv.bias.reshape((-1,) + (1,) * (len(shape) - 1))
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+        with torch.no_grad():
+            conv.weight.mul_(2.0)
+        twice = conv(jet).coefficients
+        torch.testing.assert_close(twice[1:], 2 * ref[1:], rtol=1e-13, atol=1e-13)
+    few = Jet(torch.randn(3, 2, 2, 9, dtype=DTYPE))  # fewer rows than the matrix: direct
+    jets.clear_caches()
+    cases[0][0].to(DTYPE)(few)
+    assert len(jets._DENSE_CONV) == 0

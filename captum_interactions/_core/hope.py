@@ -61,7 +61,8 @@ _fixed_bytes = lru_cache(maxsize=64)(
 
 def _clear_caches() -> None:
     """Forget every cached plan and table (recovery plans, block inverses,
-    derivative layouts, exponent tables, series weights): the next call builds
+    derivative layouts, exponent tables, series weights and plans, dense conv
+    matrices): the next call builds
     them again, as a first call does. For benchmarks of that first call."""
     from captum_interactions._utils import jets, taylor_polynomial
 
@@ -71,7 +72,7 @@ def _clear_caches() -> None:
         taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
     ):
         cached.cache_clear()
-    jets._WEIGHTS.clear()
+    jets.clear_caches()
 
 
 def _failing_module(forward_func: Callable, traceback: Any) -> Optional[str]:

@@ -30,7 +30,7 @@ each operation of the model by its exact rule on the coefficients:
 Any other operation raises :class:`UnsupportedJetOperation` naming it.
 """
 import math
-from fractions import Fraction
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -60,7 +60,8 @@ class Jet(Tensor):
 
     @staticmethod
     def __new__(cls, coefficients: Tensor, degree: Optional[int] = None) -> "Jet":
-        jet = Tensor._make_subclass(cls, coefficients[0].detach(), False)
+        # (_make_subclass detaches the value itself)
+        jet = Tensor._make_subclass(cls, coefficients[0], False)
         jet.coefficients = coefficients
         jet.degree = degree if degree is not None and degree < coefficients.shape[0] - 1 else None
         return jet
@@ -392,31 +393,53 @@ def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float
 # Whole-tensor operations: O(log K) dispatched ops instead of O(K) per order.
 
 @lru_cache(maxsize=None)
-def _tanh_polynomials(order: int) -> Tuple[Tuple[Fraction, ...], ...]:
-    """P_0..P_order with tanh^(m)(u)/m! = P_m(tanh u) (coefficients of y^0.., exact)."""
-    polys = [(Fraction(0), Fraction(1))]
+def _tanh_polynomials(order: int) -> Tuple[Tuple[int, ...], ...]:
+    """Integer coefficients (of y^0..) of P_0..P_order, tanh^(m)(u) = P_m(tanh u)."""
+    polys = [(0, 1)]
     for m in range(1, order + 1):
         prev = polys[-1]
-        out = [Fraction(0)] * (len(prev) + 1)
+        out = [0] * (len(prev) + 1)
         for i in range(1, len(prev)):  # d/du y^i = i y^(i-1) (1 - y^2)
             out[i - 1] += i * prev[i]
             out[i + 1] -= i * prev[i]
-        polys.append(tuple(x / m for x in out))
+        polys.append(tuple(out))
     return tuple(polys)
 
 
-def _in_q_basis(poly: Sequence[Fraction], half: int) -> List[Fraction]:
+def _in_q_basis(poly: Sequence[int], half: int) -> List[int]:
     """P(y) = A(q) + y B(q) with q = 1 - y^2: (A_0..A_half, B_0..B_half).
 
     Near |y| = 1 the monomials y^j nearly cancel in a derivative polynomial
     (tanh^(m) is exponentially small there); in q = sech^2 and y q^i each
     derivative is a sum of terms of one sign there, hence accurate."""
-    out = [Fraction(0)] * (2 * half + 2)
+    out = [0] * (2 * half + 2)
     for j, c in enumerate(poly):
         i, odd = divmod(j, 2)  # y^j = y^odd (1 - q)^i
         for r in range(i + 1):
             out[odd * (half + 1) + r] += c * math.comb(i, r) * (-1) ** r
     return out
+
+
+@lru_cache(maxsize=None)
+def _derivative_table(kind: str, order: int) -> Tuple[Tuple[float, ...], ...]:
+    """Rows m = 1..order: f^(m)(u)/m! in the basis (1, q, .., q^h, y, y q, .., y q^h),
+    h = (order + 1) // 2, with y = tanh(u) (tanh) or tanh(u / 2) (sigmoid,
+    softplus: sigmoid(u) = (1 + tanh(u / 2)) / 2, softplus' = sigmoid). Exact
+    integers divided once (Python's int / int rounds correctly)."""
+    half = (order + 1) // 2
+    polys = _tanh_polynomials(order)
+    rows = []
+    for m in range(1, order + 1):
+        if kind == "tanh":
+            vector, denominator = _in_q_basis(polys[m], half), math.factorial(m)
+        elif kind == "sigmoid":
+            vector, denominator = _in_q_basis(polys[m], half), math.factorial(m) * 2 ** (m + 1)
+        elif m == 1:  # softplus' = sigmoid, which the basis row of y holds for softplus
+            vector, denominator = [int(i == half + 1) for i in range(2 * half + 2)], 1
+        else:  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m
+            vector, denominator = _in_q_basis(polys[m - 1], half), math.factorial(m) * 2**m
+        rows.append(tuple(c / denominator for c in vector))
+    return tuple(rows)
 
 
 def _partitions(k: int, largest: int) -> List[Tuple[int, ...]]:
@@ -425,6 +448,16 @@ def _partitions(k: int, largest: int) -> List[Tuple[int, ...]]:
         return [()]
     return [(j,) + rest for j in range(min(k, largest), 0, -1)
             for rest in _partitions(k - j, j)]
+
+
+@lru_cache(maxsize=None)
+def _partition_count(order: int, degree: int) -> int:
+    """Number of partitions of k = 1..order into parts <= degree."""
+    ways = [1] + [0] * order  # ways[k]: partitions of k, parts <= the current one
+    for part in range(1, degree + 1):
+        for k in range(part, order + 1):
+            ways[k] += ways[k - part]
+    return sum(ways[1:])
 
 
 @lru_cache(maxsize=None)
@@ -477,21 +510,6 @@ def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
     plan = _SERIES_PLANS.get(key)
     if plan is not None:
         return plan
-    half = (order + 1) // 2
-    polys = _tanh_polynomials(order)
-    # sigmoid(u) = (1 + tanh(u / 2)) / 2, softplus' = sigmoid
-    if kind == "tanh":
-        derivative = lambda m: _in_q_basis(polys[m], half)  # noqa: E731
-    elif kind == "sigmoid":
-        derivative = lambda m: [c / 2 ** (m + 1)  # noqa: E731
-                                for c in _in_q_basis(polys[m], half)]
-    else:  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m; the basis row of y holds
-        # sigmoid itself (= (1 + y) / 2, which cancels where sigmoid is near 0)
-
-        def derivative(m: int) -> List[Fraction]:
-            if m == 1:
-                return [Fraction(int(i == half + 1)) for i in range(2 * half + 2)]
-            return [c / (m * 2**m) for c in _in_q_basis(polys[m - 1], half)]
     if degree == 1:  # rows: delta_1^m, m = 1..order (count 1)
         parts, counts, stages, k_rows = list(range(1, order + 1)), [1] * order, [], None
     else:
@@ -499,8 +517,10 @@ def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
         stages = [tuple(torch.tensor(t, dtype=torch.long, device=device) for t in s)
                   for s in stages]
         k_rows = torch.tensor([k - 1 for k in ks], dtype=torch.long, device=device)
-    weights = torch.tensor([[float(c * x) for x in derivative(m)]
-                            for m, c in zip(parts, counts)], dtype=dtype, device=device)
+    # each row: its m-th derivative (rounded once) times its integer count
+    table = torch.tensor(_derivative_table(kind, order), dtype=torch.float64)
+    weights = table[torch.tensor(parts) - 1] * torch.tensor(counts, dtype=torch.float64)[:, None]
+    weights = weights.to(dtype=dtype, device=device)
     const = weights[:, :1] if bool(weights[:, 0].any()) else None
     plan = _SERIES_PLANS[key] = (stages, k_rows, const, weights[:, 1:])
     return plan
@@ -517,9 +537,9 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
     if order == 0:
         return y0.unsqueeze(0)
     degree = order if degree is None or degree < 1 else min(degree, order)
-    stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
-    if degree > 1 and weights.shape[0] * (a.numel() // a.shape[0]) > _COMPOSE_NUMEL:
+    if degree > 1 and _partition_count(order, degree) * (a.numel() // a.shape[0]) > _COMPOSE_NUMEL:
         return None  # work grows with the partition count: the recurrence is cheaper
+    stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
     flat = a.reshape(order + 1, -1)
     # basis (q^1..q^h, y, y q^1..y q^h), then every row's weighted derivative at once
     y, q = y.reshape(1, -1), q.reshape(1, -1)
@@ -1024,6 +1044,59 @@ def _batch_norm_rule(func, args, kwargs):
     return Jet(out)
 
 
+# conv layers as one dense matrix product where the matrix is small and the
+# batch amortizes building it: torch's float64 CPU convolution loops over the
+# batch (slow for many rows of a small image); cached per weight and shape
+_DENSE_CONV_INPUTS = 1024  # most input elements per example
+_DENSE_CONV_ENTRIES = 2**20  # most matrix entries
+_DENSE_CONV_CACHED = 16
+_DENSE_CONV: "OrderedDict[Any, Tuple[Tensor, int, Optional[Tensor], torch.Size]]" = OrderedDict()
+
+
+def clear_caches() -> None:
+    """Forget the cached series weights, composition plans and dense conv
+    matrices (the next call builds them again, as a first call does)."""
+    _WEIGHTS.clear()
+    _SERIES_PLANS.clear()
+    _DENSE_CONV.clear()
+    _tanh_polynomials.cache_clear()
+    _derivative_table.cache_clear()
+    _monomial_tree.cache_clear()
+    _partition_count.cache_clear()
+
+
+def _dense_conv(func: Callable, weight: Tensor, flat: Tensor, rest: tuple,
+                rest_kw: dict) -> Optional[Tensor]:
+    """The bias-free conv of the batch ``flat`` as one product with the conv's
+    (in_numel, out_numel) matrix, or None where the direct call is cheaper (a
+    large matrix, or fewer rows than the matrix has: building it is one conv of
+    in_numel rows)."""
+    rows, value_shape = flat.shape[0], flat.shape[1:]
+    in_numel = math.prod(value_shape)
+    if rows < in_numel or in_numel > _DENSE_CONV_INPUTS:
+        return None
+    try:
+        key = (func, id(weight), tuple(value_shape), rest, tuple(sorted(rest_kw.items())),
+               weight.dtype, weight.device)
+        hash(key)
+    except TypeError:  # unhashable arguments: no cache, the direct call
+        return None
+    entry = _DENSE_CONV.get(key)
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        eye = torch.eye(in_numel, dtype=weight.dtype, device=weight.device)
+        image = func(eye.reshape((in_numel,) + tuple(value_shape)), weight, None,
+                     *rest, **rest_kw)
+        matrix = image.reshape(in_numel, -1) if image.numel() <= _DENSE_CONV_ENTRIES else None
+        entry = _DENSE_CONV[key] = (weight, weight._version, matrix, image.shape[1:])
+        while len(_DENSE_CONV) > _DENSE_CONV_CACHED:
+            _DENSE_CONV.popitem(last=False)
+    else:
+        _DENSE_CONV.move_to_end(key)
+    if entry[2] is None:
+        return None
+    return flat.reshape(rows, in_numel).mm(entry[2]).reshape((rows,) + entry[3])
+
+
 def _affine_rule(func, args, kwargs):
     """linear / conv: weight on every coefficient, bias on coefficient 0 only."""
     x = args[0]
@@ -1038,27 +1111,27 @@ def _affine_rule(func, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     rest, rest_kw = tuple(args[3:]), {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
     degree = x.degree
-    if degree is not None:
-        # the coefficients above `degree` are zero and stay zero: map the others only
-        low = _affine_rule(func, (Jet(a[: degree + 1]),) + tuple(args[1:]), kwargs)
-        low = low.coefficients
-        out = low.new_zeros(a.shape[:1] + low.shape[1:])
-        out[: degree + 1] = low
-        return Jet(out, degree=degree)
+    # the coefficients above `degree` are zero and stay zero: map the others only
+    low = a if degree is None else a[: degree + 1]
     if func is F.linear:
-        out = F.linear(a, weight)
+        out = F.linear(low, weight)
         if bias is not None:
             out[0] += bias
+    else:
+        # conv: the coefficients join the batch axis (one call, no vmap); an
+        # unbatched input (C, *spatial) already has the coefficient axis as its batch
+        batched = low.dim() - 1 == weight.dim()
+        flat = low.flatten(0, 1) if batched else low
+        out = _dense_conv(func, weight, flat, rest, rest_kw) if batched else None
+        if out is None:
+            out = func(flat, weight, None, *rest, **rest_kw)
+        out = out.unflatten(0, low.shape[:2]) if batched else out
+        if bias is not None:
+            out[0] += bias.reshape((-1,) + (1,) * (weight.dim() - 2))
+    if degree is None:
         return Jet(out)
-    # conv: the K + 1 coefficients join the batch axis (one call, no vmap); an
-    # unbatched input (C, *spatial) already has the coefficient axis as its batch
-    batched = a.dim() - 1 == weight.dim()
-    flat = a.flatten(0, 1) if batched else a
-    out = func(flat, weight, None, *rest, **rest_kw)
-    out = out.unflatten(0, a.shape[:2]) if batched else out
-    if bias is not None:
-        out[0] += bias.reshape((-1,) + (1,) * (weight.dim() - 2))
-    return Jet(out)
+    zeros = out.new_zeros((a.shape[0] - degree - 1,) + out.shape[1:])
+    return Jet(torch.cat([out, zeros]), degree=degree)
 
 
 def _max_pool_rule(spatial_dims: int):
