@@ -551,11 +551,11 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
         out = flat.new_empty(flat.shape)
         out[0] = y0.reshape(-1)
     if degree == 1:  # a line: the only monomials are delta_1^k
-        terms = derivatives.mul_(flat[1].expand(order, -1).cumprod(0))
+        powers = flat[1].expand(order, -1).cumprod(0)
         if write:
-            out[1:] = terms
+            torch.mul(derivatives, powers, out=out[1:])
             return out.reshape(a.shape)
-        return torch.cat([y0.reshape(1, -1), terms]).reshape(a.shape)
+        return torch.cat([y0.reshape(1, -1), derivatives * powers]).reshape(a.shape)
     if write:
         monomials = flat.new_empty((derivatives.shape[0], flat.shape[1]))
         monomials[:degree] = flat[1 : degree + 1]
@@ -580,7 +580,7 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
 
 def series_tanh(a: Tensor, degree: Optional[int] = None) -> Tensor:
     y0 = torch.tanh(a[0])
-    out = _compose(a, "tanh", y0, y0, (1 - y0) * (1 + y0), degree)
+    out = _compose(a, "tanh", y0, y0, 1 - y0 * y0, degree)
     return out if out is not None else _series_riccati(a, y0, -1.0, 0.0, 1.0)[0]
 
 
@@ -627,15 +627,16 @@ def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0,
                     degree: Optional[int] = None) -> Tensor:
     # softplus(a) = (1/beta) softplus(b), b = beta a, whose derivatives are sigmoid's
     b = a if beta == 1.0 else a * beta
-    y0 = F.softplus(a[0], beta=beta, threshold=threshold)
-    s0 = torch.sigmoid(b[0])
-    y = _compose(b, "softplus", y0, *_half_tanh(s0, b[0]), degree, linear=s0)
+    a0, b0 = a[0], b[0]
+    y0 = F.softplus(a0, beta=beta, threshold=threshold)
+    s0 = torch.sigmoid(b0)
+    y = _compose(b, "softplus", y0, *_half_tanh(s0, b0), degree, linear=s0)
     if y is None:
         y = _series_riccati(b, s0, -1.0, 1.0, 0.0, integral0=y0)[1]
     if beta != 1.0:
         y[1:] /= beta
     # torch switches to the identity where beta * a > threshold
-    linear = b[0] > threshold
+    linear = b0 > threshold
     # (on CPU, skipped when no element is past the threshold: no sync to save)
     if a.device.type != "cpu" or bool(linear.any()):
         y[1:] = torch.where(linear, a[1:], y[1:])
@@ -1115,8 +1116,8 @@ def _affine_rule(func, args, kwargs):
     low = a if degree is None else a[: degree + 1]
     if func is F.linear:
         out = F.linear(low, weight)
-        if bias is not None:
-            out[0] += bias
+        if bias is not None:  # (add_ on the row: `out[0] +=` also writes it back)
+            out[0].add_(bias)
     else:
         # conv: the coefficients join the batch axis (one call, no vmap); an
         # unbatched input (C, *spatial) already has the coefficient axis as its batch
@@ -1127,7 +1128,7 @@ def _affine_rule(func, args, kwargs):
             out = func(flat, weight, None, *rest, **rest_kw)
         out = out.unflatten(0, low.shape[:2]) if batched else out
         if bias is not None:
-            out[0] += bias.reshape((-1,) + (1,) * (weight.dim() - 2))
+            out[0].add_(bias.reshape((-1,) + (1,) * (weight.dim() - 2)))
     if degree is None:
         return Jet(out)
     zeros = out.new_zeros((a.shape[0] - degree - 1,) + out.shape[1:])
