@@ -271,7 +271,7 @@ def test_dense_conv_path_matches_the_direct_conv_and_follows_weight_updates():
             conv.weight.mul_(2.0)
         twice = conv(jet).coefficients
         torch.testing.assert_close(twice[1:], 2 * ref[1:], rtol=1e-13, atol=1e-13)
-    few = Jet(torch.randn(3, 2, 2, 9, dtype=DTYPE))  # fewer rows than the matrix: direct
+    few = Jet(torch.randn(3, 2, 2, 9, dtype=DTYPE))  # too few rows for the matrix: direct
     jets.clear_caches()
     cases[0][0].to(DTYPE)(few)
     assert len(jets._DENSE_CONV) == 0

@@ -1070,11 +1070,11 @@ def _dense_conv(func: Callable, weight: Tensor, flat: Tensor, rest: tuple,
                 rest_kw: dict) -> Optional[Tensor]:
     """The bias-free conv of the batch ``flat`` as one product with the conv's
     (in_numel, out_numel) matrix, or None where the direct call is cheaper (a
-    large matrix, or fewer rows than the matrix has: building it is one conv of
-    in_numel rows)."""
+    large matrix, or under in_numel / 2 rows: building the matrix is one conv of
+    in_numel rows, which the first call pays)."""
     rows, value_shape = flat.shape[0], flat.shape[1:]
     in_numel = math.prod(value_shape)
-    if rows < in_numel or in_numel > _DENSE_CONV_INPUTS:
+    if 2 * rows < in_numel or in_numel > _DENSE_CONV_INPUTS:
         return None
     try:
         key = (func, id(weight), tuple(value_shape), rest, tuple(sorted(rest_kw.items())),
