@@ -275,3 +275,34 @@ def test_dense_conv_path_matches_the_direct_conv_and_follows_weight_updates():
     jets.clear_caches()
     cases[0][0].to(DTYPE)(few)
     assert len(jets._DENSE_CONV) == 0
+
+
+def test_line_stored_as_two_rows_gives_the_full_line_results():
+    """A line may store only its rows x0 and v (order given): rules that know
+    the degree never make the zero rows, the others make them on first use of
+    ``coefficients``; every result equals that of the fully stored line."""
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.AvgPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(12, 5),
+    ).to(DTYPE)
+    x0, v = torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    order = 5
+    short = Jet(torch.stack([x0, v]), degree=1, order=order)
+    assert short.order == order and short.low.shape[0] == 2
+    full = make_jet(x0, v, order)
+    torch.testing.assert_close(short.coefficients, full.coefficients, rtol=0, atol=0)
+    heads = {
+        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": F.softplus,
+        "relu": torch.relu, "sin": torch.sin, "square": lambda t: t * t,
+    }
+    for name, head in heads.items():
+        short = Jet(torch.stack([x0, v]), degree=1, order=order)
+        got, ref = head(net(short)), head(net(full))
+        assert got.order == order
+        torch.testing.assert_close(got.coefficients, ref.coefficients, rtol=0, atol=0,
+                                   msg=name)
+    hidden = net(Jet(torch.stack([x0, v]), degree=1, order=order))
+    assert hidden.degree == 1 and hidden._stored.shape[0] == 2  # the zero rows never made
+    with pytest.raises(ValueError, match="rows 0..degree"):
+        Jet(torch.stack([x0, v, v]), degree=1, order=order)

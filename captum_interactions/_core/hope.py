@@ -285,13 +285,14 @@ class HOPE(GradientAttribution):
                 )
             jets = []
             for x, v in zip(inputs, per_input):
-                coeffs = x.new_zeros((order + 1,) + v.shape)
+                # a line: rows x0 and v only, the coefficients above are zero (made
+                # only if a rule needs them; affine layers and tanh do not)
+                low = x.new_empty((min(order, 1) + 1,) + v.shape)
                 # the point, broadcast over the directions without a copy of its own
-                coeffs[0].view((stop - start,) + x.shape).copy_(x)
+                low[0].view((stop - start,) + x.shape).copy_(x)
                 if order >= 1:
-                    coeffs[1] = v
-                # a line: the coefficients above 1 are zero (affine layers skip them)
-                jets.append(Jet(coeffs, degree=min(order, 1)))
+                    low[1] = v
+                jets.append(Jet(low, degree=min(order, 1), order=order))
             rows_target, rows_args = expansion.rows(
                 start * num_examples, stop * num_examples
             )

@@ -53,25 +53,53 @@ class Jet(Tensor):
     """Truncated Taylor series of a tensor-valued curve; value = coefficient 0.
 
     ``degree`` (optional) marks the coefficients above it as known zeros (the
-    input line x0 + t v has degree 1), so that affine layers skip them."""
+    input line x0 + t v has degree 1), so that affine layers skip them. With
+    ``order``, ``coefficients`` may hold only rows 0..degree: the zero rows are
+    then made on first use of :attr:`coefficients` (rules that know the degree
+    read :attr:`low` and never make them)."""
 
-    coefficients: Tensor
     degree: Optional[int]
 
     @staticmethod
-    def __new__(cls, coefficients: Tensor, degree: Optional[int] = None) -> "Jet":
+    def __new__(cls, coefficients: Tensor, degree: Optional[int] = None,
+                order: Optional[int] = None) -> "Jet":
         # (_make_subclass detaches the value itself)
         jet = Tensor._make_subclass(cls, coefficients[0], False)
-        jet.coefficients = coefficients
-        jet.degree = degree if degree is not None and degree < coefficients.shape[0] - 1 else None
+        order = coefficients.shape[0] - 1 if order is None else order
+        jet._stored = coefficients
+        jet._order = order
+        jet.degree = degree if degree is not None and degree < order else None
+        if coefficients.shape[0] != order + 1 and (
+            jet.degree is None or coefficients.shape[0] != jet.degree + 1
+        ):
+            raise ValueError("a jet stores all its coefficients or rows 0..degree")
         return jet
 
-    def __init__(self, coefficients: Tensor, degree: Optional[int] = None) -> None:  # noqa: D107
+    def __init__(self, coefficients: Tensor, degree: Optional[int] = None,  # noqa: D107
+                 order: Optional[int] = None) -> None:
         pass
 
     @property
+    def coefficients(self) -> Tensor:
+        """(K + 1, *value_shape) normalized Taylor coefficients."""
+        stored = self._stored
+        if stored.shape[0] != self._order + 1:  # rows above the degree: zeros, made once
+            full = stored.new_zeros((self._order + 1,) + stored.shape[1:])
+            full[: stored.shape[0]] = stored
+            self._stored = stored = full
+        return stored
+
+    @property
+    def low(self) -> Tensor:
+        """Rows 0..degree of the coefficients (all of them without a degree)."""
+        if self.degree is None:
+            return self.coefficients
+        return self._stored[: self.degree + 1] if self._stored.shape[0] > self.degree + 1 \
+            else self._stored
+
+    @property
     def order(self) -> int:
-        return self.coefficients.shape[0] - 1
+        return self._order
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         with torch._C.DisableTorchFunctionSubclass():
@@ -527,20 +555,22 @@ def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
 
 
 def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
-             degree: Optional[int], linear: Optional[Tensor] = None) -> Optional[Tensor]:
+             degree: Optional[int], linear: Optional[Tensor] = None,
+             order: Optional[int] = None) -> Optional[Tensor]:
     """Series of f(a) for f = tanh, sigmoid or softplus with f(a_0) = ``y0``,
     y = tanh(a_0) (tanh(a_0 / 2) for sigmoid and softplus), q = 1 - y^2 (given
     accurately); ``linear`` replaces y in the basis (softplus: sigmoid(a_0)).
-    ``degree``: a_k = 0 above it. None where the recurrence is the cheaper way
-    (large coefficients, high order)."""
-    order = a.shape[0] - 1
+    ``degree``: a_k = 0 above it; with ``order``, ``a`` may hold rows 0..degree
+    only. None where the recurrence is the cheaper way (large coefficients,
+    high order)."""
+    order = a.shape[0] - 1 if order is None else order
     if order == 0:
         return y0.unsqueeze(0)
     degree = order if degree is None or degree < 1 else min(degree, order)
     if degree > 1 and _partition_count(order, degree) * (a.numel() // a.shape[0]) > _COMPOSE_NUMEL:
         return None  # work grows with the partition count: the recurrence is cheaper
     stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
-    flat = a.reshape(order + 1, -1)
+    flat = a.reshape(a.shape[0], -1)
     # basis (q^1..q^h, y, y q^1..y q^h), then every row's weighted derivative at once
     y, q = y.reshape(1, -1), q.reshape(1, -1)
     q_powers = q.expand((weights.shape[1] - 1) // 2, -1).cumprod(0)
@@ -548,14 +578,15 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
     derivatives = weights @ basis if const is None else torch.addmm(const, weights, basis)
     write = _writes_allowed(a, y0, y, q) and (linear is None or _writes_allowed(linear))
     if write:  # fresh large tensors cost page faults: fill one output in place
-        out = flat.new_empty(flat.shape)
+        out = flat.new_empty((order + 1, flat.shape[1]))
         out[0] = y0.reshape(-1)
     if degree == 1:  # a line: the only monomials are delta_1^k
         powers = flat[1].expand(order, -1).cumprod(0)
         if write:
             torch.mul(derivatives, powers, out=out[1:])
-            return out.reshape(a.shape)
-        return torch.cat([y0.reshape(1, -1), derivatives * powers]).reshape(a.shape)
+            return out.reshape((order + 1,) + a.shape[1:])
+        return torch.cat([y0.reshape(1, -1), derivatives * powers]).reshape(
+            (order + 1,) + a.shape[1:])
     if write:
         monomials = flat.new_empty((derivatives.shape[0], flat.shape[1]))
         monomials[:degree] = flat[1 : degree + 1]
@@ -567,7 +598,7 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
             rows.mul_(done.index_select(0, right))
             filled += left.shape[0]
         out[1:].zero_().index_add_(0, k_rows, derivatives.mul_(monomials))
-        return out.reshape(a.shape)
+        return out.reshape((order + 1,) + a.shape[1:])
     monomials = flat[1 : degree + 1]
     for left, right in stages:
         monomials = torch.cat(
@@ -575,13 +606,20 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
         )
     terms = derivatives.mul_(monomials)
     higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
-    return torch.cat([y0.reshape(1, -1), higher]).reshape(a.shape)
+    return torch.cat([y0.reshape(1, -1), higher]).reshape((order + 1,) + a.shape[1:])
 
 
-def series_tanh(a: Tensor, degree: Optional[int] = None) -> Tensor:
+def _padded(a: Tensor, order: Optional[int]) -> Tensor:
+    """All K + 1 rows of coefficients given as rows 0..degree (the rest zero)."""
+    if order is None or a.shape[0] == order + 1:
+        return a
+    return torch.cat([a, a.new_zeros((order + 1 - a.shape[0],) + a.shape[1:])])
+
+
+def series_tanh(a: Tensor, degree: Optional[int] = None, order: Optional[int] = None) -> Tensor:
     y0 = torch.tanh(a[0])
-    out = _compose(a, "tanh", y0, y0, 1 - y0 * y0, degree)
-    return out if out is not None else _series_riccati(a, y0, -1.0, 0.0, 1.0)[0]
+    out = _compose(a, "tanh", y0, y0, 1 - y0 * y0, degree, order=order)
+    return out if out is not None else _series_riccati(_padded(a, order), y0, -1.0, 0.0, 1.0)[0]
 
 
 def _half_tanh(s: Tensor, b0: Tensor):
@@ -591,10 +629,11 @@ def _half_tanh(s: Tensor, b0: Tensor):
     return s - r, (4 * s) * r
 
 
-def series_sigmoid(a: Tensor, degree: Optional[int] = None) -> Tensor:
+def series_sigmoid(a: Tensor, degree: Optional[int] = None,
+                   order: Optional[int] = None) -> Tensor:
     y0 = torch.sigmoid(a[0])
-    out = _compose(a, "sigmoid", y0, *_half_tanh(y0, a[0]), degree)
-    return out if out is not None else _series_riccati(a, y0, -1.0, 1.0, 0.0)[0]
+    out = _compose(a, "sigmoid", y0, *_half_tanh(y0, a[0]), degree, order=order)
+    return out if out is not None else _series_riccati(_padded(a, order), y0, -1.0, 1.0, 0.0)[0]
 
 
 def series_pow_scalar(a: Tensor, r: float) -> Tensor:
@@ -624,22 +663,22 @@ def series_sqrt(a: Tensor) -> Tensor:
 
 
 def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0,
-                    degree: Optional[int] = None) -> Tensor:
+                    degree: Optional[int] = None, order: Optional[int] = None) -> Tensor:
     # softplus(a) = (1/beta) softplus(b), b = beta a, whose derivatives are sigmoid's
     b = a if beta == 1.0 else a * beta
     a0, b0 = a[0], b[0]
     y0 = F.softplus(a0, beta=beta, threshold=threshold)
     s0 = torch.sigmoid(b0)
-    y = _compose(b, "softplus", y0, *_half_tanh(s0, b0), degree, linear=s0)
+    y = _compose(b, "softplus", y0, *_half_tanh(s0, b0), degree, linear=s0, order=order)
     if y is None:
-        y = _series_riccati(b, s0, -1.0, 1.0, 0.0, integral0=y0)[1]
+        y = _series_riccati(_padded(b, order), s0, -1.0, 1.0, 0.0, integral0=y0)[1]
     if beta != 1.0:
         y[1:] /= beta
     # torch switches to the identity where beta * a > threshold
     linear = b0 > threshold
     # (on CPU, skipped when no element is past the threshold: no sync to save)
     if a.device.type != "cpu" or bool(linear.any()):
-        y[1:] = torch.where(linear, a[1:], y[1:])
+        y[1:] = torch.where(linear, _padded(a, order)[1:], y[1:])
     return y
 
 
@@ -710,7 +749,7 @@ def _fast_linear(func, args, kwargs) -> Optional[Tensor]:
         isinstance(v, Jet) for v in kwargs.values()
     ):
         return None
-    a = x.coefficients
+    a = x.low  # rows 0..degree: the zero rows above stay zero
     kind = _FAST_LINEAR.get(func)
     if kind == "pool":
         # batch-first ops: the coefficient axis joins the batch axis
@@ -766,7 +805,7 @@ def _linear_rule(func, args, kwargs):
     """Linear, bias-free op: applied to every coefficient."""
     fast = _fast_linear(func, args, kwargs)
     if fast is not None:
-        return Jet(fast, degree=args[0].degree)
+        return Jet(fast, degree=args[0].degree, order=args[0].order)
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
 
@@ -866,7 +905,8 @@ def _unary_of_degree(series: Callable):
     """A rule whose series uses the input's degree (a line: powers of a_1 only)."""
 
     def rule(func, args, kwargs):
-        return Jet(series(args[0].coefficients, args[0].degree))
+        x = args[0]
+        return Jet(series(x.low, x.degree, x.order))
 
     return rule
 
@@ -960,8 +1000,8 @@ def _elu_rule(func, args, kwargs):
 def _softplus_rule(func, args, kwargs):
     beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
     threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
-    return Jet(series_softplus(args[0].coefficients, float(beta), float(threshold),
-                               args[0].degree))
+    x = args[0]
+    return Jet(series_softplus(x.low, float(beta), float(threshold), x.degree, x.order))
 
 
 def _gelu_rule(func, args, kwargs):
@@ -1107,13 +1147,12 @@ def _affine_rule(func, args, kwargs):
         raise UnsupportedJetOperation(
             f"`{_func_name(func)}` with a weight that depends on the inputs"
         )
-    a = x.coefficients
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     rest, rest_kw = tuple(args[3:]), {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
     degree = x.degree
     # the coefficients above `degree` are zero and stay zero: map the others only
-    low = a if degree is None else a[: degree + 1]
+    low = x.low
     if func is F.linear:
         out = F.linear(low, weight)
         if bias is not None:  # (add_ on the row: `out[0] +=` also writes it back)
@@ -1129,10 +1168,7 @@ def _affine_rule(func, args, kwargs):
         out = out.unflatten(0, low.shape[:2]) if batched else out
         if bias is not None:
             out[0].add_(bias.reshape((-1,) + (1,) * (weight.dim() - 2)))
-    if degree is None:
-        return Jet(out)
-    zeros = out.new_zeros((a.shape[0] - degree - 1,) + out.shape[1:])
-    return Jet(torch.cat([out, zeros]), degree=degree)
+    return Jet(out, degree=degree, order=x.order)
 
 
 def _max_pool_rule(spatial_dims: int):
