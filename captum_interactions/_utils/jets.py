@@ -15,12 +15,15 @@ each operation of the model by its exact rule on the coefficients:
 - linear, bias-free operations (reshape, indexing, sum, mean, cat, average
   pooling, ...): applied to every coefficient (``torch.vmap`` over the K axis);
 - affine layers (Linear, Conv, BatchNorm in eval mode): the weight acts on
-  every coefficient, the bias/shift on y_0 only;
+  every coefficient, the bias/shift on y_0 only (a conv on many rows of a small
+  input as one product with its dense matrix);
 - products: Cauchy convolution :math:`(ab)_k = \sum_{j \le k} a_j b_{k-j}`;
 - elementwise functions: the classical recurrences of Taylor arithmetic
   (Griewank and Walther, *Evaluating Derivatives*, ch. 13), e.g. for
   :math:`e = \exp(a)`: :math:`k e_k = \sum_{j=1}^{k} j a_j e_{k-j}`; sin/cos
-  jointly; tanh, sigmoid, softplus, GELU through their derivative ODEs;
+  jointly; GELU through its derivative ODE; tanh, sigmoid and softplus by
+  composition with their Taylor series at a_0 (derivatives as polynomials in
+  tanh), or through their derivative ODEs for large tensors;
   division, log, sqrt and powers through the division recurrence;
 - piecewise-linear functions (ReLU, LeakyReLU, hardtanh, clamp, abs, max
   pooling): the piece is chosen from y_0 and applied to every coefficient
@@ -415,10 +418,13 @@ def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float
 # f(u0 + delta) = sum_m f^(m)(u0)/m! delta^m for tanh, sigmoid and softplus: the
 # normalized derivatives are polynomials in y = tanh(u0) (tanh(u0 / 2) for
 # sigmoid and softplus), so all of them are one matrix product with a few powers
-# of y and q = 1 - y^2; the powers of the
-# series delta (Faa di Bruno: one product per partition of k <= K) come from a
-# product tree with one gather-multiply per doubling of the number of parts.
-# Whole-tensor operations: O(log K) dispatched ops instead of O(K) per order.
+# of y and q = 1 - y^2; the powers of the series delta (Faa di Bruno: one product
+# per partition of k <= K) come from a product tree with one gather-multiply per
+# doubling of the number of parts. Whole-tensor operations: O(log K) dispatched
+# ops in all instead of a few per order, for small models where the dispatch
+# dominates; the work grows with the partition count, so large tensors keep the
+# O(K^2) recurrence (_COMPOSE_NUMEL). A line (a = a_0 + a_1 t, e.g. after the
+# first affine layer) only needs the powers of a_1.
 
 @lru_cache(maxsize=None)
 def _tanh_polynomials(order: int) -> Tuple[Tuple[int, ...], ...]:
