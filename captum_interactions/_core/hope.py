@@ -369,12 +369,12 @@ class HOPE(GradientAttribution):
         fixed, _, what = _fixed_bytes(
             p, tuple(sorted(set(orders))), num_examples, itemsize, derivative_order
         )
-        plan = recovery_plan(p, tuple(sorted(set(orders))))
-        n_dirs = len(plan.directions)
+        # at most one direction per monomial (the plan is built after the checks)
+        max_dirs = sum(math.comb(p + d - 1, d) for d in set(orders) if d > 0)
         budget = _memory_budget(inputs[0].device, lambda b: hope_directions_per_chunk(
             fixed_bytes=fixed, num_examples=num_examples, order=top, itemsize=itemsize,
             internal_batch_size=None, budget=b,
-            width=groups.num_features * (1 + ACTIVATION_PRIOR)) >= n_dirs)
+            width=groups.num_features * (1 + ACTIVATION_PRIOR)) >= max_dirs)
         one_direction = 6 * (top + 1) * groups.num_features * itemsize * num_examples
         if fixed + one_direction > budget:
             raise budget_error(
@@ -386,6 +386,7 @@ class HOPE(GradientAttribution):
                 "variables); `internal_batch_size` cannot help, the propagation is "
                 "already chunked to one direction.",
             )
+        plan = recovery_plan(p, tuple(sorted(set(orders))))
         with torch.no_grad(), preserved_module_state(self.forward_func):
             try:
                 univariate = self._univariate(
