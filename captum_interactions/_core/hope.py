@@ -280,6 +280,9 @@ class HOPE(GradientAttribution):
             key = ("directions", plan, start, stop, dtype)
             per_input = derived.get(key)
             if per_input is None:
+                if len(derived) > 32:  # many orders or chunkings: keep the names only
+                    for old in [k for k in derived if k != "names"]:
+                        del derived[old]
                 per_input = derived[key] = self._direction_rows(
                     inputs, groups, dirs[start:stop], num_examples, dtype
                 )
