@@ -308,3 +308,34 @@ def test_conv_net_four_groups_order_5_matches_nested_autograd():
         for idx, value in level.items():
             for perm in {idx, idx[::-1]}:  # the symmetric layout holds every order of idx
                 assert got[perm].item() == pytest.approx(value.item(), rel=1e-9, abs=1e-12)
+
+
+def test_cached_groups_follow_mask_changes_and_budgets():
+    """The feature groups (and the directions built from them) are cached per
+    mask tensor: a mask changed in place, a new mask, new input shapes and a
+    budget that forces chunks all give the results of a fresh computation."""
+    from captum_interactions import memory_budget
+    from captum_interactions._core import hope as hope_module
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).to(DTYPE)
+    x = torch.randn(2, 6, dtype=DTYPE)
+    mask = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    first = HOPE(net).expand(x, order=3, feature_mask=mask).coefficients
+    mask[0, :3] = 5  # in place: groups {0 -> 5}, {1 -> 1 and 5}, {2}
+    hope_module._GROUPS.clear()
+    fresh = HOPE(net).expand(x, order=3, feature_mask=mask.clone()).coefficients
+    hope_module._clear_caches()
+    HOPE(net).expand(x, order=3, feature_mask=torch.tensor([[0, 0, 1, 1, 2, 2]]))
+    changed = HOPE(net).expand(x, order=3, feature_mask=mask).coefficients
+    assert not torch.allclose(first, fresh)
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    again = HOPE(net).expand(x, order=3, feature_mask=mask).coefficients
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+    wide = torch.randn(3, 6, dtype=DTYPE)  # new input shape, same mask
+    ref = HOPE(net).expand(wide, order=3, feature_mask=mask.clone()).coefficients
+    torch.testing.assert_close(
+        HOPE(net).expand(wide, order=3, feature_mask=mask).coefficients, ref, rtol=0, atol=0)
+    with memory_budget("20kB"):  # several chunks of directions
+        chunked = HOPE(net).expand(x, order=3, feature_mask=mask).coefficients
+    torch.testing.assert_close(chunked, fresh, rtol=1e-13, atol=1e-13)

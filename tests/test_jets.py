@@ -167,11 +167,142 @@ def test_affine_layers_skip_the_zero_coefficients_of_a_line():
     assert line.degree == 1
     plain = Jet(line.coefficients.clone())
     assert plain.degree is None
-    for model in (conv, lambda t: lin(torch.tanh(conv(t)).flatten(1)),
-                  lambda t: lin(conv(t).flatten(1))):
+    for model in (conv, lambda t: lin(conv(t).flatten(1))):
         got, ref = model(line).coefficients, model(plain).coefficients
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # tanh of a line multiplies powers of a_1 only (the general composition
+    # forms every partition): the same coefficients up to round-off
+    through_tanh = lambda t: lin(torch.tanh(conv(t)).flatten(1))  # noqa: E731
+    got, ref = through_tanh(line).coefficients, through_tanh(plain).coefficients
+    torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-15)
     out = lin(conv(line).flatten(1))
     assert out.degree == 1 and out.coefficients[2:].abs().max() == 0
     expected = lin(conv(x0 + 0.1 * v).flatten(1))
     torch.testing.assert_close(out.coefficients[0] + 0.1 * out.coefficients[1], expected)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus"])
+@pytest.mark.parametrize("path", ["line", "composition", "recurrence"])
+def test_tanh_sigmoid_softplus_series_match_nested_autograd_orders_1_to_7(name, path, monkeypatch):
+    """Every path of the three series (a line: powers of a_1 only; a full series
+    by composition over partitions; the recurrence used for large tensors) at
+    random points, saturated ones included, against float64 nested autograd."""
+    import captum_interactions._utils.jets as jets
+
+    if path == "recurrence":
+        monkeypatch.setattr(jets, "_COMPOSE_NUMEL", 0)
+    f = {"tanh": torch.tanh, "sigmoid": torch.sigmoid,
+         "softplus": lambda t: F.softplus(t, beta=1.5)}[name]
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.cat([torch.tensor([-12.0, -3.0, 6.0, 11.0], dtype=DTYPE),
+                    torch.randn(4, generator=gen, dtype=DTYPE)])
+    for order in (1, 3, 7):
+        coeffs = torch.randn((order + 1, 8), generator=gen, dtype=DTYPE) * 0.7
+        coeffs[0] = x0
+        if path == "line":
+            coeffs[2:] = 0
+        jet = Jet(coeffs, degree=1 if path == "line" else None)
+        assert jet.degree == (1 if path == "line" and order > 1 else None)
+        got = f(jet).coefficients
+        for i in range(8):
+            ref = nested_taylor(
+                lambda t: f(sum(coeffs[k, i] * t**k for k in range(order + 1))), 0.0, order)
+            torch.testing.assert_close(got[:, i], ref, rtol=1e-12,
+                                       atol=1e-14 * ref.abs().max().item())
+
+
+def test_monomial_tree_covers_every_composition_once():
+    """The rows of the product tree are the partitions of k <= K; their
+    multinomial counts add up to the C(k-1, m-1) compositions of k into m parts
+    (the terms of [delta^m]_k), and every row is the product of its factors."""
+    from captum_interactions._utils.jets import _monomial_tree
+
+    for order, degree in ((6, 6), (8, 3), (10, 10)):
+        stages, ks, parts, counts = _monomial_tree(order, degree)
+        for k in range(1, order + 1):
+            for m in range(1, k + 1):
+                total = sum(c for kk, mm, c in zip(ks, parts, counts) if (kk, mm) == (k, m))
+                # parts <= degree: the compositions with no part above it
+                expected = math.comb(k - 1, m - 1) if degree == order else sum(
+                    1 for c in _compositions(k, m) if max(c) <= degree)
+                assert total == expected, (order, degree, k, m)
+        filled = degree
+        for left, right in stages:
+            assert max(left + right) < filled
+            for l_row, r_row, row in zip(left, right, range(filled, filled + len(left))):
+                assert ks[l_row] + ks[r_row] == ks[row]
+                assert parts[l_row] + parts[r_row] == parts[row]
+            filled += len(left)
+        assert filled == len(ks)
+
+
+def _compositions(k, m):
+    if m == 1:
+        return [(k,)]
+    return [(j,) + rest for j in range(1, k) for rest in _compositions(k - j, m - 1)]
+
+
+def test_dense_conv_path_matches_the_direct_conv_and_follows_weight_updates():
+    """Conv layers on many rows of a small input run as one product with the
+    conv's dense matrix (cached per weight): the same coefficients as the direct
+    call for conv1d/2d/3d with stride, padding, dilation and groups, and a new
+    matrix once the weight changes in place."""
+    import captum_interactions._utils.jets as jets
+
+    torch.manual_seed(5)
+    cases = [
+        (torch.nn.Conv1d(2, 4, 3, stride=2, padding=1), (2, 9)),
+        (torch.nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2), (4, 5, 5)),
+        (torch.nn.Conv3d(1, 2, 2), (1, 3, 3, 3)),
+    ]
+    for conv, shape in cases:
+        conv = conv.to(DTYPE)
+        rows = 2 * math.prod(shape)  # enough rows for the dense path
+        jet = Jet(torch.randn((3, rows) + shape, dtype=DTYPE))
+        jets.clear_caches()
+        got = conv(jet).coefficients
+        assert [entry[2] is not None for entry in jets._DENSE_CONV.values()] == [True]
+        with torch.no_grad():
+            ref = torch.stack([conv._conv_forward(c, conv.weight, None)
+                               for c in jet.coefficients])
+        ref[0] += conv.bias.reshape((-1,) + (1,) * (len(shape) - 1))
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+        with torch.no_grad():
+            conv.weight.mul_(2.0)
+        twice = conv(jet).coefficients
+        torch.testing.assert_close(twice[1:], 2 * ref[1:], rtol=1e-13, atol=1e-13)
+    few = Jet(torch.randn(3, 2, 2, 9, dtype=DTYPE))  # too few rows for the matrix: direct
+    jets.clear_caches()
+    cases[0][0].to(DTYPE)(few)
+    assert len(jets._DENSE_CONV) == 0
+
+
+def test_line_stored_as_two_rows_gives_the_full_line_results():
+    """A line may store only its rows x0 and v (order given): rules that know
+    the degree never make the zero rows, the others make them on first use of
+    ``coefficients``; every result equals that of the fully stored line."""
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.AvgPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(12, 5),
+    ).to(DTYPE)
+    x0, v = torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    order = 5
+    short = Jet(torch.stack([x0, v]), degree=1, order=order)
+    assert short.order == order and short.low.shape[0] == 2
+    full = make_jet(x0, v, order)
+    torch.testing.assert_close(short.coefficients, full.coefficients, rtol=0, atol=0)
+    heads = {
+        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": F.softplus,
+        "relu": torch.relu, "sin": torch.sin, "square": lambda t: t * t,
+    }
+    for name, head in heads.items():
+        short = Jet(torch.stack([x0, v]), degree=1, order=order)
+        got, ref = head(net(short)), head(net(full))
+        assert got.order == order
+        torch.testing.assert_close(got.coefficients, ref.coefficients, rtol=0, atol=0,
+                                   msg=name)
+    hidden = net(Jet(torch.stack([x0, v]), degree=1, order=order))
+    assert hidden.degree == 1 and hidden._stored.shape[0] == 2  # the zero rows never made
+    with pytest.raises(ValueError, match="rows 0..degree"):
+        Jet(torch.stack([x0, v, v]), degree=1, order=order)

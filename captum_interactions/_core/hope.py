@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 import math
+import os
+from collections import OrderedDict
 from functools import lru_cache
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
@@ -22,6 +24,7 @@ from captum_interactions._utils.common import (
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
 from captum_interactions._utils.hessian import validate_output_layout
+from captum_interactions._utils import memory
 from captum_interactions._utils.jets import Jet, UnsupportedJetOperation
 from captum_interactions._utils.memory import (
     ACTIVATION_PRIOR,
@@ -59,9 +62,71 @@ _fixed_bytes = lru_cache(maxsize=64)(
 )
 
 
+# FeatureGroups per (mask tensors, input shapes), while the same, unmodified
+# mask tensors come back (torch.unique and the indicators on every call cost
+# more than the rest of a small expansion), with what is derived from them
+_GROUPS_CACHED = 8
+_GROUPS: "OrderedDict[Any, Tuple[Tuple[Tensor, ...], FeatureGroups, Dict[Any, Any]]]" = (
+    OrderedDict()
+)
+
+
+def _feature_groups(
+    feature_mask: Union[None, Tensor, Tuple[Tensor, ...]], inputs: Tuple[Tensor, ...]
+) -> Tuple[FeatureGroups, Dict[Any, Any]]:
+    """FeatureGroups(feature_mask, inputs) and a dict for values derived from it
+    (directions, names), both cached."""
+    masks = () if feature_mask is None else (
+        feature_mask if isinstance(feature_mask, tuple) else (feature_mask,)
+    )
+    if not all(isinstance(m, Tensor) for m in masks):
+        return FeatureGroups(feature_mask, inputs), {}  # raises the usual error
+    key = (
+        feature_mask is None, isinstance(feature_mask, tuple),
+        tuple((id(m), m._version) for m in masks),
+        tuple(tuple(x.shape) for x in inputs), inputs[0].device,
+    )
+    entry = _GROUPS.get(key)
+    # the masks themselves are kept: an id is only reused after its tensor is gone
+    if entry is not None and all(a is b for a, b in zip(entry[0], masks)):
+        _GROUPS.move_to_end(key)
+        return entry[1], entry[2]
+    groups = FeatureGroups(feature_mask, inputs)
+    _GROUPS[key] = (masks, groups, {})
+    while len(_GROUPS) > _GROUPS_CACHED:
+        _GROUPS.popitem(last=False)
+    return groups, _GROUPS[key][2]
+
+
+def _check_finite_inputs(inputs: Tuple[Tensor, ...]) -> None:
+    """check_finite, with one reduction per input when every value is finite."""
+    if not all(
+        not x.is_floating_point() or bool(torch.isfinite(x).all()) for x in inputs
+    ):
+        check_finite(inputs, "inputs")
+
+
+# a job whose rows all fit this many bytes at once runs in one chunk under the
+# default budget of any host that can run it (half the free memory): it is not
+# worth reading /proc/meminfo for (a fifth of a small expansion)
+_SMALL_JOB_BYTES = 32 * 2**20
+
+
+def _memory_budget(device: torch.device, fits: Callable[[int], bool]) -> int:
+    """get_memory_budget(device), or _SMALL_JOB_BYTES where no budget is set
+    (argument or environment) and ``fits`` says the job fits that in one chunk."""
+    if (
+        device.type == "cpu" and memory._override is None
+        and not os.environ.get(memory.ENV_VAR) and fits(_SMALL_JOB_BYTES)
+    ):
+        return _SMALL_JOB_BYTES
+    return get_memory_budget(device)
+
+
 def _clear_caches() -> None:
     """Forget every cached plan and table (recovery plans, block inverses,
-    derivative layouts, exponent tables, series weights): the next call builds
+    derivative layouts, exponent tables, series weights and plans, dense conv
+    matrices): the next call builds
     them again, as a first call does. For benchmarks of that first call."""
     from captum_interactions._utils import jets, taylor_polynomial
 
@@ -71,7 +136,8 @@ def _clear_caches() -> None:
         taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
     ):
         cached.cache_clear()
-    jets._WEIGHTS.clear()
+    jets.clear_caches()
+    _GROUPS.clear()
 
 
 def _failing_module(forward_func: Callable, traceback: Any) -> Optional[str]:
@@ -106,6 +172,13 @@ def _default_names(groups: FeatureGroups, num_inputs: int) -> List[str]:
                       for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape])
                       .reshape(size, -1).tolist()]
     return names
+
+
+def _cached_names(groups: FeatureGroups, num_inputs: int, derived: Dict[Any, Any]) -> List[str]:
+    names = derived.get("names")
+    if names is None:
+        names = derived["names"] = _default_names(groups, num_inputs)
+    return list(names)  # a copy: the polynomial may keep and change its own
 
 
 class HOPE(GradientAttribution):
@@ -174,8 +247,11 @@ class HOPE(GradientAttribution):
         internal_batch_size: Optional[int],
         fixed_bytes: int = 0,
         budget: Optional[int] = None,
+        derived: Optional[Dict[Any, Any]] = None,
     ) -> Tensor:
-        """(K + 1, n_directions, N) Taylor coefficients of f along every direction."""
+        """(K + 1, n_directions, N) Taylor coefficients of f along every direction.
+
+        ``derived``: a cache of the direction rows per chunk (see _feature_groups)."""
         num_examples = inputs[0].shape[0]
         dtype, device = inputs[0].dtype, inputs[0].device
         dirs = plan.direction_matrix(dtype, device)  # (Q, p)
@@ -183,6 +259,8 @@ class HOPE(GradientAttribution):
         num_features = groups.num_features
         if budget is None:
             budget = get_memory_budget(device)
+        if derived is None:
+            derived = {}
         chunking = dict(
             fixed_bytes=fixed_bytes, num_examples=num_examples, order=order,
             itemsize=inputs[0].element_size(),
@@ -194,36 +272,30 @@ class HOPE(GradientAttribution):
             width=num_features * (1 + ACTIVATION_PRIOR), **chunking
         )
         measured = False
-        indicators = None
         expansion = RowExpansion(target, additional_forward_args, num_examples, n_dirs)
         results = []
         start = 0
         while start < n_dirs:
             stop = min(n_dirs, start + per_chunk)
-            chunk = dirs[start:stop]
-            if groups.is_identity:
-                flat_dirs = chunk.unsqueeze(1).expand(-1, num_examples, -1)
-            else:
-                if indicators is None:
-                    indicators = groups.indicators(0, groups.num_groups, None, dtype=dtype)
-                # (Q, G) @ (G, rows|1, D) -> (Q, rows|1, D)
-                flat_dirs = (chunk @ indicators.flatten(1)).unflatten(
-                    1, indicators.shape[1:]
-                ).expand(-1, num_examples, -1)
-            jets = []
-            offset = 0
-            for x in inputs:
-                size = x[0].numel()
-                v = flat_dirs[..., offset : offset + size].reshape(
-                    (-1,) + tuple(x.shape[1:])
+            key = ("directions", plan, start, stop, dtype)
+            per_input = derived.get(key)
+            if per_input is None:
+                if len(derived) > 32:  # many orders or chunkings: keep the names only
+                    for old in [k for k in derived if k != "names"]:
+                        del derived[old]
+                per_input = derived[key] = self._direction_rows(
+                    inputs, groups, dirs[start:stop], num_examples, dtype
                 )
-                offset += size
-                coeffs = x.new_zeros((order + 1,) + v.shape)
-                coeffs[0] = x.unsqueeze(0).expand((stop - start,) + x.shape).reshape(v.shape)
+            jets = []
+            for x, v in zip(inputs, per_input):
+                # a line: rows x0 and v only, the coefficients above are zero (made
+                # only if a rule needs them; affine layers and tanh do not)
+                low = x.new_empty((min(order, 1) + 1,) + v.shape)
+                # the point, broadcast over the directions without a copy of its own
+                low[0].view((stop - start,) + x.shape).copy_(x)
                 if order >= 1:
-                    coeffs[1] = v
-                # a line: the coefficients above 1 are zero (affine layers skip them)
-                jets.append(Jet(coeffs, degree=min(order, 1)))
+                    low[1] = v
+                jets.append(Jet(low, degree=min(order, 1), order=order))
             rows_target, rows_args = expansion.rows(
                 start * num_examples, stop * num_examples
             )
@@ -250,7 +322,31 @@ class HOPE(GradientAttribution):
                 coeffs[0] = out
             results.append(coeffs.reshape(order + 1, stop - start, num_examples))
             start = stop
-        return torch.cat(results, dim=1)
+        return results[0] if len(results) == 1 else torch.cat(results, dim=1)
+
+    @staticmethod
+    def _direction_rows(
+        inputs: Tuple[Tensor, ...], groups: FeatureGroups, chunk: Tensor,
+        num_examples: int, dtype: torch.dtype,
+    ) -> List[Tensor]:
+        """Per input, the directions of ``chunk`` (Q, p) as input rows (Q * N, *F_i)."""
+        if groups.is_identity:
+            flat_dirs = chunk.unsqueeze(1).expand(-1, num_examples, -1)
+        else:
+            indicators = groups.indicators(0, groups.num_groups, None, dtype=dtype)
+            # (Q, G) @ (G, rows|1, D) -> (Q, rows|1, D)
+            flat_dirs = (chunk @ indicators.flatten(1)).unflatten(
+                1, indicators.shape[1:]
+            ).expand(-1, num_examples, -1)
+        rows = []
+        offset = 0
+        for x in inputs:
+            size = x[0].numel()
+            rows.append(flat_dirs[..., offset : offset + size].reshape(
+                (-1,) + tuple(x.shape[1:])
+            ))
+            offset += size
+        return rows
 
     def _coefficients(
         self,
@@ -261,6 +357,7 @@ class HOPE(GradientAttribution):
         additional_forward_args: Any,
         internal_batch_size: Optional[int],
         derivative_order: Optional[int] = None,
+        derived: Optional[Dict[Any, Any]] = None,
     ):
         top = max(orders)
         p = groups.num_groups
@@ -275,7 +372,12 @@ class HOPE(GradientAttribution):
         fixed, _, what = _fixed_bytes(
             p, tuple(sorted(set(orders))), num_examples, itemsize, derivative_order
         )
-        budget = get_memory_budget(inputs[0].device)
+        # at most one direction per monomial (the plan is built after the checks)
+        max_dirs = sum(math.comb(p + d - 1, d) for d in set(orders) if d > 0)
+        budget = _memory_budget(inputs[0].device, lambda b: hope_directions_per_chunk(
+            fixed_bytes=fixed, num_examples=num_examples, order=top, itemsize=itemsize,
+            internal_batch_size=None, budget=b,
+            width=groups.num_features * (1 + ACTIVATION_PRIOR)) >= max_dirs)
         one_direction = 6 * (top + 1) * groups.num_features * itemsize * num_examples
         if fixed + one_direction > budget:
             raise budget_error(
@@ -293,6 +395,7 @@ class HOPE(GradientAttribution):
                 univariate = self._univariate(
                     inputs, groups, plan, top, target, additional_forward_args,
                     internal_batch_size, fixed_bytes=fixed, budget=budget,
+                    derived=derived,
                 )
             except UnsupportedJetOperation as err:
                 module = _failing_module(self.forward_func, err.__traceback__)
@@ -351,11 +454,11 @@ class HOPE(GradientAttribution):
         validate_positive_int(order, "order", minimum=0)
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
-        check_finite(inputs_t, "inputs")
-        groups = FeatureGroups(feature_mask, inputs_t)
+        _check_finite_inputs(inputs_t)
+        groups, derived = _feature_groups(feature_mask, inputs_t)
         plan, univariate = self._coefficients(
             inputs_t, groups, list(range(order + 1)), target, additional_forward_args,
-            internal_batch_size,
+            internal_batch_size, derived=derived,
         )
         coefficients = plan.recover_concatenated(univariate)
         p = groups.num_groups
@@ -369,7 +472,7 @@ class HOPE(GradientAttribution):
             coefficients,
             center,
             feature_names if feature_names is not None
-            else _default_names(groups, len(inputs_t)),
+            else _cached_names(groups, len(inputs_t), derived),
             _tables=tables,
         )
 
@@ -425,11 +528,11 @@ class HOPE(GradientAttribution):
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
         validate_output_layout(output_layout, is_tuple and feature_mask is None and order > 1)
-        check_finite(inputs_t, "inputs")
-        groups = FeatureGroups(feature_mask, inputs_t)
+        _check_finite_inputs(inputs_t)
+        groups, derived = _feature_groups(feature_mask, inputs_t)
         plan, univariate = self._coefficients(
             inputs_t, groups, [order], target, additional_forward_args,
-            internal_batch_size, derivative_order=order,
+            internal_batch_size, derivative_order=order, derived=derived,
         )
         coeffs = plan.recover(univariate)
         p = groups.num_groups

@@ -15,12 +15,15 @@ each operation of the model by its exact rule on the coefficients:
 - linear, bias-free operations (reshape, indexing, sum, mean, cat, average
   pooling, ...): applied to every coefficient (``torch.vmap`` over the K axis);
 - affine layers (Linear, Conv, BatchNorm in eval mode): the weight acts on
-  every coefficient, the bias/shift on y_0 only;
+  every coefficient, the bias/shift on y_0 only (a conv on many rows of a small
+  input as one product with its dense matrix);
 - products: Cauchy convolution :math:`(ab)_k = \sum_{j \le k} a_j b_{k-j}`;
 - elementwise functions: the classical recurrences of Taylor arithmetic
   (Griewank and Walther, *Evaluating Derivatives*, ch. 13), e.g. for
   :math:`e = \exp(a)`: :math:`k e_k = \sum_{j=1}^{k} j a_j e_{k-j}`; sin/cos
-  jointly; tanh, sigmoid, softplus, GELU through their derivative ODEs;
+  jointly; GELU through its derivative ODE; tanh, sigmoid and softplus by
+  composition with their Taylor series at a_0 (derivatives as polynomials in
+  tanh), or through their derivative ODEs for large tensors;
   division, log, sqrt and powers through the division recurrence;
 - piecewise-linear functions (ReLU, LeakyReLU, hardtanh, clamp, abs, max
   pooling): the piece is chosen from y_0 and applied to every coefficient
@@ -30,7 +33,9 @@ each operation of the model by its exact rule on the coefficients:
 Any other operation raises :class:`UnsupportedJetOperation` naming it.
 """
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,24 +56,53 @@ class Jet(Tensor):
     """Truncated Taylor series of a tensor-valued curve; value = coefficient 0.
 
     ``degree`` (optional) marks the coefficients above it as known zeros (the
-    input line x0 + t v has degree 1), so that affine layers skip them."""
+    input line x0 + t v has degree 1), so that affine layers skip them. With
+    ``order``, ``coefficients`` may hold only rows 0..degree: the zero rows are
+    then made on first use of :attr:`coefficients` (rules that know the degree
+    read :attr:`low` and never make them)."""
 
-    coefficients: Tensor
     degree: Optional[int]
 
     @staticmethod
-    def __new__(cls, coefficients: Tensor, degree: Optional[int] = None) -> "Jet":
-        jet = Tensor._make_subclass(cls, coefficients[0].detach(), False)
-        jet.coefficients = coefficients
-        jet.degree = degree if degree is not None and degree < coefficients.shape[0] - 1 else None
+    def __new__(cls, coefficients: Tensor, degree: Optional[int] = None,
+                order: Optional[int] = None) -> "Jet":
+        # (_make_subclass detaches the value itself)
+        jet = Tensor._make_subclass(cls, coefficients[0], False)
+        order = coefficients.shape[0] - 1 if order is None else order
+        jet._stored = coefficients
+        jet._order = order
+        jet.degree = degree if degree is not None and degree < order else None
+        if coefficients.shape[0] != order + 1 and (
+            jet.degree is None or coefficients.shape[0] != jet.degree + 1
+        ):
+            raise ValueError("a jet stores all its coefficients or rows 0..degree")
         return jet
 
-    def __init__(self, coefficients: Tensor, degree: Optional[int] = None) -> None:  # noqa: D107
+    def __init__(self, coefficients: Tensor, degree: Optional[int] = None,  # noqa: D107
+                 order: Optional[int] = None) -> None:
         pass
 
     @property
+    def coefficients(self) -> Tensor:
+        """(K + 1, *value_shape) normalized Taylor coefficients."""
+        stored = self._stored
+        if stored.shape[0] != self._order + 1:  # rows above the degree: zeros, made once
+            full = stored.new_zeros((self._order + 1,) + stored.shape[1:])
+            full[: stored.shape[0]] = stored
+            self._stored = stored = full
+        return stored
+
+    @property
+    def low(self) -> Tensor:
+        """Rows 0..degree of the coefficients (all of them without a degree)."""
+        if self.degree is None:
+            return self.coefficients
+        return self._stored[: self.degree + 1] if self._stored.shape[0] > self.degree + 1 \
+            else self._stored
+
+    @property
     def order(self) -> int:
-        return self.coefficients.shape[0] - 1
+        return self._order
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         with torch._C.DisableTorchFunctionSubclass():
@@ -381,12 +415,231 @@ def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float
     return y
 
 
-def series_tanh(a: Tensor) -> Tensor:
-    return _series_riccati(a, torch.tanh(a[0]), -1.0, 0.0, 1.0)[0]
+# f(u0 + delta) = sum_m f^(m)(u0)/m! delta^m for tanh, sigmoid and softplus: the
+# normalized derivatives are polynomials in y = tanh(u0) (tanh(u0 / 2) for
+# sigmoid and softplus), so all of them are one matrix product with a few powers
+# of y and q = 1 - y^2; the powers of the series delta (Faa di Bruno: one product
+# per partition of k <= K) come from a product tree with one gather-multiply per
+# doubling of the number of parts. Whole-tensor operations: O(log K) dispatched
+# ops in all instead of a few per order, for small models where the dispatch
+# dominates; the work grows with the partition count, so large tensors keep the
+# O(K^2) recurrence (_COMPOSE_NUMEL). A line (a = a_0 + a_1 t, e.g. after the
+# first affine layer) only needs the powers of a_1.
+
+@lru_cache(maxsize=None)
+def _tanh_polynomials(order: int) -> Tuple[Tuple[int, ...], ...]:
+    """Integer coefficients (of y^0..) of P_0..P_order, tanh^(m)(u) = P_m(tanh u)."""
+    polys = [(0, 1)]
+    for m in range(1, order + 1):
+        prev = polys[-1]
+        out = [0] * (len(prev) + 1)
+        for i in range(1, len(prev)):  # d/du y^i = i y^(i-1) (1 - y^2)
+            out[i - 1] += i * prev[i]
+            out[i + 1] -= i * prev[i]
+        polys.append(tuple(out))
+    return tuple(polys)
 
 
-def series_sigmoid(a: Tensor) -> Tensor:
-    return _series_riccati(a, torch.sigmoid(a[0]), -1.0, 1.0, 0.0)[0]
+def _in_q_basis(poly: Sequence[int], half: int) -> List[int]:
+    """P(y) = A(q) + y B(q) with q = 1 - y^2: (A_0..A_half, B_0..B_half).
+
+    Near |y| = 1 the monomials y^j nearly cancel in a derivative polynomial
+    (tanh^(m) is exponentially small there); in q = sech^2 and y q^i each
+    derivative is a sum of terms of one sign there, hence accurate."""
+    out = [0] * (2 * half + 2)
+    for j, c in enumerate(poly):
+        i, odd = divmod(j, 2)  # y^j = y^odd (1 - q)^i
+        for r in range(i + 1):
+            out[odd * (half + 1) + r] += c * math.comb(i, r) * (-1) ** r
+    return out
+
+
+@lru_cache(maxsize=None)
+def _derivative_table(kind: str, order: int) -> Tuple[Tuple[float, ...], ...]:
+    """Rows m = 1..order: f^(m)(u)/m! in the basis (1, q, .., q^h, y, y q, .., y q^h),
+    h = (order + 1) // 2, with y = tanh(u) (tanh) or tanh(u / 2) (sigmoid,
+    softplus: sigmoid(u) = (1 + tanh(u / 2)) / 2, softplus' = sigmoid). Exact
+    integers divided once (Python's int / int rounds correctly)."""
+    half = (order + 1) // 2
+    polys = _tanh_polynomials(order)
+    rows = []
+    for m in range(1, order + 1):
+        if kind == "tanh":
+            vector, denominator = _in_q_basis(polys[m], half), math.factorial(m)
+        elif kind == "sigmoid":
+            vector, denominator = _in_q_basis(polys[m], half), math.factorial(m) * 2 ** (m + 1)
+        elif m == 1:  # softplus' = sigmoid, which the basis row of y holds for softplus
+            vector, denominator = [int(i == half + 1) for i in range(2 * half + 2)], 1
+        else:  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m
+            vector, denominator = _in_q_basis(polys[m - 1], half), math.factorial(m) * 2**m
+        rows.append(tuple(c / denominator for c in vector))
+    return tuple(rows)
+
+
+def _partitions(k: int, largest: int) -> List[Tuple[int, ...]]:
+    """Partitions of k into parts <= largest, parts in decreasing order."""
+    if k == 0:
+        return [()]
+    return [(j,) + rest for j in range(min(k, largest), 0, -1)
+            for rest in _partitions(k - j, j)]
+
+
+@lru_cache(maxsize=None)
+def _partition_count(order: int, degree: int) -> int:
+    """Number of partitions of k = 1..order into parts <= degree."""
+    ways = [1] + [0] * order  # ways[k]: partitions of k, parts <= the current one
+    for part in range(1, degree + 1):
+        for k in range(part, order + 1):
+            ways[k] += ways[k - part]
+    return sum(ways[1:])
+
+
+@lru_cache(maxsize=None)
+def _monomial_tree(order: int, degree: int):
+    """Rows of the monomials prod_j delta_j^(mu_j) over the partitions mu of
+    k = 1..order into parts <= degree, rows 0..degree-1 being delta_1..delta_degree;
+    stage s appends the partitions with 2^(s-1) < parts <= 2^s, each as the
+    product of two earlier rows. Returns (stages [(left, right)], k of each row,
+    number of parts of each row, multinomial count m!/prod mu_j! of each row)."""
+    rows: List[Tuple[int, ...]] = [(j,) for j in range(1, degree + 1)]
+    index = {mu: i for i, mu in enumerate(rows)}
+    every = [mu for k in range(1, order + 1) for mu in _partitions(k, degree)]
+    stages = []
+    size = 1
+    while size < order:
+        new = [mu for mu in every if size < len(mu) <= 2 * size]
+        left, right = [], []
+        for mu in new:
+            half = (len(mu) + 1) // 2
+            left.append(index[mu[:half]])
+            right.append(index[mu[half:]])
+        for mu in new:
+            index[mu] = len(rows)
+            rows.append(mu)
+        if new:
+            stages.append((left, right))
+        size *= 2
+    counts = []
+    for mu in rows:
+        c = math.factorial(len(mu))
+        for j in set(mu):
+            c //= math.factorial(mu.count(j))
+        counts.append(c)
+    return stages, [sum(mu) for mu in rows], [len(mu) for mu in rows], counts
+
+
+_SERIES_PLANS: Dict[Any, Any] = {}
+# above this many monomial elements (rows x coefficient size) the O(K^2)
+# recurrence beats the composition (measured on CPU, float64, one thread)
+_COMPOSE_NUMEL = 65536
+
+
+def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
+                      device: torch.device):
+    """Index tensors of the product tree, and (const, W) with const + W @ basis =
+    count * f^(m)(u)/m! on every row (m: the row's number of parts), where
+    basis = (q, .., q^h, y, y q, .., y q^h) with y = tanh(u) (tanh) or
+    tanh(u / 2) (sigmoid, softplus) and q = 1 - y^2 (cached)."""
+    key = (kind, order, degree, dtype, device)
+    plan = _SERIES_PLANS.get(key)
+    if plan is not None:
+        return plan
+    if degree == 1:  # rows: delta_1^m, m = 1..order (count 1)
+        parts, counts, stages, k_rows = list(range(1, order + 1)), [1] * order, [], None
+    else:
+        stages, ks, parts, counts = _monomial_tree(order, degree)
+        stages = [tuple(torch.tensor(t, dtype=torch.long, device=device) for t in s)
+                  for s in stages]
+        k_rows = torch.tensor([k - 1 for k in ks], dtype=torch.long, device=device)
+    # each row: its m-th derivative (rounded once) times its integer count
+    table = torch.tensor(_derivative_table(kind, order), dtype=torch.float64)
+    weights = table[torch.tensor(parts) - 1] * torch.tensor(counts, dtype=torch.float64)[:, None]
+    weights = weights.to(dtype=dtype, device=device)
+    const = weights[:, :1] if bool(weights[:, 0].any()) else None
+    plan = _SERIES_PLANS[key] = (stages, k_rows, const, weights[:, 1:])
+    return plan
+
+
+def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
+             degree: Optional[int], linear: Optional[Tensor] = None,
+             order: Optional[int] = None) -> Optional[Tensor]:
+    """Series of f(a) for f = tanh, sigmoid or softplus with f(a_0) = ``y0``,
+    y = tanh(a_0) (tanh(a_0 / 2) for sigmoid and softplus), q = 1 - y^2 (given
+    accurately); ``linear`` replaces y in the basis (softplus: sigmoid(a_0)).
+    ``degree``: a_k = 0 above it; with ``order``, ``a`` may hold rows 0..degree
+    only. None where the recurrence is the cheaper way (large coefficients,
+    high order)."""
+    order = a.shape[0] - 1 if order is None else order
+    if order == 0:
+        return y0.unsqueeze(0)
+    degree = order if degree is None or degree < 1 else min(degree, order)
+    if degree > 1 and _partition_count(order, degree) * (a.numel() // a.shape[0]) > _COMPOSE_NUMEL:
+        return None  # work grows with the partition count: the recurrence is cheaper
+    stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
+    flat = a.reshape(a.shape[0], -1)
+    # basis (q^1..q^h, y, y q^1..y q^h), then every row's weighted derivative at once
+    y, q = y.reshape(1, -1), q.reshape(1, -1)
+    q_powers = q.expand((weights.shape[1] - 1) // 2, -1).cumprod(0)
+    basis = torch.cat([q_powers, y if linear is None else linear.reshape(1, -1), q_powers * y])
+    derivatives = weights @ basis if const is None else torch.addmm(const, weights, basis)
+    write = _writes_allowed(a, y0, y, q) and (linear is None or _writes_allowed(linear))
+    if write:  # fresh large tensors cost page faults: fill one output in place
+        out = flat.new_empty((order + 1, flat.shape[1]))
+        out[0] = y0.reshape(-1)
+    if degree == 1:  # a line: the only monomials are delta_1^k
+        powers = flat[1].expand(order, -1).cumprod(0)
+        if write:
+            torch.mul(derivatives, powers, out=out[1:])
+            return out.reshape((order + 1,) + a.shape[1:])
+        return torch.cat([y0.reshape(1, -1), derivatives * powers]).reshape(
+            (order + 1,) + a.shape[1:])
+    if write:
+        monomials = flat.new_empty((derivatives.shape[0], flat.shape[1]))
+        monomials[:degree] = flat[1 : degree + 1]
+        filled = degree
+        for left, right in stages:
+            rows = monomials[filled : filled + left.shape[0]]
+            done = monomials[:filled]  # disjoint from `rows` (out= refuses overlap)
+            torch.index_select(done, 0, left, out=rows)
+            rows.mul_(done.index_select(0, right))
+            filled += left.shape[0]
+        out[1:].zero_().index_add_(0, k_rows, derivatives.mul_(monomials))
+        return out.reshape((order + 1,) + a.shape[1:])
+    monomials = flat[1 : degree + 1]
+    for left, right in stages:
+        monomials = torch.cat(
+            [monomials, monomials.index_select(0, left) * monomials.index_select(0, right)]
+        )
+    terms = derivatives.mul_(monomials)
+    higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
+    return torch.cat([y0.reshape(1, -1), higher]).reshape((order + 1,) + a.shape[1:])
+
+
+def _padded(a: Tensor, order: Optional[int]) -> Tensor:
+    """All K + 1 rows of coefficients given as rows 0..degree (the rest zero)."""
+    if order is None or a.shape[0] == order + 1:
+        return a
+    return torch.cat([a, a.new_zeros((order + 1 - a.shape[0],) + a.shape[1:])])
+
+
+def series_tanh(a: Tensor, degree: Optional[int] = None, order: Optional[int] = None) -> Tensor:
+    y0 = torch.tanh(a[0])
+    out = _compose(a, "tanh", y0, y0, 1 - y0 * y0, degree, order=order)
+    return out if out is not None else _series_riccati(_padded(a, order), y0, -1.0, 0.0, 1.0)[0]
+
+
+def _half_tanh(s: Tensor, b0: Tensor):
+    """tanh(b0 / 2) = s - r and 1 - tanh(b0 / 2)^2 = 4 s r from s = sigmoid(b0)
+    and r = sigmoid(-b0) (no cancellation where s is near 0 or 1)."""
+    r = torch.sigmoid(-b0)
+    return s - r, (4 * s) * r
+
+
+def series_sigmoid(a: Tensor, degree: Optional[int] = None,
+                   order: Optional[int] = None) -> Tensor:
+    y0 = torch.sigmoid(a[0])
+    out = _compose(a, "sigmoid", y0, *_half_tanh(y0, a[0]), degree, order=order)
+    return out if out is not None else _series_riccati(_padded(a, order), y0, -1.0, 1.0, 0.0)[0]
 
 
 def series_pow_scalar(a: Tensor, r: float) -> Tensor:
@@ -415,19 +668,23 @@ def series_sqrt(a: Tensor) -> Tensor:
     return torch.stack(s)
 
 
-def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    # softplus' = sigmoid(beta a): with b = beta a, softplus = (1/beta) int sigmoid(b) db,
-    # integrated alongside the sigmoid's own recurrence
+def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0,
+                    degree: Optional[int] = None, order: Optional[int] = None) -> Tensor:
+    # softplus(a) = (1/beta) softplus(b), b = beta a, whose derivatives are sigmoid's
     b = a if beta == 1.0 else a * beta
-    _, y = _series_riccati(b, torch.sigmoid(b[0]), -1.0, 1.0, 0.0,
-                           integral0=F.softplus(a[0], beta=beta, threshold=threshold))
+    a0, b0 = a[0], b[0]
+    y0 = F.softplus(a0, beta=beta, threshold=threshold)
+    s0 = torch.sigmoid(b0)
+    y = _compose(b, "softplus", y0, *_half_tanh(s0, b0), degree, linear=s0, order=order)
+    if y is None:
+        y = _series_riccati(_padded(b, order), s0, -1.0, 1.0, 0.0, integral0=y0)[1]
     if beta != 1.0:
         y[1:] /= beta
     # torch switches to the identity where beta * a > threshold
-    linear = b[0] > threshold
+    linear = b0 > threshold
     # (on CPU, skipped when no element is past the threshold: no sync to save)
     if a.device.type != "cpu" or bool(linear.any()):
-        y[1:] = torch.where(linear, a[1:], y[1:])
+        y[1:] = torch.where(linear, _padded(a, order)[1:], y[1:])
     return y
 
 
@@ -498,7 +755,7 @@ def _fast_linear(func, args, kwargs) -> Optional[Tensor]:
         isinstance(v, Jet) for v in kwargs.values()
     ):
         return None
-    a = x.coefficients
+    a = x.low  # rows 0..degree: the zero rows above stay zero
     kind = _FAST_LINEAR.get(func)
     if kind == "pool":
         # batch-first ops: the coefficient axis joins the batch axis
@@ -554,7 +811,7 @@ def _linear_rule(func, args, kwargs):
     """Linear, bias-free op: applied to every coefficient."""
     fast = _fast_linear(func, args, kwargs)
     if fast is not None:
-        return Jet(fast, degree=args[0].degree)
+        return Jet(fast, degree=args[0].degree, order=args[0].order)
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
 
@@ -650,6 +907,16 @@ def _unary(series: Callable):
     return rule
 
 
+def _unary_of_degree(series: Callable):
+    """A rule whose series uses the input's degree (a line: powers of a_1 only)."""
+
+    def rule(func, args, kwargs):
+        x = args[0]
+        return Jet(series(x.low, x.degree, x.order))
+
+    return rule
+
+
 def _sin_rule(func, args, kwargs):
     return Jet(series_sin_cos(args[0].coefficients)[0])
 
@@ -739,7 +1006,8 @@ def _elu_rule(func, args, kwargs):
 def _softplus_rule(func, args, kwargs):
     beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
     threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
-    return Jet(series_softplus(args[0].coefficients, float(beta), float(threshold)))
+    x = args[0]
+    return Jet(series_softplus(x.low, float(beta), float(threshold), x.degree, x.order))
 
 
 def _gelu_rule(func, args, kwargs):
@@ -823,6 +1091,59 @@ def _batch_norm_rule(func, args, kwargs):
     return Jet(out)
 
 
+# conv layers as one dense matrix product where the matrix is small and the
+# batch amortizes building it: torch's float64 CPU convolution loops over the
+# batch (slow for many rows of a small image); cached per weight and shape
+_DENSE_CONV_INPUTS = 1024  # most input elements per example
+_DENSE_CONV_ENTRIES = 2**20  # most matrix entries
+_DENSE_CONV_CACHED = 16
+_DENSE_CONV: "OrderedDict[Any, Tuple[Tensor, int, Optional[Tensor], torch.Size]]" = OrderedDict()
+
+
+def clear_caches() -> None:
+    """Forget the cached series weights, composition plans and dense conv
+    matrices (the next call builds them again, as a first call does)."""
+    _WEIGHTS.clear()
+    _SERIES_PLANS.clear()
+    _DENSE_CONV.clear()
+    _tanh_polynomials.cache_clear()
+    _derivative_table.cache_clear()
+    _monomial_tree.cache_clear()
+    _partition_count.cache_clear()
+
+
+def _dense_conv(func: Callable, weight: Tensor, flat: Tensor, rest: tuple,
+                rest_kw: dict) -> Optional[Tensor]:
+    """The bias-free conv of the batch ``flat`` as one product with the conv's
+    (in_numel, out_numel) matrix, or None where the direct call is cheaper (a
+    large matrix, or under in_numel / 2 rows: building the matrix is one conv of
+    in_numel rows, which the first call pays)."""
+    rows, value_shape = flat.shape[0], flat.shape[1:]
+    in_numel = math.prod(value_shape)
+    if 2 * rows < in_numel or in_numel > _DENSE_CONV_INPUTS:
+        return None
+    try:
+        key = (func, id(weight), tuple(value_shape), rest, tuple(sorted(rest_kw.items())),
+               weight.dtype, weight.device)
+        hash(key)
+    except TypeError:  # unhashable arguments: no cache, the direct call
+        return None
+    entry = _DENSE_CONV.get(key)
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        eye = torch.eye(in_numel, dtype=weight.dtype, device=weight.device)
+        image = func(eye.reshape((in_numel,) + tuple(value_shape)), weight, None,
+                     *rest, **rest_kw)
+        matrix = image.reshape(in_numel, -1) if image.numel() <= _DENSE_CONV_ENTRIES else None
+        entry = _DENSE_CONV[key] = (weight, weight._version, matrix, image.shape[1:])
+        while len(_DENSE_CONV) > _DENSE_CONV_CACHED:
+            _DENSE_CONV.popitem(last=False)
+    else:
+        _DENSE_CONV.move_to_end(key)
+    if entry[2] is None:
+        return None
+    return flat.reshape(rows, in_numel).mm(entry[2]).reshape((rows,) + entry[3])
+
+
 def _affine_rule(func, args, kwargs):
     """linear / conv: weight on every coefficient, bias on coefficient 0 only."""
     x = args[0]
@@ -832,32 +1153,28 @@ def _affine_rule(func, args, kwargs):
         raise UnsupportedJetOperation(
             f"`{_func_name(func)}` with a weight that depends on the inputs"
         )
-    a = x.coefficients
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     rest, rest_kw = tuple(args[3:]), {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
     degree = x.degree
-    if degree is not None:
-        # the coefficients above `degree` are zero and stay zero: map the others only
-        low = _affine_rule(func, (Jet(a[: degree + 1]),) + tuple(args[1:]), kwargs)
-        low = low.coefficients
-        out = low.new_zeros(a.shape[:1] + low.shape[1:])
-        out[: degree + 1] = low
-        return Jet(out, degree=degree)
+    # the coefficients above `degree` are zero and stay zero: map the others only
+    low = x.low
     if func is F.linear:
-        out = F.linear(a, weight)
+        out = F.linear(low, weight)
+        if bias is not None:  # (add_ on the row: `out[0] +=` also writes it back)
+            out[0].add_(bias)
+    else:
+        # conv: the coefficients join the batch axis (one call, no vmap); an
+        # unbatched input (C, *spatial) already has the coefficient axis as its batch
+        batched = low.dim() - 1 == weight.dim()
+        flat = low.flatten(0, 1) if batched else low
+        out = _dense_conv(func, weight, flat, rest, rest_kw) if batched else None
+        if out is None:
+            out = func(flat, weight, None, *rest, **rest_kw)
+        out = out.unflatten(0, low.shape[:2]) if batched else out
         if bias is not None:
-            out[0] += bias
-        return Jet(out)
-    # conv: the K + 1 coefficients join the batch axis (one call, no vmap); an
-    # unbatched input (C, *spatial) already has the coefficient axis as its batch
-    batched = a.dim() - 1 == weight.dim()
-    flat = a.flatten(0, 1) if batched else a
-    out = func(flat, weight, None, *rest, **rest_kw)
-    out = out.unflatten(0, a.shape[:2]) if batched else out
-    if bias is not None:
-        out[0] += bias.reshape((-1,) + (1,) * (weight.dim() - 2))
-    return Jet(out)
+            out[0].add_(bias.reshape((-1,) + (1,) * (weight.dim() - 2)))
+    return Jet(out, degree=degree, order=x.order)
 
 
 def _max_pool_rule(spatial_dims: int):
@@ -979,8 +1296,8 @@ _register(["torch.expm1", "Tensor.expm1"],
 _register(["torch.erf", "Tensor.erf", "torch.special.erf"], _unary(series_erf))
 _register(["torch.sin", "Tensor.sin"], _sin_rule)
 _register(["torch.cos", "Tensor.cos"], _cos_rule)
-_register(["torch.tanh", "Tensor.tanh", "F.tanh"], _unary(series_tanh))
-_register(["torch.sigmoid", "Tensor.sigmoid", "F.sigmoid"], _unary(series_sigmoid))
+_register(["torch.tanh", "Tensor.tanh", "F.tanh"], _unary_of_degree(series_tanh))
+_register(["torch.sigmoid", "Tensor.sigmoid", "F.sigmoid"], _unary_of_degree(series_sigmoid))
 _register(["torch.pow", "Tensor.pow", "Tensor.__pow__"], _pow_rule)
 _register(["Tensor.__rpow__"], _rpow_rule)
 _register(["torch.relu", "Tensor.relu", "F.relu"], _relu_rule)
