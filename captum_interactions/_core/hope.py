@@ -1,6 +1,5 @@
 #!/usr/bin/env python3
 import math
-import os
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,7 +23,6 @@ from captum_interactions._utils.common import (
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
 from captum_interactions._utils.hessian import validate_output_layout
-from captum_interactions._utils import memory
 from captum_interactions._utils.jets import Jet, UnsupportedJetOperation
 from captum_interactions._utils.memory import (
     ACTIVATION_PRIOR,
@@ -96,31 +94,6 @@ def _feature_groups(
     while len(_GROUPS) > _GROUPS_CACHED:
         _GROUPS.popitem(last=False)
     return groups, _GROUPS[key][2]
-
-
-def _check_finite_inputs(inputs: Tuple[Tensor, ...]) -> None:
-    """check_finite, with one reduction per input when every value is finite."""
-    if not all(
-        not x.is_floating_point() or bool(torch.isfinite(x).all()) for x in inputs
-    ):
-        check_finite(inputs, "inputs")
-
-
-# a job whose rows all fit this many bytes at once runs in one chunk under the
-# default budget of any host that can run it (half the free memory): it is not
-# worth reading /proc/meminfo for (a fifth of a small expansion)
-_SMALL_JOB_BYTES = 32 * 2**20
-
-
-def _memory_budget(device: torch.device, fits: Callable[[int], bool]) -> int:
-    """get_memory_budget(device), or _SMALL_JOB_BYTES where no budget is set
-    (argument or environment) and ``fits`` says the job fits that in one chunk."""
-    if (
-        device.type == "cpu" and memory._override is None
-        and not os.environ.get(memory.ENV_VAR) and fits(_SMALL_JOB_BYTES)
-    ):
-        return _SMALL_JOB_BYTES
-    return get_memory_budget(device)
 
 
 def _clear_caches() -> None:
@@ -372,12 +345,7 @@ class HOPE(GradientAttribution):
         fixed, _, what = _fixed_bytes(
             p, tuple(sorted(set(orders))), num_examples, itemsize, derivative_order
         )
-        # at most one direction per monomial (the plan is built after the checks)
-        max_dirs = sum(math.comb(p + d - 1, d) for d in set(orders) if d > 0)
-        budget = _memory_budget(inputs[0].device, lambda b: hope_directions_per_chunk(
-            fixed_bytes=fixed, num_examples=num_examples, order=top, itemsize=itemsize,
-            internal_batch_size=None, budget=b,
-            width=groups.num_features * (1 + ACTIVATION_PRIOR)) >= max_dirs)
+        budget = get_memory_budget(inputs[0].device)
         one_direction = 6 * (top + 1) * groups.num_features * itemsize * num_examples
         if fixed + one_direction > budget:
             raise budget_error(
@@ -454,7 +422,7 @@ class HOPE(GradientAttribution):
         validate_positive_int(order, "order", minimum=0)
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
-        _check_finite_inputs(inputs_t)
+        check_finite(inputs_t, "inputs")
         groups, derived = _feature_groups(feature_mask, inputs_t)
         plan, univariate = self._coefficients(
             inputs_t, groups, list(range(order + 1)), target, additional_forward_args,
@@ -528,7 +496,7 @@ class HOPE(GradientAttribution):
         validate_internal_batch_size(internal_batch_size)
         validate_target(target, inputs_t[0].shape[0])
         validate_output_layout(output_layout, is_tuple and feature_mask is None and order > 1)
-        _check_finite_inputs(inputs_t)
+        check_finite(inputs_t, "inputs")
         groups, derived = _feature_groups(feature_mask, inputs_t)
         plan, univariate = self._coefficients(
             inputs_t, groups, [order], target, additional_forward_args,
