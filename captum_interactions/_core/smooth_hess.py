@@ -36,6 +36,9 @@ from captum_interactions._utils.stein import (
     SteinAccumulator,
     draw_noise,
     example_chunks,
+    importance_scale,
+    importance_weights,
+    validate_importance,
     ReluSurrogate,
     first_linear_layer,
     relu_after,
@@ -110,6 +113,7 @@ class SmoothHess(GradientAttribution):
         self.last_call_samples = 0
         self.last_call_subspace_rank: Optional[int] = None
         self.last_call_control_variate = False
+        self.last_call_importance_scale: Optional[float] = None
         self._basis_cache: Optional[Tuple[Tensor, Any, Optional[Tensor]]] = None
 
     def has_convergence_delta(self) -> bool:
@@ -133,6 +137,7 @@ class SmoothHess(GradientAttribution):
         output_layout: str = "nested",
         input_subspace: Union[str, None, Tensor] = "auto",
         control_variate: Optional[str] = "auto",
+        importance: Union[str, None, float] = "auto",
     ) -> Any:
         r"""
         Hessian of the Gaussian-smoothed model at ``inputs`` (and SmoothGrad), from gradients only.
@@ -185,7 +190,7 @@ class SmoothHess(GradientAttribution):
                 ``"auto"``: ``"sobol"`` up to 16 features, else
                 ``"orthogonal"`` (counting the r dimensions of the subspace
                 when ``input_subspace`` projects, and D below reads r).
-                Structured samples are drawn in at least 16
+                Structured samples are drawn in at least 16 (Sobol: 8)
                 independent blocks (orthonormal frames of up to D directions:
                 the full orthogonal gain needs ``n_samples`` >= 32 D with pairs);
                 their standard error comes from the spread of the block
@@ -225,6 +230,29 @@ class SmoothHess(GradientAttribution):
                 crossings cancel (exact for one hidden layer). Costs a
                 (rows x D) @ (D x m) product per pass. ``None``: off. Whether it
                 was used is in ``self.last_call_control_variate``.
+                Default: "auto"
+            importance (str, float or None, optional): importance sampling
+                of the noise, for any model (no structure needed). The
+                noise is drawn from the wider N(0, tau^2 I) in the r sampled
+                dimensions (r = D, or the rank of ``input_subspace``) and
+                every Stein term (and SmoothGrad term) is weighted by the
+                exact density ratio w = tau^r exp(-|z|^2 (1 - 1/tau^2) / 2),
+                z the drawn noise, so the estimate stays unbiased for every
+                sampler (orthogonal frames and Sobol points are scaled by
+                tau). Wider noise reaches the kinks far from x more often,
+                where a piecewise-linear model's curvature lies: for
+                examples whose nearest kink is a few sigma away the Stein
+                terms are rare events, and these dominate the relative error
+                (``max(x1, x2)`` at 2.5 sigma from its kink: about 10x
+                fewer gradient calls at equal error in
+                ``benchmarks/bench_smooth_hess_samplers.py``).
+                ``"auto"``: tau^2 = 1 + 2.5 / r, so w < e^1.25 in any
+                dimension (the gain fades with r: about 1.2x in 20
+                features). A float: tau itself, >= 1 (1 is the same as
+                None); a warning when tau^r > 100, as the weights then make
+                the estimate more variable. ``None``: z ~ N(0, I), no
+                weights. The tau used is in
+                ``self.last_call_importance_scale`` (None when off).
                 Default: "auto"
 
         Returns:
@@ -287,6 +315,7 @@ class SmoothHess(GradientAttribution):
         )  # (1, D)
 
         resolve_sampler(sampler, 1)  # validated before any model call
+        validate_importance(importance)
         if control_variate not in ("auto", None):
             raise ValueError(
                 f"`control_variate` must be 'auto' or None, got {control_variate!r}"
@@ -365,6 +394,8 @@ class SmoothHess(GradientAttribution):
         self.last_call_control_variate = surrogate is not None
         sampler, block_sizes, internal_batch_size = plan(basis, surrogate is not None)
         sample_dim = num_features if basis is None else basis.shape[1]
+        scale = importance_scale(importance, sample_dim)
+        self.last_call_importance_scale = scale
         accumulator = SteinAccumulator(
             num_examples,
             groups,
@@ -382,6 +413,9 @@ class SmoothHess(GradientAttribution):
                 noise = draw_noise(
                     sampler, block_units, num_examples, sample_dim, dtype, device
                 )
+                weights = None
+                if scale is not None:  # noise -> tau * noise, weights p/q (units, N)
+                    weights = importance_weights(noise, scale).unsqueeze(-1)
                 if basis is not None:
                     noise = noise @ basis.transpose(0, 1)  # (units, N, D): z = Q xi
                 for e0 in range(0, num_examples, examples_per_pass):
@@ -415,7 +449,11 @@ class SmoothHess(GradientAttribution):
                             b, c = 0.5 * (plus - minus), 0.5 * (plus + minus)
                         else:
                             b = c = grad_flat
-                        accumulator.add(z / sigma_flat, b, c, e0, e1)
+                        a = z / sigma_flat
+                        if weights is not None:  # E_p[h] = E_q[(p/q) h]
+                            w = weights[u0:u1, e0:e1]
+                            a, c = a * w, c * w
+                        accumulator.add(a, b, c, e0, e1)
                         self.last_call_cost.gradient_rows += copies * (e1 - e0)
                         self.last_call_cost.batches += 1
                 accumulator.end_block(block_units)
