@@ -539,3 +539,164 @@ def test_importance_option_is_validated_and_off_means_plain():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SmoothHess(lambda v: v.relu().sum(1)).attribute(wide)  # auto: no warning
+
+
+# --- fitted ReLU surrogate (control_variate="fit"), cross-fitted -------------
+
+
+@pytest.fixture
+def quick_fit(monkeypatch):
+    # the estimate is unbiased and its standard error honest whatever the fit:
+    # few Adam steps keep these tests fast
+    from captum_interactions._utils import stein_surrogate
+
+    monkeypatch.setattr(stein_surrogate, "FIT_STEPS", 40)
+    monkeypatch.setattr(stein_surrogate, "FIT_HIDDEN", 16)
+
+
+def _relu_sum_black_box(d, k, seed):
+    from tests.test_smooth_hess import ReluSum, closed_form
+
+    model = ReluSum(d=d, k=k, seed=seed)
+    return (lambda v: model(v)), (lambda x, sigma: closed_form(model, x, sigma))
+
+
+@pytest.mark.parametrize("sampler", ["orthogonal", "gaussian", "sobol"])
+@pytest.mark.parametrize("case", ["relu_sum", "max"])
+def test_fitted_surrogate_is_unbiased(quick_fit, case, sampler):
+    # cross-fitting: each fold is corrected by the surrogate fitted on the
+    # other, plus its exact smoothed Hessian and gradient (a surrogate fitted
+    # on its own fold, or a wrong exact value, fails by far more)
+    if case == "max":
+        forward, closed_form, x, sigma = BLACK_BOX["max"]
+    else:
+        forward, closed_form = _relu_sum_black_box(d=5, k=6, seed=4)
+        x, sigma = torch.randn(2, 5, dtype=DTYPE), 0.5
+    hess_true, grad_true = closed_form(x, sigma)
+    sh = SmoothHess(forward)
+    runs, grads = [], []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        h, g = sh.attribute(
+            x, n_samples=48, stdevs=sigma, sampler=sampler, control_variate="fit",
+            return_smoothgrad=True,
+        )
+        runs.append(h)
+        grads.append(g)
+    assert sh.last_call_fitted_surrogate and sh.last_call_control_variate
+    runs, grads = torch.stack(runs), torch.stack(grads)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    se_g = grads.std(0) / math.sqrt(grads.shape[0])
+    assert ((grads.mean(0) - grad_true).abs() < 4.5 * se_g + 1e-12).all()
+
+
+def test_fitted_surrogate_with_subspace_groups_and_anisotropic_sigma(quick_fit):
+    # an explicit rank-5 subspace (the fit lives in its coordinates), and
+    # per-feature sigmas through a tuple input with a feature mask
+    net = squared_relu_net(d=12, k=5, seed=3)
+    x = torch.randn(2, 12, dtype=DTYPE)
+    hess_true, _ = squared_relu_closed_form(net, x, 0.4)
+    sh = SmoothHess(net)
+    runs = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        runs.append(sh.attribute(x, n_samples=48, stdevs=0.4, control_variate="fit"))
+    assert sh.last_call_subspace_rank == 5 and sh.last_call_fitted_surrogate
+    runs = torch.stack(runs)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+
+    from tests.test_smooth_hess import ReluSum, closed_form
+
+    model = ReluSum(d=4, k=5, seed=2)
+    x = torch.randn(2, 4, dtype=DTYPE)
+    sigmas = torch.tensor([0.3, 0.3, 0.6, 0.6], dtype=DTYPE)
+    hess_true, _ = closed_form(model, x, sigmas)
+    mask = torch.tensor([[0, 1]])
+    group_true = torch.stack(
+        [
+            torch.stack([hess_true[:, :2, :2].sum((1, 2)), hess_true[:, :2, 2:].sum((1, 2))], -1),
+            torch.stack([hess_true[:, 2:, :2].sum((1, 2)), hess_true[:, 2:, 2:].sum((1, 2))], -1),
+        ],
+        -2,
+    )
+    sh = SmoothHess(lambda p, q: model(torch.cat([p, q], dim=1)))
+    runs = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        runs.append(
+            sh.attribute(
+                (x[:, :2], x[:, 2:]), n_samples=48, stdevs=(0.3, 0.6),
+                control_variate="fit", feature_mask=(mask, mask),
+            )
+        )
+    runs = torch.stack(runs)
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - group_true).abs() < 4.5 * se + 1e-12).all()
+
+
+@pytest.mark.parametrize("sampler", ["orthogonal", "gaussian"])
+def test_reported_stderr_covers_95_percent_with_the_fitted_surrogate(quick_fit, sampler):
+    forward, closed_form = _relu_sum_black_box(d=5, k=6, seed=1)
+    x = torch.randn(2, 5, dtype=DTYPE)
+    hess_true, grad_true = closed_form(x, 0.5)
+    sh = SmoothHess(forward)
+    covered, covered_g = [], []
+    for seed in range(100):
+        torch.manual_seed(seed)
+        h, g, se, se_g = sh.attribute(
+            x, n_samples=256, stdevs=0.5, sampler=sampler, control_variate="fit",
+            return_smoothgrad=True, return_stderr=True,
+        )
+        covered.append(((h - hess_true).abs() <= 1.96 * se).double().mean())
+        covered_g.append(((g - grad_true).abs() <= 1.96 * se_g).double().mean())
+    coverage = torch.stack(covered).mean().item()
+    coverage_g = torch.stack(covered_g).mean().item()
+    assert 0.90 <= coverage <= 0.99, coverage
+    assert 0.90 <= coverage_g <= 0.99, coverage_g
+
+
+def test_fitted_surrogate_auto_rule_and_validation():
+    forward, _ = _relu_sum_black_box(d=20, k=8, seed=0)
+    x = torch.randn(1, 20, dtype=DTYPE)
+    sh = SmoothHess(forward)
+    sh.attribute(x, n_samples=64, stdevs=0.5)  # black box, 20 features: fitted
+    assert sh.last_call_fitted_surrogate
+    sh.attribute(x, n_samples=32, stdevs=0.5)  # 16 pairs: too few to fit
+    assert not sh.last_call_fitted_surrogate
+    sh.attribute(x, n_samples=64, stdevs=0.5, control_variate=None)
+    assert not sh.last_call_fitted_surrogate and not sh.last_call_control_variate
+    sh.attribute(x, n_samples=64, stdevs=0.5, sampler="sobol")  # Sobol: not fitted
+    assert not sh.last_call_fitted_surrogate
+    forward2, _, x2, _ = BLACK_BOX["max"]
+    sh2 = SmoothHess(forward2)
+    sh2.attribute(x2, n_samples=64)  # 2 features (Sobol): not fitted
+    assert not sh2.last_call_fitted_surrogate
+    net = relu_net(d=20, k=30, seed=0)  # the first-layer rule wins
+    sh3 = SmoothHess(net)
+    sh3.attribute(torch.randn(1, 20, dtype=DTYPE), target=0, n_samples=64)
+    assert sh3.last_call_control_variate and not sh3.last_call_fitted_surrogate
+    with pytest.raises(ValueError, match="`control_variate`"):
+        sh.attribute(x, control_variate="fitted")
+    with pytest.raises(ValueError, match="`control_variate='fit'`"):
+        sh.attribute(x, n_samples=6, control_variate="fit")
+
+
+def test_fitted_surrogate_lowers_the_error_on_a_relu_sum():
+    # a black-box sum of 32 ReLU units in 20 features, orthogonal frames:
+    # the cross-fitted surrogate removes most of the kinks' variance
+    forward, closed_form = _relu_sum_black_box(d=20, k=32, seed=2)
+    x = torch.randn(1, 20, dtype=DTYPE)
+    hess_true, _ = closed_form(x, 0.5)
+    errors = {}
+    for cv in (None, "fit"):
+        sq = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            h = SmoothHess(forward).attribute(
+                x, n_samples=1024, stdevs=0.5, sampler="orthogonal", control_variate=cv
+            )
+            sq.append(((h - hess_true).norm() / hess_true.norm()) ** 2)
+        errors[cv] = torch.stack(sq).mean().sqrt().item()
+    assert errors["fit"] < 0.6 * errors[None], errors

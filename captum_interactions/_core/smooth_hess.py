@@ -46,7 +46,19 @@ from captum_interactions._utils.stein import (
     plain_gradients,
     resolve_sampler,
     subspace_basis,
+    SOBOL_MAX_FEATURES,
 )
+from captum_interactions._utils.stein_surrogate import (
+    FIT_MAX_POINTS,
+    FittedReluSurrogate,
+    fit_relu_surrogate,
+)
+
+# control_variate="auto" fits a surrogate on black boxes with more than
+# SOBOL_MAX_FEATURES (orthogonal frames) and at most this many features, from
+# at least this many independent samples
+FIT_AUTO_MAX_FEATURES = 64
+FIT_AUTO_MIN_UNITS = 32
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
@@ -113,6 +125,7 @@ class SmoothHess(GradientAttribution):
         self.last_call_samples = 0
         self.last_call_subspace_rank: Optional[int] = None
         self.last_call_control_variate = False
+        self.last_call_fitted_surrogate = False
         self.last_call_importance_scale: Optional[float] = None
         self._basis_cache: Optional[Tuple[Tensor, Any, Optional[Tensor]]] = None
 
@@ -228,8 +241,29 @@ class SmoothHess(GradientAttribution):
                 with the same noise, and add g's exact smoothed Hessian and
                 gradient back. Unbiased for any v; the first layer's kink
                 crossings cancel (exact for one hidden layer). Costs a
-                (rows x D) @ (D x m) product per pass. ``None``: off. Whether it
-                was used is in ``self.last_call_control_variate``.
+                (rows x D) @ (D x m) product per pass. ``"fit"``: for any
+                model (a black box), a surrogate
+                g = sum_j c_j relu(v_j . u + beta_j) + L . u of the noise
+                coordinates u (64 units) is fitted by least squares to the
+                gradients already computed (no extra gradient calls), with
+                cross-fitting: the samples are split into two folds by
+                blocks, each fold's surrogate corrects the other fold's
+                Stein terms and adds its exact smoothed Hessian and gradient,
+                so the estimate stays unbiased whatever the fit, and the
+                standard error comes from the spread of the block means.
+                Costs a fit (400 Adam steps on up to 2048 points per fold
+                and example) and keeps every sample's noise and gradient
+                terms until both fits are done. On a sum of 64 ReLU units
+                in 20 features: 4-6x fewer gradient calls than orthogonal
+                frames alone at 3%-1% error; no gain with Sobol points in 2
+                features (``benchmarks/bench_smooth_hess_samplers.py``).
+                With ``"auto"``, when the first-layer rule does not apply,
+                no ``input_subspace`` projects, and the model has 17 to 64
+                features (orthogonal frames) and at least 32 independent
+                samples, the surrogate is fitted. ``None``: off. Whether a
+                control variate was used is in
+                ``self.last_call_control_variate``, whether it was fitted in
+                ``self.last_call_fitted_surrogate``.
                 Default: "auto"
             importance (str, float or None, optional): importance sampling
                 of the noise, for any model (no structure needed). The
@@ -316,9 +350,17 @@ class SmoothHess(GradientAttribution):
 
         resolve_sampler(sampler, 1)  # validated before any model call
         validate_importance(importance)
-        if control_variate not in ("auto", None):
+        if control_variate not in ("auto", "fit", None) or not (
+            control_variate is None or isinstance(control_variate, str)
+        ):
             raise ValueError(
-                f"`control_variate` must be 'auto' or None, got {control_variate!r}"
+                "`control_variate` must be 'auto', 'fit' or None, got "
+                f"{control_variate!r}"
+            )
+        if control_variate == "fit" and num_units < 4:
+            raise ValueError(
+                "`control_variate='fit'` needs at least 4 independent samples (2 per "
+                f"fold): `n_samples` >= {4 * rows_per_unit}, got {n_samples}"
             )
         layer = None
         if (input_subspace == "auto" or control_variate == "auto") and (
@@ -353,10 +395,28 @@ class SmoothHess(GradientAttribution):
         ):
             surrogate_layer = layer
 
+        def wants_fit(basis: Optional[Tensor], with_surrogate: bool) -> bool:
+            """The fitted surrogate: asked for, or "auto" on a black box in the
+            orthogonal regime (measured better there, not with Sobol points)."""
+            if with_surrogate or control_variate is None:
+                return False
+            if control_variate == "fit":
+                return True
+            sample_dim = num_features if basis is None else basis.shape[1]
+            return (
+                basis is None
+                and resolve_sampler(sampler, sample_dim) != "sobol"
+                and SOBOL_MAX_FEATURES < num_features <= FIT_AUTO_MAX_FEATURES
+                and num_units >= FIT_AUTO_MIN_UNITS
+            )
+
         def plan(basis: Optional[Tensor], with_surrogate: bool) -> Tuple[str, List[int], int]:
             sample_dim = num_features if basis is None else basis.shape[1]
             resolved = resolve_sampler(sampler, sample_dim)
-            sizes = noise_block_sizes(resolved, num_units, num_examples, sample_dim)
+            fitting = wants_fit(basis, with_surrogate)
+            sizes = noise_block_sizes(
+                resolved, num_units, num_examples, sample_dim, statistical=fitting
+            )
             # before the (N, G, G) accumulators are allocated: the budget bounds
             # the gradient rows per pass (and raises if the output cannot fit);
             # an orthogonal block also holds its Gaussian matrix and radii while
@@ -367,6 +427,9 @@ class SmoothHess(GradientAttribution):
             noise_numel += 0 if basis is None else noise_numel
             if with_surrogate:
                 noise_numel += num_examples * groups.num_groups * (groups.num_groups + 1)
+            if fitting:  # every sample's noise and two gradient terms are kept
+                noise_numel += num_units * num_examples * (sample_dim + 2 * num_features)
+                noise_numel += 2 * num_examples * groups.num_groups * (groups.num_groups + 1)
             rows = smooth_hess_rows(
                 num_examples, num_features, groups.num_groups,
                 inputs_t[0].element_size(), rows_per_unit, return_stderr,
@@ -391,7 +454,9 @@ class SmoothHess(GradientAttribution):
                 if surrogate_layer is not None:
                     surrogate = self._relu_surrogate(surrogate_layer, x_flat, target)
         self.last_call_subspace_rank = None if basis is None else basis.shape[1]
-        self.last_call_control_variate = surrogate is not None
+        fitting = wants_fit(basis, surrogate is not None)
+        self.last_call_control_variate = fitting or surrogate is not None
+        self.last_call_fitted_surrogate = fitting
         sampler, block_sizes, internal_batch_size = plan(basis, surrogate is not None)
         sample_dim = num_features if basis is None else basis.shape[1]
         scale = importance_scale(importance, sample_dim)
@@ -402,8 +467,10 @@ class SmoothHess(GradientAttribution):
             dtype,
             device,
             with_stderr=return_stderr,
-            independent_units=sampler == "gaussian",
+            # the fitted surrogate adds its exact value per block: block spread
+            independent_units=sampler == "gaussian" and not fitting,
         )
+        kept: List[Tuple[int, Tensor, Optional[Tensor], Tensor, Tensor]] = []
         base_expansion = RowExpansion(target, additional_forward_args, num_examples, 1)
         examples_per_pass, units_per_pass = example_chunks(
             num_examples, rows_per_unit, num_units, internal_batch_size
@@ -416,8 +483,12 @@ class SmoothHess(GradientAttribution):
                 weights = None
                 if scale is not None:  # noise -> tau * noise, weights p/q (units, N)
                     weights = importance_weights(noise, scale).unsqueeze(-1)
+                xi = noise
                 if basis is not None:
                     noise = noise @ basis.transpose(0, 1)  # (units, N, D): z = Q xi
+                if fitting:  # this block's Stein factors, kept until both fits
+                    kept_b = noise.new_empty(block_units, num_examples, num_features)
+                    kept_c = torch.empty_like(kept_b)
                 for e0 in range(0, num_examples, examples_per_pass):
                     e1 = min(num_examples, e0 + examples_per_pass)
                     target_e, args_e = base_expansion.rows(e0, e1)
@@ -449,16 +520,27 @@ class SmoothHess(GradientAttribution):
                             b, c = 0.5 * (plus - minus), 0.5 * (plus + minus)
                         else:
                             b = c = grad_flat
+                        self.last_call_cost.gradient_rows += copies * (e1 - e0)
+                        self.last_call_cost.batches += 1
+                        if fitting:
+                            kept_b[u0:u1, e0:e1] = b
+                            kept_c[u0:u1, e0:e1] = c
+                            continue
                         a = z / sigma_flat
                         if weights is not None:  # E_p[h] = E_q[(p/q) h]
                             w = weights[u0:u1, e0:e1]
                             a, c = a * w, c * w
                         accumulator.add(a, b, c, e0, e1)
-                        self.last_call_cost.gradient_rows += copies * (e1 - e0)
-                        self.last_call_cost.batches += 1
+                if fitting:
+                    kept.append((block_units, xi, weights, kept_b, kept_c))
+                    continue
                 accumulator.end_block(block_units)
+        if fitting:
+            self._add_cross_fitted(
+                accumulator, kept, x_flat, sigma_flat, basis, groups, antithetic
+            )
 
-        mean_hessian = accumulator.mean_hessian(num_units)
+        mean_hessian = accumulator.mean_hessian(num_units)  # fitted: exact values in
         mean_gradient = accumulator.mean_gradient(num_units)
         if surrogate is not None:  # + the control variate's exact expectation
             exact_hessian, exact_gradient = surrogate.smoothed(x_flat, sigma_flat, groups)
@@ -492,6 +574,58 @@ class SmoothHess(GradientAttribution):
                 )
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+
+    @staticmethod
+    def _add_cross_fitted(
+        accumulator: SteinAccumulator,
+        kept: List[Tuple[int, Tensor, Optional[Tensor], Tensor, Tensor]],
+        x_flat: Tensor,
+        sigma_flat: Tensor,
+        basis: Optional[Tensor],
+        groups: FeatureGroups,
+        antithetic: bool,
+    ) -> None:
+        """Cross-fitting: blocks alternate between two folds; a ReLU surrogate
+        is fitted on each fold's gradients and corrects the other fold's Stein
+        terms, whose blocks then carry its exact smoothed Hessian and gradient."""
+        folds = [kept[0::2], kept[1::2]]
+        surrogates = []
+        for fold in folds:
+            xi = torch.cat([k[1] for k in fold])  # (M, N, r) sampled coordinates
+            b = torch.cat([k[3] for k in fold])
+            c = torch.cat([k[4] for k in fold])
+            if antithetic:  # both points of each pair: grad f(x -+ sigma z) = c -+ b
+                xi, grad = torch.cat([xi, -xi]), torch.cat([c + b, c - b])
+            else:
+                grad = c
+            if xi.shape[0] > FIT_MAX_POINTS:  # a random subset for the fit
+                subset = torch.randperm(xi.shape[0], device=xi.device)[:FIT_MAX_POINTS]
+                xi, grad = xi[subset], grad[subset]
+            target = grad * sigma_flat  # gradients in the noise coordinates u
+            if basis is not None:
+                target = target @ basis  # ... and in the sampled ones, xi
+            fit = fit_relu_surrogate(xi.transpose(0, 1), target.transpose(0, 1))
+            surrogates.append(FittedReluSurrogate(fit, x_flat, sigma_flat, basis))
+        num_examples = x_flat.shape[0]
+        for index, fold in enumerate(folds):
+            other = surrogates[1 - index]  # fitted without this fold's samples
+            exact_hessian, exact_gradient = other.smoothed(x_flat, groups)
+            for block_units, xi, weights, b, c in fold:
+                z = xi if basis is None else xi @ basis.transpose(0, 1)
+                perturbation = z * sigma_flat
+                plus = other.gradients(x_flat + perturbation, 0, num_examples)
+                if antithetic:
+                    minus = other.gradients(x_flat - perturbation, 0, num_examples)
+                    b = b - 0.5 * (plus - minus)
+                    c = c - 0.5 * (plus + minus)
+                else:
+                    b = c = b - plus
+                a = z / sigma_flat
+                if weights is not None:
+                    a, c = a * weights, c * weights
+                accumulator.add(a, b, c, 0, num_examples)
+                accumulator.add_constant(exact_hessian, exact_gradient, block_units)
+                accumulator.end_block(block_units)
 
     def _subspace_weight(
         self,

@@ -111,18 +111,23 @@ def resolve_sampler(sampler: str, num_features: int) -> str:
 
 
 def noise_block_sizes(
-    sampler: str, num_units: int, num_examples: int, num_features: int
+    sampler: str,
+    num_units: int,
+    num_examples: int,
+    num_features: int,
+    statistical: bool = False,
 ) -> List[int]:
     """Units per noise block, in drawing order.
 
-    i.i.d. noise is drawn in blocks that only bound memory. Structured noise
+    i.i.d. noise is drawn in blocks that only bound memory (unless
+    ``statistical``: then in blocks as Sobol points are). Structured noise
     is drawn in statistical blocks: at most D directions (an orthonormal set),
     at least :data:`MIN_BLOCKS` blocks (:data:`SOBOL_MIN_BLOCKS` for Sobol
     sequences) for the standard error, and within
     the noise memory bound.
     """
     per_memory = max(1, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
-    if sampler == "gaussian":
+    if sampler == "gaussian" and not statistical:
         size = min(num_units, per_memory)
     else:
         min_blocks = SOBOL_MIN_BLOCKS if sampler == "sobol" else MIN_BLOCKS
@@ -452,6 +457,12 @@ class SteinAccumulator:
             ab = a * b
             self.ab_ab[rows] += torch.einsum("uni,unj->nij", ab, ab)
             self.first_sq[rows] += (c * c).sum(dim=0)
+
+    def add_constant(self, hessian: Tensor, gradient: Tensor, units: int) -> None:
+        """Add ``units`` times a known (N, G, G) Hessian and (N, G) gradient term
+        (a control variate's exact value; block statistics only)."""
+        self.outer += units * hessian
+        self.first += units * gradient
 
     def end_block(self, block_units: int) -> None:
         """Close a block of dependent units: record its mean's square."""
