@@ -661,14 +661,21 @@ def test_fitted_surrogate_auto_rule_and_validation():
     forward, _ = _relu_sum_black_box(d=20, k=8, seed=0)
     x = torch.randn(1, 20, dtype=DTYPE)
     sh = SmoothHess(forward)
-    sh.attribute(x, n_samples=64, stdevs=0.5)  # black box, 20 features: fitted
+    sh.attribute(x, n_samples=128, stdevs=0.5)  # black box, 20 features: fitted
     assert sh.last_call_fitted_surrogate
-    sh.attribute(x, n_samples=32, stdevs=0.5)  # 16 pairs: too few to fit
+    sh.attribute(x, n_samples=64, stdevs=0.5)  # 32 pairs: too few to fit
     assert not sh.last_call_fitted_surrogate
-    sh.attribute(x, n_samples=64, stdevs=0.5, control_variate=None)
+    sh.attribute(x, n_samples=128, stdevs=0.5, control_variate=None)
     assert not sh.last_call_fitted_surrogate and not sh.last_call_control_variate
-    sh.attribute(x, n_samples=64, stdevs=0.5, sampler="sobol")  # Sobol: not fitted
+    sh.attribute(x, n_samples=128, stdevs=0.5, sampler="sobol")  # Sobol: not fitted
     assert not sh.last_call_fitted_surrogate
+    from captum_interactions import memory_budget
+
+    with memory_budget("150kB"):  # the kept samples do not fit: not fitted
+        sh.attribute(x, n_samples=512, stdevs=0.5)
+    assert not sh.last_call_fitted_surrogate
+    with memory_budget("150kB"), pytest.raises(ValueError, match="memory budget"):
+        sh.attribute(x, n_samples=512, stdevs=0.5, control_variate="fit")
     forward2, _, x2, _ = BLACK_BOX["max"]
     sh2 = SmoothHess(forward2)
     sh2.attribute(x2, n_samples=64)  # 2 features (Sobol): not fitted

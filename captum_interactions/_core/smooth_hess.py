@@ -31,7 +31,11 @@ from captum_interactions._utils.hessian import (
     format_interaction_output,
     validate_output_layout,
 )
-from captum_interactions._utils.memory import get_memory_budget, smooth_hess_rows
+from captum_interactions._utils.memory import (
+    MemoryBudgetError,
+    get_memory_budget,
+    smooth_hess_rows,
+)
 from captum_interactions._utils.stein import (
     SteinAccumulator,
     draw_noise,
@@ -58,7 +62,7 @@ from captum_interactions._utils.stein_surrogate import (
 # SOBOL_MAX_FEATURES (orthogonal frames) and at most this many features, from
 # at least this many independent samples
 FIT_AUTO_MAX_FEATURES = 64
-FIT_AUTO_MIN_UNITS = 32
+FIT_AUTO_MIN_UNITS = 64
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
@@ -263,8 +267,10 @@ class SmoothHess(GradientAttribution):
                 features (``benchmarks/bench_smooth_hess_samplers.py``).
                 With ``"auto"``, when the first-layer rule does not apply,
                 no ``input_subspace`` projects, and the model has 17 to 64
-                features (orthogonal frames) and at least 32 independent
-                samples, the surrogate is fitted. ``None``: off. Whether a
+                features (orthogonal frames) and at least 64 independent
+                samples (``n_samples`` >= 128 with pairs), the surrogate is
+                fitted, if the kept samples fit in the memory budget
+                (otherwise no control variate). ``None``: off. Whether a
                 control variate was used is in
                 ``self.last_call_control_variate``, whether it was fitted in
                 ``self.last_call_fitted_surrogate``.
@@ -415,10 +421,13 @@ class SmoothHess(GradientAttribution):
                 and num_units >= FIT_AUTO_MIN_UNITS
             )
 
-        def plan(basis: Optional[Tensor], with_surrogate: bool) -> Tuple[str, List[int], int]:
+        def plan(
+            basis: Optional[Tensor], with_surrogate: bool, fitting: Optional[bool] = None
+        ) -> Tuple[str, List[int], int, bool]:
             sample_dim = num_features if basis is None else basis.shape[1]
             resolved = resolve_sampler(sampler, sample_dim)
-            fitting = wants_fit(basis, with_surrogate)
+            if fitting is None:
+                fitting = wants_fit(basis, with_surrogate)
             sizes = noise_block_sizes(
                 resolved, num_units, num_examples, sample_dim, statistical=fitting
             )
@@ -435,12 +444,18 @@ class SmoothHess(GradientAttribution):
             if fitting:  # every sample's noise and two gradient terms are kept
                 noise_numel += num_units * num_examples * (sample_dim + 2 * num_features)
                 noise_numel += 2 * num_examples * groups.num_groups * (groups.num_groups + 1)
-            rows = smooth_hess_rows(
-                num_examples, num_features, groups.num_groups,
-                inputs_t[0].element_size(), rows_per_unit, return_stderr,
-                noise_numel, internal_batch_size, get_memory_budget(device),
-            )
-            return resolved, sizes, rows
+            try:
+                rows = smooth_hess_rows(
+                    num_examples, num_features, groups.num_groups,
+                    inputs_t[0].element_size(), rows_per_unit, return_stderr,
+                    noise_numel, internal_batch_size, get_memory_budget(device),
+                )
+            except MemoryBudgetError:
+                if not (fitting and control_variate == "auto"):
+                    raise
+                # "auto" fits only when the kept samples fit in the budget
+                return plan(basis, with_surrogate, fitting=False)
+            return resolved, sizes, rows, fitting
 
         basis = None if basis64 is None else basis64.to(device=device, dtype=dtype)
         plan(basis, surrogate_layer is not None)  # budget errors before any model call
@@ -459,10 +474,11 @@ class SmoothHess(GradientAttribution):
                 if surrogate_layer is not None:
                     surrogate = self._relu_surrogate(surrogate_layer, x_flat, target)
         self.last_call_subspace_rank = None if basis is None else basis.shape[1]
-        fitting = wants_fit(basis, surrogate is not None)
+        sampler, block_sizes, internal_batch_size, fitting = plan(
+            basis, surrogate is not None
+        )
         self.last_call_control_variate = fitting or surrogate is not None
         self.last_call_fitted_surrogate = fitting
-        sampler, block_sizes, internal_batch_size = plan(basis, surrogate is not None)
         sample_dim = num_features if basis is None else basis.shape[1]
         scale = importance_scale(importance, sample_dim)
         self.last_call_importance_scale = scale
