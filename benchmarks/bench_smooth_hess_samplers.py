@@ -22,7 +22,13 @@ variance-reduced samplers; ``+ subspace`` projects the noise onto the input
 subspace the model sees (``input_subspace``: automatic for an ``nn.Sequential``
 starting with ``nn.Linear``, or an explicit W for the closed form with fewer
 units than features); ``+ cv`` adds the first-layer ReLU control variate
-(``control_variate``). ``auto (default)`` is what ``SmoothHess.attribute``
+(``control_variate``); ``+ importance`` draws the noise from the wider
+N(0, tau^2 I), tau^2 = 1 + 2.5 / r, with exact density-ratio weights
+(``importance="auto"``, generic: no structure needed); the rows without it
+pass ``importance=None``; ``+ fit`` adds the cross-fitted ReLU surrogate
+(``control_variate="fit"``, generic too), which ``auto`` uses on the plain
+functions in 20 features (there ``auto`` is orthogonal + importance + fit).
+``auto (default)`` is what ``SmoothHess.attribute``
 does with no options. The closed forms are plain functions (no structure to
 detect), except ``relu_sum as nn.Sequential``, where the control variate is f
 itself (one hidden layer) and the estimate is exact.
@@ -48,19 +54,30 @@ from captum_interactions import SmoothHess
 from _common import device_name, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OFF = dict(input_subspace=None, control_variate=None)
+OFF = dict(input_subspace=None, control_variate=None, importance=None)
+IMP = dict(input_subspace=None, control_variate=None)  # importance="auto"
 REFERENCE = "gaussian (reference)"
 ESTIMATORS = {
     REFERENCE: dict(sampler="gaussian", antithetic=True, **OFF),
     "orthogonal": dict(sampler="orthogonal", antithetic=True, **OFF),
     "sobol": dict(sampler="sobol", antithetic=True, **OFF),
+    "gaussian + importance": dict(sampler="gaussian", antithetic=True, **IMP),
+    "orthogonal + importance": dict(sampler="orthogonal", antithetic=True, **IMP),
+    "sobol + importance": dict(sampler="sobol", antithetic=True, **IMP),
+    "sobol + importance + fit": dict(
+        sampler="sobol", antithetic=True, input_subspace=None, control_variate="fit"
+    ),
     "auto (default)": dict(),
 }
+# in 20 features "auto" is orthogonal + importance + fit: no separate row there
+ONLY_IN_2D = ("sobol + importance + fit",)
+# orthogonal frames of 2 directions are slow to draw and no better than i.i.d.
+SKIP_IN_2D = ("orthogonal + importance",)
 MLP_ESTIMATORS = {
     REFERENCE: dict(sampler="gaussian", **OFF),
     "orthogonal": dict(sampler="orthogonal", **OFF),
-    "orthogonal + subspace": dict(sampler="orthogonal", control_variate=None),
-    "gaussian + subspace + cv": dict(sampler="gaussian"),
+    "orthogonal + subspace": dict(sampler="orthogonal", control_variate=None, importance=None),
+    "gaussian + subspace + cv": dict(sampler="gaussian", importance=None),
     "auto (default)": dict(),
 }
 EXACT = 1e-10
@@ -226,11 +243,15 @@ def main():
         estimators = dict(ESTIMATORS)
         if "subspace" in extra:
             estimators["orthogonal + subspace W"] = dict(
-                sampler="orthogonal", input_subspace=extra["subspace"]
+                sampler="orthogonal", input_subspace=extra["subspace"], importance=None
             )
             estimators["auto + subspace W"] = dict(input_subspace=extra["subspace"])
         if name.startswith("relu_sum as"):  # only what differs from relu_sum
             estimators = {k: estimators[k] for k in (REFERENCE, "auto (default)")}
+        if x.shape[1] == 2:
+            estimators = {k: v for k, v in estimators.items() if k not in SKIP_IN_2D}
+        else:
+            estimators = {k: v for k, v in estimators.items() if k not in ONLY_IN_2D}
         for est, options in estimators.items():
             t0 = time.perf_counter()
             errors = [

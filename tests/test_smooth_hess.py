@@ -53,13 +53,16 @@ def closed_form(model, x, sigma_per_feature, output=0, shift=None):
     return hess, grad
 
 
-def rms_error(model, x, sigma, n_samples, seeds, antithetic=True, sampler="gaussian"):
+def rms_error(
+    model, x, sigma, n_samples, seeds, antithetic=True, sampler="gaussian", **options
+):
     hess_true, _ = closed_form(model, x, sigma)
     errors = []
     for seed in seeds:
         torch.manual_seed(seed)
         h = SmoothHess(model).attribute(
-            x, n_samples=n_samples, stdevs=sigma, antithetic=antithetic, sampler=sampler
+            x, n_samples=n_samples, stdevs=sigma, antithetic=antithetic, sampler=sampler,
+            **options,
         )
         errors.append(((h - hess_true) ** 2).sum())
     return torch.stack(errors).mean().sqrt().item()
@@ -88,27 +91,36 @@ def test_relu_sum_closed_form_hessian_gradient_and_stderr():
     assert (grad - grad_true).abs().max() < 0.02 * grad_true.abs().max()
 
 
-def test_stderr_matches_explicit_per_sample_matrices():
+@pytest.mark.parametrize("importance", [None, 1.7])
+def test_stderr_matches_explicit_per_sample_matrices(importance):
     model = ReluSum(d=3, k=4)
     x = torch.randn(2, 3, dtype=DTYPE)
     sigma, n = 0.5, 40
     torch.manual_seed(5)
     hess, grad, hess_se, grad_se = SmoothHess(model).attribute(
         x, n_samples=n, stdevs=sigma, return_smoothgrad=True, return_stderr=True,
-        sampler="gaussian",
+        sampler="gaussian", importance=importance,
     )
-    # redraw the same noise and build every pair's symmetric matrix explicitly
+    # redraw the same noise and build every pair's symmetric matrix explicitly;
+    # with importance sampling z ~ N(0, tau^2 I) and each term is weighted by
+    # the density ratio N(z; 0, I) / N(z; 0, tau^2 I)
     torch.manual_seed(5)
     z = torch.randn(n // 2, 2, 3, dtype=DTYPE)
+    tau = 1.0 if importance is None else importance
+    z = tau * z
+    log_ratio = (
+        -0.5 * (z * z).sum(-1) + 0.5 * (z * z).sum(-1) / tau**2 + 3 * math.log(tau)
+    )
+    weight = log_ratio.exp()[..., None]  # (units, N, 1)
     mats, grads = [], []
     for u in range(n // 2):
         xp = (x + sigma * z[u]).requires_grad_(True)
         xm = (x - sigma * z[u]).requires_grad_(True)
         gp = torch.autograd.grad(model(xp).sum(), xp)[0]
         gm = torch.autograd.grad(model(xm).sum(), xm)[0]
-        m = z[u][:, :, None] * (gp - gm)[:, None, :] / (2 * sigma)
+        m = weight[u][:, :, None] * z[u][:, :, None] * (gp - gm)[:, None, :] / (2 * sigma)
         mats.append(0.5 * (m + m.transpose(1, 2)))
-        grads.append(0.5 * (gp + gm))
+        grads.append(weight[u] * 0.5 * (gp + gm))
     mats, grads = torch.stack(mats), torch.stack(grads)
     torch.testing.assert_close(hess, mats.mean(0), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, grads.mean(0), rtol=1e-10, atol=1e-12)
@@ -438,7 +450,7 @@ def test_orthogonal_noise_blocks_are_orthogonal_with_gaussian_marginals():
 
     assert noise_block_sizes("orthogonal", 1000, 2, 50) == [50] * 20
     assert noise_block_sizes("orthogonal", 100, 2, 50) == [7] * 14 + [2]
-    assert noise_block_sizes("sobol", 100, 2, 3) == [7] * 14 + [2]
+    assert noise_block_sizes("sobol", 100, 2, 3) == [13] * 7 + [9]  # 8 blocks
     torch.manual_seed(0)
     z = draw_noise("orthogonal", 8, 3, 8, DTYPE, torch.device("cpu"))  # (units, N, D)
     for n in range(3):
@@ -472,8 +484,11 @@ def test_variance_reduction_at_equal_cost():
     assert sobol < 0.5 * gaussian, (sobol, gaussian)
     wide = ReluSum(d=20, k=32, seed=2)
     x = torch.randn(2, 20, dtype=DTYPE)
-    gaussian = rms_error(wide, x, 0.5, 2048, seeds)
-    orthogonal = rms_error(wide, x, 0.5, 2048, seeds, sampler="orthogonal")
+    # the samplers alone (in 20 features "auto" would also fit a surrogate)
+    gaussian = rms_error(wide, x, 0.5, 2048, seeds, control_variate=None)
+    orthogonal = rms_error(
+        wide, x, 0.5, 2048, seeds, sampler="orthogonal", control_variate=None
+    )
     assert orthogonal < 0.75 * gaussian, (orthogonal, gaussian)
 
 

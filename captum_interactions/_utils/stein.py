@@ -43,6 +43,7 @@ z = Q xi (Q an orthonormal basis of it; :func:`subspace_basis`), so orthogonal
 frames need r directions, not D.
 """
 import math
+import warnings
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
@@ -60,6 +61,17 @@ SAMPLERS = ("auto", "orthogonal", "sobol", "gaussian")
 # blocks for the standard error; few blocks keep each block large (an
 # orthonormal frame needs up to D directions, a QMC sequence gains with length)
 MIN_BLOCKS = 16
+# Sobol sequences gain more from length than frames do (the error of a
+# scrambled net falls faster than n^(-1/2)): 8 blocks (t with 7 degrees of
+# freedom for the standard error) halve the error at 256 calls in 2 features
+# against 16 (benchmarks/bench_smooth_hess_samplers.py)
+SOBOL_MIN_BLOCKS = 8
+# importance sampling (``importance="auto"``): the noise is drawn from
+# N(0, tau^2 I_r) with tau^2 = 1 + IMPORTANCE_KAPPA / r in the r sampled
+# dimensions, so the weight p/q never exceeds (1 + kappa/r)^(r/2) < e^(kappa/2)
+IMPORTANCE_KAPPA = 2.5
+# an explicit tau whose largest weight tau^r exceeds this warns
+IMPORTANCE_MAX_WEIGHT = 100.0
 # "auto" uses randomized QMC up to this many features, orthogonal blocks above
 # (measured crossover: benchmarks/bench_smooth_hess.py, error vs calls)
 SOBOL_MAX_FEATURES = 16
@@ -99,20 +111,27 @@ def resolve_sampler(sampler: str, num_features: int) -> str:
 
 
 def noise_block_sizes(
-    sampler: str, num_units: int, num_examples: int, num_features: int
+    sampler: str,
+    num_units: int,
+    num_examples: int,
+    num_features: int,
+    statistical: bool = False,
 ) -> List[int]:
     """Units per noise block, in drawing order.
 
-    i.i.d. noise is drawn in blocks that only bound memory. Structured noise
+    i.i.d. noise is drawn in blocks that only bound memory (unless
+    ``statistical``: then in blocks as Sobol points are). Structured noise
     is drawn in statistical blocks: at most D directions (an orthonormal set),
-    at least :data:`MIN_BLOCKS` blocks (for the standard error), and within
+    at least :data:`MIN_BLOCKS` blocks (:data:`SOBOL_MIN_BLOCKS` for Sobol
+    sequences) for the standard error, and within
     the noise memory bound.
     """
     per_memory = max(1, NOISE_BLOCK_NUMEL // max(1, num_examples * num_features))
-    if sampler == "gaussian":
+    if sampler == "gaussian" and not statistical:
         size = min(num_units, per_memory)
     else:
-        size = min(per_memory, math.ceil(num_units / MIN_BLOCKS))
+        min_blocks = SOBOL_MIN_BLOCKS if sampler == "sobol" else MIN_BLOCKS
+        size = min(per_memory, math.ceil(num_units / min_blocks))
         if sampler == "orthogonal":
             size = min(size, num_features)
     full, rest = divmod(num_units, size)
@@ -164,6 +183,71 @@ def draw_noise(
     return (math.sqrt(2.0) * torch.erfinv(2.0 * uniform - 1.0)).to(
         device=device, dtype=dtype
     )
+
+
+def importance_scale(importance: Any, sample_dim: int) -> Optional[float]:
+    """tau, the scale of the proposal N(0, tau^2 I_r), or None (no importance sampling).
+
+    ``importance`` is ``"auto"`` (tau^2 = 1 + :data:`IMPORTANCE_KAPPA` / r),
+    ``None`` or a float tau >= 1 (1 is the same as None); ``sample_dim`` is r.
+    Call :func:`validate_importance` first.
+    """
+    if importance is None:
+        return None
+    if isinstance(importance, str):
+        return math.sqrt(1.0 + IMPORTANCE_KAPPA / max(1, sample_dim))
+    tau = float(importance)
+    if tau == 1.0:
+        return None
+    if sample_dim * math.log(tau) > math.log(IMPORTANCE_MAX_WEIGHT):
+        warnings.warn(
+            f"`importance`={tau:g} in {sample_dim} sampled dimensions gives "
+            f"importance weights up to tau^r = 10^{sample_dim * math.log10(tau):.1f}: "
+            "the estimate may be far more variable than without; "
+            "importance='auto' keeps them below e^1.25",
+            stacklevel=3,
+        )
+    return tau
+
+
+def validate_importance(importance: Any) -> None:
+    """``importance`` must be ``"auto"``, None or a finite float >= 1."""
+    if importance is None or (isinstance(importance, str) and importance == "auto"):
+        return
+    if isinstance(importance, str):
+        raise ValueError(
+            f"`importance` must be 'auto', None or a float >= 1, got {importance!r}"
+        )
+    if isinstance(importance, bool) or not isinstance(importance, (int, float)):
+        raise TypeError(
+            "`importance` must be 'auto', None or a float >= 1 (the proposal's "
+            f"scale tau), got {importance!r}"
+        )
+    if not (math.isfinite(importance) and importance >= 1.0):
+        raise ValueError(
+            "`importance` must be 'auto', None or a finite float >= 1 (the "
+            f"proposal's scale tau; below 1 the weights are unbounded), got {importance!r}"
+        )
+
+
+def importance_weights(noise: Tensor, scale: float) -> Tensor:
+    r"""Scale standard noise to the proposal, in place, and return the weights p/q.
+
+    ``noise`` (units, N, r) is N(0, I) marginally; it becomes xi = tau * noise,
+    marginally N(0, tau^2 I_r) = q, and the weight of each sample is
+
+    .. math::
+        w = \frac{p(\xi)}{q(\xi)} = \tau^r \exp\big(-|\xi_0|^2 (\tau^2 - 1) / 2\big),
+        \qquad \xi_0 = \xi / \tau,
+
+    so E_q[w h(xi)] = E_p[h(xi)] for any h: the Stein terms stay unbiased.
+    Returns w, shape (units, N), in the noise's dtype.
+    """
+    dim = noise.shape[-1]
+    square = (noise * noise).sum(dim=-1)
+    weights = torch.exp(dim * math.log(scale) - 0.5 * (scale * scale - 1.0) * square)
+    noise.mul_(scale)
+    return weights
 
 
 def first_linear_layer(
@@ -373,6 +457,12 @@ class SteinAccumulator:
             ab = a * b
             self.ab_ab[rows] += torch.einsum("uni,unj->nij", ab, ab)
             self.first_sq[rows] += (c * c).sum(dim=0)
+
+    def add_constant(self, hessian: Tensor, gradient: Tensor, units: int) -> None:
+        """Add ``units`` times a known (N, G, G) Hessian and (N, G) gradient term
+        (a control variate's exact value; block statistics only)."""
+        self.outer += units * hessian
+        self.first += units * gradient
 
     def end_block(self, block_units: int) -> None:
         """Close a block of dependent units: record its mean's square."""
