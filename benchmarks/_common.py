@@ -31,6 +31,26 @@ def timed(fn, device, repeats):
     return statistics.median(times), result
 
 
+def timed_interleaved(fns, device, repeats):
+    """Call ``fns`` in turn, ``repeats`` rounds: [(median seconds, last result)]
+    per function, and the median over rounds of each one's time over the
+    first's. Alternating cancels most of the drift of a shared machine that
+    timing one function after the other would put into their ratio."""
+    times = [[] for _ in fns]
+    results = [None] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            results[k] = fn()
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+    ratios = [
+        statistics.median(t / t0 for t, t0 in zip(times[k], times[0])) for k in range(len(fns))
+    ]
+    return [(statistics.median(t), r) for t, r in zip(times, results)], ratios
+
+
 class PeakRSS:
     """Peak growth of this process's resident memory inside a ``with`` block.
 

@@ -7,7 +7,8 @@ For a softplus MLP with d = 10, 50, 100 inputs and N = 4 examples (float32):
   -ln(t) weight (default settings);
 - ``bare batched HVPs``: the same rule with no checks at all, every path row
   in one forward + backward and one batched HVP (the floor; the issue's
-  "IH time over its bare HVP cost");
+  "IH time over its bare HVP cost"), timed alternately with ours (101 rounds;
+  ``ours_over_bare_per_round`` is the median of the per-round ratios);
 - ``naive loop``: the same quadrature, but one double-backward per feature per
   path point per example, the way a first implementation would do it;
 - ``path-explain`` 0.0.7 (``interactions(x, baseline, num_samples=200,
@@ -27,7 +28,9 @@ import torch
 from torch import nn
 
 from captum_interactions import IntegratedHessians
-from _common import device_name, load_path_explain, timed, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    device_name, load_path_explain, timed, timed_interleaved, write_results,
+)
 from captum_interactions._utils.quadrature import gauss_log_rule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,8 +113,13 @@ def main():
         ih = IntegratedHessians(model)
         ih.attribute(x, baseline)  # warm-up
         bare_integrated_hessians(model, x, baseline.expand_as(x))
-        repeats = 21 if not args.quick else 11  # medians of ms-scale calls
-        t_ours, gamma = timed(lambda: ih.attribute(x, baseline), device, repeats)
+        repeats = 101 if not args.quick else 31  # medians of ms-scale calls
+        # ours and the bare HVPs alternate, so that their ratio sees the same machine
+        ((t_ours, gamma), (t_bare, gamma_bare)), (_, bare_over_ours) = timed_interleaved(
+            [lambda: ih.attribute(x, baseline),
+             lambda: bare_integrated_hessians(model, x, baseline.expand_as(x))],
+            device, repeats,
+        )
         rows.append(
             dict(
                 d=d, method="captum_interactions", groups=None, seconds=t_ours,
@@ -119,13 +127,10 @@ def main():
                 completeness_rel=relative_completeness(model, gamma, x, baseline),
             )
         )
-        t_bare, gamma_bare = timed(
-            lambda: bare_integrated_hessians(model, x, baseline.expand_as(x)), device,
-            repeats,
-        )
         rows.append(
             dict(
                 d=d, method="bare batched HVPs", groups=None, seconds=t_bare,
+                ours_over_bare_per_round=1.0 / bare_over_ours,
                 hvps=d * 16 * n_examples,
                 completeness_rel=relative_completeness(model, gamma_bare, x, baseline),
                 max_abs_diff_vs_ours=(gamma_bare - gamma).abs().max().item(),
@@ -150,7 +155,7 @@ def main():
                         x_req, baseline, num_samples=200, use_expectation=False, verbose=False
                     ).detach(),
                     device,
-                    1,
+                    3,
                 )
                 rows.append(
                     dict(
@@ -191,6 +196,10 @@ def main():
             f"{r['d']:>4} {r['method']:<30} {r['seconds']:>9.4f} {r['time_vs_ours']:>8.1f} "
             f"{hvps:>7} {r['completeness_rel']:>13.2e}"
         )
+    print("ours / bare HVPs, median over alternating rounds: " + ", ".join(
+        f"d={r['d']} {r['ours_over_bare_per_round']:.2f}x"
+        for r in rows if "ours_over_bare_per_round" in r
+    ))
     result = dict(
         benchmark="integrated_hessians",
         device=device,
