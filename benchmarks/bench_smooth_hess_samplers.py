@@ -26,8 +26,8 @@ units than features); ``+ cv`` adds the first-layer ReLU control variate
 N(0, tau^2 I), tau^2 = 1 + 2.5 / r, with exact density-ratio weights
 (``importance="auto"``, generic: no structure needed); the rows without it
 pass ``importance=None``; ``+ fit`` adds the cross-fitted ReLU surrogate
-(``control_variate="fit"``, generic too), which ``auto`` uses on the plain
-functions in 20 features (there ``auto`` is orthogonal + importance + fit).
+(``control_variate="fit"``, generic too, opt-in: ``auto`` never fits, so on
+the plain functions in 20 features ``auto`` is orthogonal + importance).
 ``auto (default)`` is what ``SmoothHess.attribute``
 does with no options. The closed forms are plain functions (no structure to
 detect), except ``relu_sum as nn.Sequential``, where the control variate is f
@@ -64,15 +64,18 @@ ESTIMATORS = {
     "gaussian + importance": dict(sampler="gaussian", antithetic=True, **IMP),
     "orthogonal + importance": dict(sampler="orthogonal", antithetic=True, **IMP),
     "sobol + importance": dict(sampler="sobol", antithetic=True, **IMP),
+    "orthogonal + importance + fit": dict(
+        sampler="orthogonal", antithetic=True, input_subspace=None, control_variate="fit"
+    ),
     "sobol + importance + fit": dict(
         sampler="sobol", antithetic=True, input_subspace=None, control_variate="fit"
     ),
     "auto (default)": dict(),
 }
-# in 20 features "auto" is orthogonal + importance + fit: no separate row there
+# the fitted surrogate with the sampler "auto" takes in each dimension
 ONLY_IN_2D = ("sobol + importance + fit",)
 # orthogonal frames of 2 directions are slow to draw and no better than i.i.d.
-SKIP_IN_2D = ("orthogonal + importance",)
+SKIP_IN_2D = ("orthogonal + importance", "orthogonal + importance + fit")
 MLP_ESTIMATORS = {
     REFERENCE: dict(sampler="gaussian", **OFF),
     "orthogonal": dict(sampler="orthogonal", **OFF),

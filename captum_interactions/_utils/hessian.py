@@ -351,8 +351,11 @@ def accumulate_path_interactions(
             del directions
             hv_flat = _read_only_flat(hv, batch_dims=2)  # (C, r, D)
             del hv
-            # in place: hv is this call's own fresh output
-            block = groups.group_sum(hv_flat.mul_(scale_w2), rows_index)  # (C, r, G)
+            # in place where hv is this call's own dense output (a zero HVP may
+            # come back with the directions' broadcast strides)
+            weighted = hv_flat.mul_(scale_w2) if hv_flat.is_contiguous() else hv_flat * scale_w2
+            block = groups.group_sum(weighted, rows_index)  # (C, r, G)
+            del weighted
             del hv_flat
             add_hvp_rows(result[:, :, g0:g1], block)
             del block
