@@ -75,10 +75,12 @@ def error_vs_cost(device, quick):
             errs = []
             for seed in seeds:
                 torch.manual_seed(seed)
-                # i.i.d. draws: this section is about antithetic pairs alone (the
-                # variance-reduced samplers: bench_smooth_hess_samplers.py)
+                # i.i.d. draws, no importance weights: this section is about
+                # antithetic pairs alone (the variance-reduced samplers:
+                # bench_smooth_hess_samplers.py)
                 h = sh.attribute(
-                    x, n_samples=n, stdevs=sigma, antithetic=antithetic, sampler="gaussian"
+                    x, n_samples=n, stdevs=sigma, antithetic=antithetic, sampler="gaussian",
+                    importance=None,
                 )
                 errs.append(((h - truth).flatten(1).norm(dim=1) / scale).mean().item())
             row[name] = statistics.mean(errs)

@@ -298,6 +298,20 @@ def relu_after(forward_func: torch.nn.Sequential, index: int) -> bool:
     )
 
 
+def smoothed_relu_terms(u: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """phi(u/s)/s and Phi(u/s) for relu(u + s z), z ~ N(0, 1): the second and
+    first derivative of its Gaussian smoothing in u (s = 0: a point mass, the
+    step 1[u > 0] and no density)."""
+    positive = scale > 0
+    safe = torch.where(positive, scale, torch.ones_like(scale))
+    t = u / safe
+    density = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) / safe
+    density = torch.where(positive, density, torch.zeros_like(density))
+    cdf = 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
+    cdf = torch.where(positive, cdf, (u > 0).to(u.dtype))
+    return density, cdf
+
+
 class ReluSurrogate:
     r"""A control variate with an exact smoothed Hessian: g(x) = v^T relu(W x + b).
 
@@ -339,13 +353,7 @@ abla (g * q_\sigma)(x) = W^	op ig(v \odot \Phi(u / s)ig).
         """The exact smoothed Hessian (N, G, G) and gradient (N, G) of g."""
         u = self._pre(x_flat)  # (N, m)
         scale = ((self.weight * sigma_flat) ** 2).sum(dim=1).sqrt()  # (m,)
-        positive = scale > 0
-        safe = torch.where(positive, scale, torch.ones_like(scale))
-        t = u / safe
-        density = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) / safe
-        density = torch.where(positive, density, torch.zeros_like(density))
-        cdf = 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
-        cdf = torch.where(positive, cdf, (u > 0).to(u.dtype))
+        density, cdf = smoothed_relu_terms(u, scale)
         num_examples = x_flat.shape[0]
         rows = self.weight.unsqueeze(1).expand(-1, num_examples, -1)  # (m, N, D)
         example_index = None

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from captum_interactions._utils.feature_groups import FeatureGroups
+from captum_interactions._utils.stein import smoothed_relu_terms
 
 # hidden units, Adam steps and learning rate of the fit; points per fold and
 # example used for fitting (a random subset beyond it)
@@ -128,13 +129,7 @@ class FittedReluSurrogate:
         """The exact smoothed Hessian (N, G, G) and gradient (N, G) of g."""
         u = torch.einsum("njd,nd->nj", self.weight, x_flat) + self.bias  # = beta
         scale = self.noise_weight.norm(dim=-1)  # (N, J): s_nj = |sigma * w_nj|
-        positive = scale > 0
-        safe = torch.where(positive, scale, torch.ones_like(scale))
-        t = u / safe
-        density = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) / safe
-        density = torch.where(positive, density, torch.zeros_like(density))
-        cdf = 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
-        cdf = torch.where(positive, cdf, (u > 0).to(u.dtype))
+        density, cdf = smoothed_relu_terms(u, scale)
         num_examples = x_flat.shape[0]
         rows = self.weight.transpose(0, 1)  # (J, N, D)
         example_index = None
