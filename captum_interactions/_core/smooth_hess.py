@@ -399,18 +399,16 @@ class SmoothHess(GradientAttribution):
         ):
             surrogate_layer = layer
 
-        def wants_fit(with_surrogate: bool) -> bool:
-            """The fitted surrogate: only when asked for. It saves gradient calls
-            but costs seconds of fitting per call, far more than the calls it
-            saves on a cheap model, so "auto" never fits."""
-            return control_variate == "fit" and not with_surrogate
+        # the fitted surrogate only when asked for (the first-layer one needs
+        # "auto"): it saves gradient calls but costs seconds of fitting per
+        # call, far more than the calls it saves on a cheap model
+        fitting = control_variate == "fit"
 
         def plan(
             basis: Optional[Tensor], with_surrogate: bool
-        ) -> Tuple[str, List[int], int, bool]:
+        ) -> Tuple[str, List[int], int]:
             sample_dim = num_features if basis is None else basis.shape[1]
             resolved = resolve_sampler(sampler, sample_dim)
-            fitting = wants_fit(with_surrogate)
             sizes = noise_block_sizes(
                 resolved, num_units, num_examples, sample_dim, statistical=fitting
             )
@@ -432,7 +430,7 @@ class SmoothHess(GradientAttribution):
                 inputs_t[0].element_size(), rows_per_unit, return_stderr,
                 noise_numel, internal_batch_size, get_memory_budget(device),
             )
-            return resolved, sizes, rows, fitting
+            return resolved, sizes, rows
 
         basis = None if basis64 is None else basis64.to(device=device, dtype=dtype)
         plan(basis, surrogate_layer is not None)  # budget errors before any model call
@@ -451,9 +449,7 @@ class SmoothHess(GradientAttribution):
                 if surrogate_layer is not None:
                     surrogate = self._relu_surrogate(surrogate_layer, x_flat, target)
         self.last_call_subspace_rank = None if basis is None else basis.shape[1]
-        sampler, block_sizes, internal_batch_size, fitting = plan(
-            basis, surrogate is not None
-        )
+        sampler, block_sizes, internal_batch_size = plan(basis, surrogate is not None)
         self.last_call_control_variate = fitting or surrogate is not None
         self.last_call_fitted_surrogate = fitting
         sample_dim = num_features if basis is None else basis.shape[1]
