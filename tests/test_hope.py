@@ -279,6 +279,36 @@ def test_recovery_plan_inverts_the_univariate_map_for_every_support(num_variable
         torch.testing.assert_close(recovered[d], truth[d], rtol=1e-9, atol=1e-9)
 
 
+def test_shipped_block_inverses_are_the_exact_inverses():
+    """The table read at run time holds, bit for bit, the exact rational
+    inverses rounded once (recomputed here), and each is B^{-1} to round-off."""
+    import numpy as np
+    from captum_interactions._utils import taylor_polynomial as tp
+
+    shipped = np.load(tp._TABLE_PATH)
+    assert np.array_equal(shipped, tp.block_inverse_table_values())
+    for (s, d), inverse in tp._block_inverse_table().items():
+        full = tp._compositions(d, s)
+        block = tp._power_table(full, full, d)
+        np.testing.assert_allclose(inverse @ block, np.eye(len(full)), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_variables,order", [(3, 9), (4, 6), (40, 2)])
+def test_block_solves_equal_the_dense_maps(num_variables, order):
+    """The two recoveries (block solves for large maps, dense maps otherwise)
+    agree, past the shipped table (order 9: exact elimination at run time) and
+    with the dictionary locator (40 variables: keys in base 3 overflow int64)."""
+    from captum_interactions._utils.taylor_polynomial import RecoveryPlan
+
+    plan = RecoveryPlan(num_variables, list(range(order + 1)))
+    gen = torch.Generator().manual_seed(order)
+    univariate = torch.randn(order + 1, len(plan.directions), 3, generator=gen, dtype=DTYPE)
+    dense = plan.recover(univariate)
+    blocks = plan._recover_blocks(univariate)
+    for d in range(order + 1):
+        torch.testing.assert_close(blocks[d], dense[d], rtol=1e-12, atol=1e-12)
+
+
 def test_conv_net_four_groups_order_5_matches_nested_autograd():
     """Mixed partials over every support size (1..4 groups) through conv, tanh,
     softplus and pooling, against float64 nested autograd along the group directions."""

@@ -306,3 +306,61 @@ def test_line_stored_as_two_rows_gives_the_full_line_results():
     assert hidden.degree == 1 and hidden._stored.shape[0] == 2  # the zero rows never made
     with pytest.raises(ValueError, match="rows 0..degree"):
         Jet(torch.stack([x0, v, v]), degree=1, order=order)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus"])
+@pytest.mark.parametrize("path", ["line", "composition", "recurrence"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_periodic_value_rows_give_the_plain_results(name, path, grad, monkeypatch):
+    """A jet whose value repeats along its rows (HOPE's lines all pass through
+    the points) marked with ``period``: the derivatives are made once per
+    period and broadcast, with the same coefficients as the unmarked jet on
+    every path (a line, the composition, the recurrence at order 8), written
+    in place or not (autograd), through a threshold crossing for softplus."""
+    import captum_interactions._utils.jets as jets
+
+    if path == "recurrence":
+        monkeypatch.setattr(jets, "_COMPOSE_NUMEL", 0)
+    f = {"tanh": torch.tanh, "sigmoid": torch.sigmoid,
+         "softplus": lambda t: F.softplus(t, beta=1.5, threshold=4.0)}[name]
+    gen = torch.Generator().manual_seed(11)
+    period, copies, order = 3, 4, 8 if path == "recurrence" else 5
+    value = torch.cat([torch.tensor([[-6.0, 3.5]], dtype=DTYPE),  # 1.5 * 3.5 > 4: linear
+                       torch.randn(period - 1, 2, generator=gen, dtype=DTYPE)])
+    coeffs = torch.randn((order + 1, period * copies, 2), generator=gen, dtype=DTYPE)
+    coeffs[0] = value.repeat(copies, 1)
+    if path == "line":
+        coeffs[2:] = 0
+    with torch.set_grad_enabled(grad):
+        if grad:
+            coeffs.requires_grad_(True)
+        degree = 1 if path == "line" else None
+        marked = Jet(coeffs, degree=degree, period=period)
+        assert marked.period == period
+        got = f(marked)
+        ref = f(Jet(coeffs, degree=degree)).coefficients
+    assert got.period == period  # passed on: the value still repeats
+    assert got.coefficients.requires_grad == grad
+    torch.testing.assert_close(got.coefficients.detach(), ref.detach(), rtol=1e-15, atol=1e-15)
+    # the rows really are shared: every copy of the value equals the first
+    torch.testing.assert_close(got.coefficients[0].detach().reshape(copies, period, 2),
+                               f(value).expand(copies, period, 2), rtol=1e-15, atol=0)
+
+
+def test_period_is_kept_by_row_wise_layers_and_dropped_by_the_others():
+    """Affine layers on batched values and the three activations keep the
+    period; an unbatched conv, linear on a 1-D value and any other rule drop it
+    (the rows are no longer the examples' copies)."""
+    torch.manual_seed(5)
+    conv = torch.nn.Conv2d(2, 3, 3).to(DTYPE)
+    lin = torch.nn.Linear(12, 4).to(DTYPE)
+    x0 = torch.randn(2, 2, 4, 4, dtype=DTYPE).repeat(3, 1, 1, 1)
+    line = Jet(torch.stack([x0, torch.randn_like(x0)]), degree=1, order=4, period=2)
+    hidden = torch.tanh(conv(line))
+    assert hidden.period == 2
+    assert F.softplus(lin(hidden.flatten(1))).period is None  # flatten drops it
+    unbatched = Jet(torch.randn(5, 2, 4, 4, dtype=DTYPE), period=1)
+    assert conv(unbatched).period is None
+    one_dim = Jet(torch.randn(5, 12, dtype=DTYPE), period=4)
+    assert one_dim.period == 4 and lin(one_dim).period is None
+    assert Jet(torch.randn(5, 6, 2, dtype=DTYPE), period=4).period is None  # 6 % 4 != 0

@@ -4,6 +4,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr._utils.attribution import GradientAttribution
@@ -48,9 +49,9 @@ def _exponent_table(num_variables: int, order: int, device: str = "cpu") -> Tupl
     and the index tables that TaylorPolynomial derives from them, shared by
     every call."""
     exponents = [m for d in range(order + 1) for m in monomials(num_variables, d)]
-    table = torch.tensor(exponents, dtype=torch.long, device=device).reshape(
-        len(exponents), num_variables
-    )
+    table = torch.from_numpy(
+        np.asarray(exponents, dtype=np.int64).reshape(len(exponents), num_variables)
+    ).to(device)
     return table, {"exponents": table}
 
 
@@ -97,14 +98,15 @@ def _feature_groups(
 
 
 def _clear_caches() -> None:
-    """Forget every cached plan and table (recovery plans, block inverses,
-    derivative layouts, exponent tables, series weights and plans, dense conv
-    matrices): the next call builds
-    them again, as a first call does. For benchmarks of that first call."""
+    """Forget every cached plan and table (recovery plans, block inverses and
+    the shipped table of them, derivative layouts, exponent tables, series
+    weights and plans, dense conv matrices): the next call builds or reads them
+    again, as a first call does. For benchmarks of that first call."""
     from captum_interactions._utils import jets, taylor_polynomial
 
     for cached in (
         taylor_polynomial.recovery_plan, taylor_polynomial._support_block,
+        taylor_polynomial._block_inverse_table,
         taylor_polynomial._derivative_layout, taylor_polynomial._canonical_lookup,
         taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
     ):
@@ -268,7 +270,9 @@ class HOPE(GradientAttribution):
                 low[0].view((stop - start,) + x.shape).copy_(x)
                 if order >= 1:
                     low[1] = v
-                jets.append(Jet(low, degree=min(order, 1), order=order))
+                # every direction's line passes through the points: the value
+                # repeats with period N along the rows
+                jets.append(Jet(low, degree=min(order, 1), order=order, period=num_examples))
             rows_target, rows_args = expansion.rows(
                 start * num_examples, stop * num_examples
             )

@@ -37,6 +37,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,19 +60,31 @@ class Jet(Tensor):
     input line x0 + t v has degree 1), so that affine layers skip them. With
     ``order``, ``coefficients`` may hold only rows 0..degree: the zero rows are
     then made on first use of :attr:`coefficients` (rules that know the degree
-    read :attr:`low` and never make them)."""
+    read :attr:`low` and never make them).
+
+    ``period`` (optional) P marks the value (coefficient 0) as repeating along
+    its first axis with period P: HOPE's lines all pass through the expansion
+    points, so row q * P + n of the value is example n's for every direction q.
+    Rules that keep the first axis row by row (affine layers, tanh, sigmoid,
+    softplus) pass it on, and the series of tanh, sigmoid and softplus
+    evaluate their derivatives on the first P rows only; every other rule drops
+    it (the results are the same, only slower)."""
 
     degree: Optional[int]
+    period: Optional[int]
 
     @staticmethod
     def __new__(cls, coefficients: Tensor, degree: Optional[int] = None,
-                order: Optional[int] = None) -> "Jet":
+                order: Optional[int] = None, period: Optional[int] = None) -> "Jet":
         # (_make_subclass detaches the value itself)
         jet = Tensor._make_subclass(cls, coefficients[0], False)
         order = coefficients.shape[0] - 1 if order is None else order
         jet._stored = coefficients
         jet._order = order
         jet.degree = degree if degree is not None and degree < order else None
+        jet.period = period if period is not None and coefficients.dim() > 1 and (
+            coefficients.shape[1] > period and coefficients.shape[1] % period == 0
+        ) else None
         if coefficients.shape[0] != order + 1 and (
             jet.degree is None or coefficients.shape[0] != jet.degree + 1
         ):
@@ -79,7 +92,7 @@ class Jet(Tensor):
         return jet
 
     def __init__(self, coefficients: Tensor, degree: Optional[int] = None,  # noqa: D107
-                 order: Optional[int] = None) -> None:
+                 order: Optional[int] = None, period: Optional[int] = None) -> None:
         pass
 
     @property
@@ -544,18 +557,27 @@ def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
     plan = _SERIES_PLANS.get(key)
     if plan is not None:
         return plan
+    # (index tables in numpy, one host-to-device copy: many small tensors
+    # would cost more than a small expansion)
     if degree == 1:  # rows: delta_1^m, m = 1..order (count 1)
         parts, counts, stages, k_rows = list(range(1, order + 1)), [1] * order, [], None
     else:
-        stages, ks, parts, counts = _monomial_tree(order, degree)
-        stages = [tuple(torch.tensor(t, dtype=torch.long, device=device) for t in s)
-                  for s in stages]
-        k_rows = torch.tensor([k - 1 for k in ks], dtype=torch.long, device=device)
+        tree, ks, parts, counts = _monomial_tree(order, degree)
+        sizes = [len(left) for left, _ in tree]
+        flat = np.asarray([i for left, right in tree for i in left + right] + [k - 1 for k in ks],
+                          dtype=np.int64)
+        indices = torch.from_numpy(flat).to(device)
+        stages, offset = [], 0
+        for size in sizes:
+            stages.append((indices[offset : offset + size],
+                           indices[offset + size : offset + 2 * size]))
+            offset += 2 * size
+        k_rows = indices[offset:]
     # each row: its m-th derivative (rounded once) times its integer count
-    table = torch.tensor(_derivative_table(kind, order), dtype=torch.float64)
-    weights = table[torch.tensor(parts) - 1] * torch.tensor(counts, dtype=torch.float64)[:, None]
-    weights = weights.to(dtype=dtype, device=device)
-    const = weights[:, :1] if bool(weights[:, 0].any()) else None
+    table = np.asarray(_derivative_table(kind, order), dtype=np.float64)
+    weights_np = table[np.asarray(parts) - 1] * np.asarray(counts, dtype=np.float64)[:, None]
+    weights = torch.from_numpy(weights_np).to(dtype=dtype, device=device)
+    const = weights[:, :1] if weights_np[:, 0].any() else None
     plan = _SERIES_PLANS[key] = (stages, k_rows, const, weights[:, 1:])
     return plan
 
@@ -567,14 +589,21 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
     y = tanh(a_0) (tanh(a_0 / 2) for sigmoid and softplus), q = 1 - y^2 (given
     accurately); ``linear`` replaces y in the basis (softplus: sigmoid(a_0)).
     ``degree``: a_k = 0 above it; with ``order``, ``a`` may hold rows 0..degree
-    only. None where the recurrence is the cheaper way (large coefficients,
-    high order)."""
+    only. ``y0``, ``y``, ``q`` and ``linear`` may cover only the first P rows
+    of the value's first axis when a_0 repeats with period P (see
+    :class:`Jet`): the derivatives are then made once per period. None where
+    the recurrence is the cheaper way (large coefficients, high order)."""
     order = a.shape[0] - 1 if order is None else order
     if order == 0:
-        return y0.unsqueeze(0)
+        return _tiled(y0, a[0]).unsqueeze(0)
     degree = order if degree is None or degree < 1 else min(degree, order)
+    periodic = y0.numel() < a[0].numel()
     if degree > 1 and _partition_count(order, degree) * (a.numel() // a.shape[0]) > _COMPOSE_NUMEL:
-        return None  # work grows with the partition count: the recurrence is cheaper
+        # work grows with the partition count: the recurrence is cheaper, unless
+        # the derivatives are made once per period (the composition then costs
+        # about three passes per monomial, the recurrence ~1.5 K^2)
+        if not periodic or _partition_count(order, degree) > order * order:
+            return None
     stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
     flat = a.reshape(a.shape[0], -1)
     # basis (q^1..q^h, y, y q^1..y q^h), then every row's weighted derivative at once
@@ -582,16 +611,20 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
     q_powers = q.expand((weights.shape[1] - 1) // 2, -1).cumprod(0)
     basis = torch.cat([q_powers, y if linear is None else linear.reshape(1, -1), q_powers * y])
     derivatives = weights @ basis if const is None else torch.addmm(const, weights, basis)
+    # (rows, copies, period): the derivatives broadcast over the copies
+    copies = flat.shape[1] // derivatives.shape[1]
+    per_period = derivatives.unsqueeze(1)
     write = _writes_allowed(a, y0, y, q) and (linear is None or _writes_allowed(linear))
     if write:  # fresh large tensors cost page faults: fill one output in place
         out = flat.new_empty((order + 1, flat.shape[1]))
-        out[0] = y0.reshape(-1)
+        out[0].view(copies, -1).copy_(y0.reshape(1, -1))
     if degree == 1:  # a line: the only monomials are delta_1^k
-        powers = flat[1].expand(order, -1).cumprod(0)
+        powers = flat[1].expand(order, -1).cumprod(0).view(order, copies, -1)
         if write:
-            torch.mul(derivatives, powers, out=out[1:])
+            torch.mul(per_period, powers, out=out[1:].view(order, copies, -1))
             return out.reshape((order + 1,) + a.shape[1:])
-        return torch.cat([y0.reshape(1, -1), derivatives * powers]).reshape(
+        return torch.cat([_tiled(y0, a[0]).reshape(1, -1),
+                          (per_period * powers).reshape(order, -1)]).reshape(
             (order + 1,) + a.shape[1:])
     if write:
         monomials = flat.new_empty((derivatives.shape[0], flat.shape[1]))
@@ -603,16 +636,32 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
             torch.index_select(done, 0, left, out=rows)
             rows.mul_(done.index_select(0, right))
             filled += left.shape[0]
-        out[1:].zero_().index_add_(0, k_rows, derivatives.mul_(monomials))
+        monomials.view(monomials.shape[0], copies, -1).mul_(per_period)
+        out[1:].zero_().index_add_(0, k_rows, monomials)
         return out.reshape((order + 1,) + a.shape[1:])
     monomials = flat[1 : degree + 1]
     for left, right in stages:
         monomials = torch.cat(
             [monomials, monomials.index_select(0, left) * monomials.index_select(0, right)]
         )
-    terms = derivatives.mul_(monomials)
+    terms = (monomials.reshape(monomials.shape[0], copies, -1) * per_period).reshape(
+        monomials.shape)
     higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
-    return torch.cat([y0.reshape(1, -1), higher]).reshape((order + 1,) + a.shape[1:])
+    return torch.cat([_tiled(y0, a[0]).reshape(1, -1), higher]).reshape(
+        (order + 1,) + a.shape[1:])
+
+
+def _first_period(value: Tensor, period: Optional[int]) -> Tensor:
+    """The first ``period`` rows of a value that repeats with that period."""
+    return value if period is None else value[:period]
+
+
+def _tiled(part: Tensor, like: Tensor) -> Tensor:
+    """``part`` (the first P rows of a periodic value) repeated to ``like``'s shape."""
+    if part.shape == like.shape:
+        return part
+    return part.unsqueeze(0).expand((like.shape[0] // part.shape[0],) + part.shape).reshape(
+        like.shape)
 
 
 def _padded(a: Tensor, order: Optional[int]) -> Tensor:
@@ -622,10 +671,12 @@ def _padded(a: Tensor, order: Optional[int]) -> Tensor:
     return torch.cat([a, a.new_zeros((order + 1 - a.shape[0],) + a.shape[1:])])
 
 
-def series_tanh(a: Tensor, degree: Optional[int] = None, order: Optional[int] = None) -> Tensor:
-    y0 = torch.tanh(a[0])
+def series_tanh(a: Tensor, degree: Optional[int] = None, order: Optional[int] = None,
+                period: Optional[int] = None) -> Tensor:
+    y0 = torch.tanh(_first_period(a[0], period))
     out = _compose(a, "tanh", y0, y0, 1 - y0 * y0, degree, order=order)
-    return out if out is not None else _series_riccati(_padded(a, order), y0, -1.0, 0.0, 1.0)[0]
+    return out if out is not None else _series_riccati(
+        _padded(a, order), _tiled(y0, a[0]), -1.0, 0.0, 1.0)[0]
 
 
 def _half_tanh(s: Tensor, b0: Tensor):
@@ -636,10 +687,12 @@ def _half_tanh(s: Tensor, b0: Tensor):
 
 
 def series_sigmoid(a: Tensor, degree: Optional[int] = None,
-                   order: Optional[int] = None) -> Tensor:
-    y0 = torch.sigmoid(a[0])
-    out = _compose(a, "sigmoid", y0, *_half_tanh(y0, a[0]), degree, order=order)
-    return out if out is not None else _series_riccati(_padded(a, order), y0, -1.0, 1.0, 0.0)[0]
+                   order: Optional[int] = None, period: Optional[int] = None) -> Tensor:
+    a0 = _first_period(a[0], period)
+    y0 = torch.sigmoid(a0)
+    out = _compose(a, "sigmoid", y0, *_half_tanh(y0, a0), degree, order=order)
+    return out if out is not None else _series_riccati(
+        _padded(a, order), _tiled(y0, a[0]), -1.0, 1.0, 0.0)[0]
 
 
 def series_pow_scalar(a: Tensor, r: float) -> Tensor:
@@ -669,22 +722,24 @@ def series_sqrt(a: Tensor) -> Tensor:
 
 
 def series_softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0,
-                    degree: Optional[int] = None, order: Optional[int] = None) -> Tensor:
+                    degree: Optional[int] = None, order: Optional[int] = None,
+                    period: Optional[int] = None) -> Tensor:
     # softplus(a) = (1/beta) softplus(b), b = beta a, whose derivatives are sigmoid's
     b = a if beta == 1.0 else a * beta
-    a0, b0 = a[0], b[0]
+    a0, b0 = _first_period(a[0], period), _first_period(b[0], period)
     y0 = F.softplus(a0, beta=beta, threshold=threshold)
     s0 = torch.sigmoid(b0)
     y = _compose(b, "softplus", y0, *_half_tanh(s0, b0), degree, linear=s0, order=order)
     if y is None:
-        y = _series_riccati(_padded(b, order), s0, -1.0, 1.0, 0.0, integral0=y0)[1]
+        y = _series_riccati(_padded(b, order), _tiled(s0, b[0]), -1.0, 1.0, 0.0,
+                            integral0=_tiled(y0, a[0]))[1]
     if beta != 1.0:
         y[1:] /= beta
     # torch switches to the identity where beta * a > threshold
     linear = b0 > threshold
     # (on CPU, skipped when no element is past the threshold: no sync to save)
     if a.device.type != "cpu" or bool(linear.any()):
-        y[1:] = torch.where(linear, _padded(a, order)[1:], y[1:])
+        y[1:] = torch.where(_tiled(linear, b[0]), _padded(a, order)[1:], y[1:])
     return y
 
 
@@ -912,7 +967,7 @@ def _unary_of_degree(series: Callable):
 
     def rule(func, args, kwargs):
         x = args[0]
-        return Jet(series(x.low, x.degree, x.order))
+        return Jet(series(x.low, x.degree, x.order, x.period), period=x.period)
 
     return rule
 
@@ -1007,7 +1062,8 @@ def _softplus_rule(func, args, kwargs):
     beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
     threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
     x = args[0]
-    return Jet(series_softplus(x.low, float(beta), float(threshold), x.degree, x.order))
+    return Jet(series_softplus(x.low, float(beta), float(threshold), x.degree, x.order,
+                               x.period), period=x.period)
 
 
 def _gelu_rule(func, args, kwargs):
@@ -1163,6 +1219,8 @@ def _affine_rule(func, args, kwargs):
         out = F.linear(low, weight)
         if bias is not None:  # (add_ on the row: `out[0] +=` also writes it back)
             out[0].add_(bias)
+        # linear keeps the leading axes (of a 1-D value, the axis is the features)
+        keeps_rows = low.dim() > 2
     else:
         # conv: the coefficients join the batch axis (one call, no vmap); an
         # unbatched input (C, *spatial) already has the coefficient axis as its batch
@@ -1174,7 +1232,8 @@ def _affine_rule(func, args, kwargs):
         out = out.unflatten(0, low.shape[:2]) if batched else out
         if bias is not None:
             out[0].add_(bias.reshape((-1,) + (1,) * (weight.dim() - 2)))
-    return Jet(out, degree=degree, order=x.order)
+        keeps_rows = batched  # (unbatched, the first axis is the channels)
+    return Jet(out, degree=degree, order=x.order, period=x.period if keeps_rows else None)
 
 
 def _max_pool_rule(spatial_dims: int):

@@ -22,12 +22,14 @@ Support sizes are solved in ascending order: for every S of size s at once,
 where u runs over the C(d-1, s-1) directions of exact support S, L holds
 u^q for the already known monomials q of smaller support inside S, and B
 holds u^q for the monomials of exact support S. B and L depend only on
-(s, d); B^{-1} is computed once in exact rational arithmetic. The cost is
-linear in the number of monomials, and no matrix larger than C(d-1, s-1) is
+(s, d); B^{-1} is exact rational arithmetic rounded once to float64, shipped
+as a table up to d = 8 (``block_inverses.npy``) and computed beyond. The cost
+is linear in the number of monomials, and no matrix larger than C(d-1, s-1) is
 inverted.
 """
 import itertools
 import math
+import os
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -55,13 +57,6 @@ def monomials(num_variables: int, degree: int) -> Tuple[Monomial, ...]:
     return tuple(out)
 
 
-def _primitive(direction: Monomial) -> Tuple[Monomial, int]:
-    g = 0
-    for e in direction:
-        g = math.gcd(g, e)
-    return tuple(e // g for e in direction), g
-
-
 def _compositions(total: int, parts: int) -> List[Monomial]:
     """Positive compositions of ``total`` into ``parts`` parts."""
     out = []
@@ -72,29 +67,85 @@ def _compositions(total: int, parts: int) -> List[Monomial]:
 
 
 _MAX_EXACT_INVERSE = 80
+# below this degree every u^q of a block (at most (d - 1)^d) is exact in int64
+# and in float64, so the power tables are vectorised; above, Python integers
+_INT64_POWERS_MAX_DEGREE = 13
+
+
+def _power_table(rows: Sequence[Monomial], exponents: Sequence[Monomial],
+                 degree: int) -> np.ndarray:
+    """(len(rows), len(exponents)) float64 table of u^q, each entry exact and
+    then rounded once."""
+    if not rows or not exponents:
+        return np.zeros((len(rows), len(exponents)))
+    if degree <= _INT64_POWERS_MAX_DEGREE:
+        u = np.asarray(rows, dtype=np.int64)
+        q = np.asarray(exponents, dtype=np.int64)
+        return (u[:, None, :] ** q[None, :, :]).prod(-1).astype(np.float64)
+    return np.array([[float(_power(a, b)) for b in exponents] for a in rows])
 
 
 @lru_cache(maxsize=None)
-def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...], Tuple[Monomial, ...], Tensor, Tensor]:
+def _block_inverse_table() -> Dict[Tuple[int, int], np.ndarray]:
+    """The shipped exact block inverses {(s, d): B_{s,d}^{-1}} for d <= 8 (see
+    :func:`block_inverse_table_values`), read once per process."""
+    flat = np.load(_TABLE_PATH)
+    table, offset = {}, 0
+    for s, d in _table_blocks():
+        n = math.comb(d - 1, s - 1)
+        table[(s, d)] = flat[offset : offset + n * n].reshape(n, n)
+        offset += n * n
+    if offset != flat.size:
+        raise RuntimeError(f"{_TABLE_PATH} holds {flat.size} values, expected {offset}")
+    return table
+
+
+#: Degrees whose block inverses ship with the package: each is the exact
+#: rational inverse rounded once to float64, as :func:`_exact_inverse` makes it
+#: (the exact elimination costs up to 30 ms per call at order 8, more than the
+#: expansion it serves; ``block_inverse_table_values`` rebuilds the file).
+TABLE_MAX_DEGREE = 8
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "block_inverses.npy")
+
+
+def _table_blocks() -> List[Tuple[int, int]]:
+    return [(s, d) for d in range(1, TABLE_MAX_DEGREE + 1) for s in range(1, d + 1)]
+
+
+def block_inverse_table_values() -> np.ndarray:
+    """Every B_{s,d}^{-1} of the shipped table, computed exactly now and
+    concatenated row-major in the table's order (d ascending, then s):
+    ``np.save(_TABLE_PATH, block_inverse_table_values())`` writes the file."""
+    parts = []
+    for s, d in _table_blocks():
+        full = _compositions(d, s)
+        block = [[_power(u, q) for q in full] for u in full]
+        parts.append(np.asarray(_exact_inverse(block), dtype=np.float64).reshape(-1))
+    return np.concatenate(parts)
+
+
+@lru_cache(maxsize=None)
+def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...], Tuple[Monomial, ...], np.ndarray, np.ndarray]:
     """The solve for the monomials of exact support within ``support_size`` local variables.
 
     Directions u and monomials q of full support are the positive compositions
     of ``degree`` (equally many). Returns (u, lower, B^{-1}, L) with
     B[u, q] = u^q (q of full support) and L[u, q'] = u^q' over the local
-    monomials q' of smaller support (``lower``). B^{-1} is exact rational
-    arithmetic rounded once to float64 (floating point beyond 80 rows).
+    monomials q' of smaller support (``lower``), as float64 arrays. B^{-1} is
+    exact rational arithmetic rounded once to float64 (from the shipped table
+    up to degree 8; floating point beyond 80 rows).
     """
     full = tuple(_compositions(degree, support_size))
     lower = tuple(q for q in monomials(support_size, degree) if not all(e > 0 for e in q))
-    block = [[_power(u, q) for q in full] for u in full]
-    if len(full) <= _MAX_EXACT_INVERSE:
-        inverse = torch.tensor(_exact_inverse(block), dtype=torch.float64)
+    if degree <= TABLE_MAX_DEGREE:
+        inverse = _block_inverse_table()[(support_size, degree)]
+    elif len(full) <= _MAX_EXACT_INVERSE:
+        inverse = np.asarray(
+            _exact_inverse([[_power(u, q) for q in full] for u in full]), dtype=np.float64
+        ).reshape(len(full), len(full))
     else:
-        inverse = torch.linalg.inv(torch.tensor(block, dtype=torch.float64))
-    lower_matrix = torch.tensor(
-        [[float(_power(u, q)) for q in lower] for u in full], dtype=torch.float64
-    ).reshape(len(full), len(lower))
-    return full, lower, inverse, lower_matrix
+        inverse = np.linalg.inv(_power_table(full, full, degree))
+    return full, lower, inverse, _power_table(full, lower, degree)
 
 
 def _power(u: Monomial, q: Monomial) -> int:
@@ -147,36 +198,51 @@ class RecoveryPlan:
         self.orders = sorted(set(orders))
         direction_index: Dict[Monomial, int] = {}
         self.directions: List[Monomial] = []
-        # per order: (gather index into directions, scale g^d, per-support-size solves, count)
-        self.steps = {}
+        # per order, as numpy arrays (index tables built vectorised: Python
+        # loops and many small tensors cost more than the expansion at low
+        # orders): (gather index into directions, scale g^d, per-support-size
+        # solves, count)
+        self._plan_steps = {}
         for d in self.orders:
             if d == 0:
                 continue
             mons = monomials(p, d)
-            mon_index = {m: n for n, m in enumerate(mons)}
-            gather, scale = [], []
-            for m in mons:
-                prim, g = _primitive(m)
-                if prim not in direction_index:
-                    direction_index[prim] = len(self.directions)
+            exps = np.asarray(mons, dtype=np.int64).reshape(len(mons), p)
+            common = np.gcd.reduce(exps, axis=1)
+            gather = np.empty(len(mons), dtype=np.int64)
+            for n, prim in enumerate(map(tuple, (exps // common[:, None]).tolist())):
+                index = direction_index.get(prim)
+                if index is None:
+                    index = direction_index[prim] = len(self.directions)
                     self.directions.append(prim)
-                gather.append(direction_index[prim])
-                scale.append(float(g) ** d)
+                gather[n] = index
+            locate = _monomial_locator(exps, mons, d)
             blocks = []
             for s in range(1, min(d, p) + 1):
                 full, lower, inverse, lower_matrix = _support_block(s, d)
-                supports = list(itertools.combinations(range(p), s))
+                supports = np.asarray(
+                    list(itertools.combinations(range(p), s)), dtype=np.int64
+                ).reshape(-1, s)
                 # directions and monomials of exact support S share their exponents
-                full_idx = [[mon_index[_embed(q, S, p)] for q in full] for S in supports]
-                lower_idx = [[mon_index[_embed(q, S, p)] for q in lower] for S in supports]
-                blocks.append((torch.tensor(full_idx),
-                               torch.tensor(lower_idx, dtype=torch.long).reshape(len(supports),
-                                                                                 len(lower)),
+                blocks.append((locate(_embedded(full, supports, p)),
+                               locate(_embedded(lower, supports, p)),
                                inverse, lower_matrix))
-            self.steps[d] = (torch.tensor(gather), torch.tensor(scale, dtype=torch.float64),
-                             blocks, len(mons))
+            self._plan_steps[d] = (gather, common.astype(np.float64) ** d, blocks, len(mons))
         if not self.directions:  # order 0 only: one (zero) direction suffices
             self.directions.append((0,) * p)
+
+    @property
+    def steps(self) -> Dict[int, Tuple[Tensor, Tensor, List[Tuple[Tensor, ...]], int]]:
+        """The per-order solves as tensors (made on first use: the dense maps
+        need only the arrays)."""
+        steps = self.__dict__.get("_steps")
+        if steps is None:
+            steps = self._steps = {
+                d: (torch.from_numpy(gather), torch.from_numpy(scale),
+                    [tuple(map(torch.from_numpy, block)) for block in blocks], count)
+                for d, (gather, scale, blocks, count) in self._plan_steps.items()
+            }
+        return steps
 
     def direction_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(n_directions, p) integer directions as floats (cached per dtype and device)."""
@@ -193,26 +259,31 @@ class RecoveryPlan:
     _DENSE_MAX_ENTRIES = 4_000_000
     _STACKED_MAX_ENTRIES = 300_000
 
+    def _dense_arrays(self) -> Optional[Dict[int, np.ndarray]]:
+        """{d: (n_directions, M_d) float64 map}, or None where the maps would be
+        too large (the block solves are used); made once per plan."""
+        if "_dense_np" not in self.__dict__:
+            n = len(self.directions)
+            sizes = [self._plan_steps[d][3] for d in self.orders if d != 0]
+            if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
+                self._dense_np = None
+            elif self.num_variables == 1:
+                # one variable, one direction (1,): the univariate coefficients are T_d
+                self._dense_np = {d: np.ones((1, 1)) for d in self.orders if d != 0}
+            else:
+                self._dense_np = {d: self._dense_map(d) for d in self.orders if d != 0}
+        return self._dense_np
+
     def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
         """{d: (n_directions, M_d)} with coefficients_d = univariate[d].T @ map_d, or
         None where the maps would be too large (the block solves are used)."""
         cache = self.__dict__.setdefault("_dense_cache", {})
         key = (str(device), dtype)
         if key not in cache:
-            n = len(self.directions)
-            sizes = [self.steps[d][3] for d in self.orders if d != 0]
-            if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
-                cache[key] = None
-            elif self.num_variables == 1:
-                # one variable, one direction (1,): the univariate coefficients are T_d
-                one = torch.ones(1, 1, dtype=dtype, device=device)
-                cache[key] = {d: one for d in self.orders if d != 0}
-            else:
-                identity = torch.eye(n, dtype=torch.float64)
-                top = max(self.orders)
-                unit = identity.unsqueeze(0).expand(top + 1, n, n)
-                maps = self._recover_blocks(unit)
-                cache[key] = {d: m.to(device, dtype) for d, m in maps.items() if d != 0}
+            arrays = self._dense_arrays()
+            cache[key] = None if arrays is None else {
+                d: torch.from_numpy(m).to(device, dtype) for d, m in arrays.items()
+            }
         return cache[key]
 
     def recover(self, univariate: Tensor) -> Dict[int, Tensor]:
@@ -245,14 +316,14 @@ class RecoveryPlan:
     def _stacked_map(self, num_coefficients: int, device: torch.device,
                      dtype: torch.dtype) -> Optional[Tensor]:
         """((K + 1) * n_directions, sum_d M_d) block map, or None if too large."""
-        maps = self._dense_maps(device, dtype)
+        maps = self._dense_arrays()
         n = len(self.directions)
         total = sum(math.comb(self.num_variables + d - 1, d) for d in self.orders)
         # the stacked map is block diagonal ((K + 1) times the entries of the
         # maps): worth one product only while small, else one product per order
         if maps is None or num_coefficients * n * total > self._STACKED_MAX_ENTRIES:
             return None
-        stacked = torch.zeros(num_coefficients, n, total, dtype=dtype, device=device)
+        stacked = np.zeros((num_coefficients, n, total))
         offset = 0
         for d in self.orders:
             if d == 0:
@@ -261,7 +332,23 @@ class RecoveryPlan:
                 continue
             stacked[d, :, offset : offset + maps[d].shape[1]] = maps[d]
             offset += maps[d].shape[1]
-        return stacked.reshape(num_coefficients * n, total)
+        return torch.from_numpy(stacked.reshape(num_coefficients * n, total)).to(device, dtype)
+
+    def _dense_map(self, d: int) -> np.ndarray:
+        """(n_directions, M_d) float64: the block solves of :meth:`_recover_blocks`
+        applied to every unit vector at once (in numpy: small arrays, many steps)."""
+        gather, scale, blocks, count = self._plan_steps[d]
+        n = len(self.directions)
+        # c_d at every multi-index direction, for the univariate input e_row
+        c = np.zeros((n, count))
+        c[gather, np.arange(count)] = scale
+        coeffs = np.zeros((n, count))
+        for full_idx, lower_idx, inverse, lower_matrix in blocks:  # ascending support
+            residual = c[:, full_idx]  # (n, n_supports, n_full)
+            if lower_matrix.shape[1]:
+                residual = residual - coeffs[:, lower_idx] @ lower_matrix.T
+            coeffs[:, full_idx.reshape(-1)] = (residual @ inverse.T).reshape(n, -1)
+        return coeffs
 
     def _recover_blocks(self, univariate: Tensor) -> Dict[int, Tensor]:
         out = {}
@@ -296,9 +383,15 @@ def recovery_plan(num_variables: int, orders: Tuple[int, ...]) -> RecoveryPlan:
 def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tensor, Tensor]:
     """(j! per monomial, the monomial of every entry of a (p,)*k tensor), cached:
     building the lookup costs more than using it."""
-    factorials = torch.tensor(
-        [math.prod(math.factorial(int(e)) for e in row) for row in exps], dtype=torch.float64
-    )
+    if k <= 20:  # j! <= k! fits in int64: exact, then rounded once
+        table = np.asarray([math.factorial(e) for e in range(k + 1)], dtype=np.int64)
+        exps_np = np.asarray(exps, dtype=np.int64).reshape(len(exps), p)
+        factorials = torch.from_numpy(table[exps_np].prod(axis=1).astype(np.float64))
+    else:
+        factorials = torch.tensor(
+            [math.prod(math.factorial(int(e)) for e in row) for row in exps],
+            dtype=torch.float64,
+        )
     if k == 0:
         return factorials, torch.zeros(1, dtype=torch.long)
     canonical = monomials(p, k)
@@ -341,11 +434,33 @@ def _canonical_lookup(p: int, k: int) -> Tensor:
     return times[_canonical_lookup(p, k - 1)].reshape(-1)
 
 
-def _embed(local: Monomial, support: Sequence[int], p: int) -> Monomial:
-    out = [0] * p
-    for e, v in zip(local, support):
-        out[v] = e
-    return tuple(out)
+def _embedded(local: Sequence[Monomial], supports: np.ndarray, p: int) -> np.ndarray:
+    """(n_supports, len(local), p) exponents: every local monomial (over s
+    variables) placed on every support (n_supports, s) among p variables."""
+    out = np.zeros((supports.shape[0], len(local), p), dtype=np.int64)
+    if len(local):
+        exps = np.asarray(local, dtype=np.int64).reshape(len(local), -1)
+        rows = np.arange(supports.shape[0])[:, None, None]
+        cols = np.arange(len(local))[None, :, None]
+        out[rows, cols, supports[:, None, :]] = exps[None]
+    return out
+
+
+def _monomial_locator(exps: np.ndarray, mons: Sequence[Monomial], degree: int):
+    """A function from exponent arrays (..., p) of degree ``degree`` to their
+    positions in ``exps`` (= ``mons``): keys in base degree + 1 where they fit
+    in int64, else a dictionary."""
+    p = exps.shape[1]
+    if p * math.log2(degree + 1) < 62:
+        radix = (degree + 1) ** np.arange(p, dtype=np.int64)
+        keys = exps @ radix
+        order = np.argsort(keys)
+        sorted_keys = keys[order]
+        return lambda e: order[np.searchsorted(sorted_keys, e @ radix)]
+    position = {m: n for n, m in enumerate(mons)}
+    return lambda e: np.array(
+        [position[tuple(row)] for row in e.reshape(-1, p).tolist()], dtype=np.int64
+    ).reshape(e.shape[:-1])
 
 
 def _format_magnitude(value: float, precision: int) -> str:
