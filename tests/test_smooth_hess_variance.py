@@ -613,11 +613,14 @@ def test_fitted_surrogate_with_subspace_groups_and_anisotropic_sigma(quick_fit):
     x = torch.randn(2, 4, dtype=DTYPE)
     sigmas = torch.tensor([0.3, 0.3, 0.6, 0.6], dtype=DTYPE)
     hess_true, _ = closed_form(model, x, sigmas)
+    # the same ids in both inputs: group 0 = features {0, 2} (the first of
+    # each input), group 1 = {1, 3}
     mask = torch.tensor([[0, 1]])
+    members = [[0, 2], [1, 3]]
     group_true = torch.stack(
         [
-            torch.stack([hess_true[:, :2, :2].sum((1, 2)), hess_true[:, :2, 2:].sum((1, 2))], -1),
-            torch.stack([hess_true[:, 2:, :2].sum((1, 2)), hess_true[:, 2:, 2:].sum((1, 2))], -1),
+            torch.stack([hess_true[:, a][:, :, b].sum((1, 2)) for b in members], -1)
+            for a in members
         ],
         -2,
     )

@@ -23,9 +23,10 @@ drawn jointly to cancel each other's errors (:func:`draw_noise`):
   directions cannot crowd together, so the quadratic part of f is averaged
   almost exactly (Yu et al., "Orthogonal Random Features", NeurIPS 2016;
   Choromanski et al., "Structured Evolution with Compact Architectures", 2018).
-- ``"sobol"``: randomized quasi-Monte Carlo: a scrambled Sobol sequence
-  (Owen scrambling, each point uniform on the cube) mapped through the normal
-  quantile. Best in few dimensions.
+- ``"sobol"``: randomized quasi-Monte Carlo: a scrambled Sobol sequence per
+  example (random linear matrix scramble and digital shift, each point uniform
+  on the cube; :mod:`captum_interactions._utils.sobol`) mapped through the
+  normal quantile. Best in few dimensions.
 - ``"gaussian"``: i.i.d. draws (the plain estimator).
 
 Samples of a block are dependent, blocks are independent: the standard error
@@ -51,6 +52,7 @@ from torch import Tensor
 
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
 from captum_interactions._utils.hessian import gradients_with_graph
+from captum_interactions._utils.sobol import scrambled_sobol
 
 # the noise of one block is drawn in one call, independent of internal_batch_size
 # (so results do not depend on it); a block holds about this many numbers
@@ -167,17 +169,9 @@ def draw_noise(
             num_examples, num_units, num_features, dtype=dtype, device=device
         ).norm(dim=-1)  # chi(D): |N(0, I_D)|
         return (q * radius.unsqueeze(-2)).permute(2, 0, 1)
-    # randomized QMC: an independent Owen-scrambled Sobol sequence per example
-    seeds = torch.randint(0, 2**62, (num_examples,), device="cpu").tolist()
-    uniform = torch.stack(
-        [
-            torch.quasirandom.SobolEngine(num_features, scramble=True, seed=seed).draw(
-                num_units, dtype=torch.float64
-            )
-            for seed in seeds
-        ],
-        dim=1,
-    )
+    # randomized QMC: an independently scrambled Sobol sequence per example
+    # (linear matrix scramble and digital shift, all examples at once)
+    uniform = scrambled_sobol(num_units, num_examples, num_features)
     eps = torch.finfo(torch.float64).eps
     uniform = uniform.clamp(eps, 1.0 - eps)
     return (math.sqrt(2.0) * torch.erfinv(2.0 * uniform - 1.0)).to(
