@@ -469,66 +469,87 @@ class SmoothHess(GradientAttribution):
         examples_per_pass, units_per_pass = example_chunks(
             num_examples, rows_per_unit, num_units, internal_batch_size
         )
+        def stein_terms(z: Tensor, e0: int, e1: int) -> Tuple[Tensor, Tensor]:
+            """b and c (Stein and SmoothGrad factors) of the units z (u, n, D) of
+            the examples e0..e1, from one gradient pass."""
+            target_e, args_e = base_expansion.rows(e0, e1)
+            perturbation = z * sigma_flat
+            if antithetic:
+                perturbation = torch.cat([perturbation, -perturbation])
+            points_flat = x_flat[e0:e1] + perturbation  # (r * u, n, D)
+            copies = points_flat.shape[0]
+            expansion = RowExpansion(target_e, args_e, e1 - e0, copies)
+            points = split_features(points_flat.reshape(-1, num_features), shapes)
+            grads = plain_gradients(
+                self.forward_func, points, expansion.target, expansion.additional_forward_args
+            )
+            grad_flat = flatten_features(grads).view(copies, e1 - e0, -1)
+            if surrogate is not None:  # Stein terms of f - g
+                grad_flat = grad_flat - surrogate.gradients(points_flat, e0, e1)
+            self.last_call_cost.gradient_rows += copies * (e1 - e0)
+            self.last_call_cost.batches += 1
+            if antithetic:
+                plus, minus = grad_flat.chunk(2)
+                return 0.5 * (plus - minus), 0.5 * (plus + minus)
+            return grad_flat, grad_flat
+
+        # blocks that fit one pass together share it (small models: the
+        # per-pass cost is most of the time); each is still accumulated and
+        # closed on its own, so the estimate and its standard error are the same
+        groups_of_blocks: List[List[int]] = []
+        for block_units in block_sizes:
+            last = groups_of_blocks[-1] if groups_of_blocks else None
+            if (last is not None and examples_per_pass == num_examples
+                    and sum(last) + block_units <= units_per_pass):
+                last.append(block_units)
+            else:
+                groups_of_blocks.append([block_units])
         with preserved_module_state(self.forward_func, eval_mode=True):
-            for block_units in block_sizes:
-                noise = draw_noise(
-                    sampler, block_units, num_examples, sample_dim, dtype, device
-                )
-                weights = None
-                if scale is not None:  # noise -> tau * noise, weights p/q (units, N)
-                    weights = importance_weights(noise, scale).unsqueeze(-1)
-                xi = noise
-                if basis is not None:
-                    noise = noise @ basis.transpose(0, 1)  # (units, N, D): z = Q xi
-                if fitting:  # this block's Stein factors, kept until both fits
-                    kept_b = noise.new_empty(block_units, num_examples, num_features)
-                    kept_c = torch.empty_like(kept_b)
-                for e0 in range(0, num_examples, examples_per_pass):
-                    e1 = min(num_examples, e0 + examples_per_pass)
-                    target_e, args_e = base_expansion.rows(e0, e1)
-                    for u0 in range(0, block_units, units_per_pass):
-                        u1 = min(block_units, u0 + units_per_pass)
-                        z = noise[u0:u1, e0:e1]  # (u, n, D)
-                        perturbation = z * sigma_flat
-                        if antithetic:
-                            perturbation = torch.cat([perturbation, -perturbation])
-                        points_flat = x_flat[e0:e1] + perturbation  # (r * u, n, D)
-                        copies = points_flat.shape[0]
-                        expansion = RowExpansion(target_e, args_e, e1 - e0, copies)
-                        points = split_features(
-                            points_flat.reshape(-1, num_features), shapes
-                        )
-                        grads = plain_gradients(
-                            self.forward_func,
-                            points,
-                            expansion.target,
-                            expansion.additional_forward_args,
-                        )
-                        grad_flat = flatten_features(grads).view(copies, e1 - e0, -1)
-                        if surrogate is not None:  # Stein terms of f - g
-                            grad_flat = grad_flat - surrogate.gradients(
-                                points_flat, e0, e1
-                            )
-                        if antithetic:
-                            plus, minus = grad_flat.chunk(2)
-                            b, c = 0.5 * (plus - minus), 0.5 * (plus + minus)
-                        else:
-                            b = c = grad_flat
-                        self.last_call_cost.gradient_rows += copies * (e1 - e0)
-                        self.last_call_cost.batches += 1
-                        if fitting:
-                            kept_b[u0:u1, e0:e1] = b
-                            kept_c[u0:u1, e0:e1] = c
-                            continue
-                        a = z / sigma_flat
-                        if weights is not None:  # E_p[h] = E_q[(p/q) h]
-                            w = weights[u0:u1, e0:e1]
-                            a, c = a * w, c * w
-                        accumulator.add(a, b, c, e0, e1)
-                if fitting:
-                    kept.append((block_units, xi, weights, kept_b, kept_c))
-                    continue
-                accumulator.end_block(block_units)
+            for group in groups_of_blocks:
+                drawn = []
+                for block_units in group:
+                    noise = draw_noise(
+                        sampler, block_units, num_examples, sample_dim, dtype, device
+                    )
+                    weights = None
+                    if scale is not None:  # noise -> tau * noise, weights p/q (units, N)
+                        weights = importance_weights(noise, scale).unsqueeze(-1)
+                    xi = noise
+                    if basis is not None:
+                        noise = noise @ basis.transpose(0, 1)  # (units, N, D): z = Q xi
+                    drawn.append((block_units, noise, xi, weights))
+                shared = None
+                if len(group) > 1:
+                    shared = stein_terms(torch.cat([d[1] for d in drawn]), 0, num_examples)
+                offset = 0
+                for block_units, noise, xi, weights in drawn:
+                    if fitting:  # this block's Stein factors, kept until both fits
+                        kept_b = noise.new_empty(block_units, num_examples, num_features)
+                        kept_c = torch.empty_like(kept_b)
+                    for e0 in range(0, num_examples, examples_per_pass):
+                        e1 = min(num_examples, e0 + examples_per_pass)
+                        for u0 in range(0, block_units, units_per_pass):
+                            u1 = min(block_units, u0 + units_per_pass)
+                            z = noise[u0:u1, e0:e1]  # (u, n, D)
+                            if shared is None:
+                                b, c = stein_terms(z, e0, e1)
+                            else:  # the group's pass: one chunk per block
+                                b = shared[0][offset : offset + block_units]
+                                c = shared[1][offset : offset + block_units]
+                            if fitting:
+                                kept_b[u0:u1, e0:e1] = b
+                                kept_c[u0:u1, e0:e1] = c
+                                continue
+                            a = z / sigma_flat
+                            if weights is not None:  # E_p[h] = E_q[(p/q) h]
+                                w = weights[u0:u1, e0:e1]
+                                a, c = a * w, c * w
+                            accumulator.add(a, b, c, e0, e1)
+                    offset += block_units
+                    if fitting:
+                        kept.append((block_units, xi, weights, kept_b, kept_c))
+                        continue
+                    accumulator.end_block(block_units)
         if fitting:
             self._add_cross_fitted(
                 accumulator, kept, x_flat, sigma_flat, basis, groups, antithetic
