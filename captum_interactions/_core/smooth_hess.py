@@ -469,6 +469,7 @@ class SmoothHess(GradientAttribution):
         examples_per_pass, units_per_pass = example_chunks(
             num_examples, rows_per_unit, num_units, internal_batch_size
         )
+
         def stein_terms(z: Tensor, e0: int, e1: int) -> Tuple[Tensor, Tensor]:
             """b and c (Stein and SmoothGrad factors) of the units z (u, n, D) of
             the examples e0..e1, from one gradient pass."""
