@@ -68,6 +68,13 @@ def rms_error(
     return torch.stack(errors).mean().sqrt().item()
 
 
+def assert_unbiased(runs, truth):
+    """The mean of independent runs (stacked on dim 0) within 4.5 of its
+    standard errors of ``truth``, in every entry."""
+    se = runs.std(0) / math.sqrt(runs.shape[0])
+    assert ((runs.mean(0) - truth).abs() < 4.5 * se + 1e-12).all()
+
+
 def test_relu_sum_closed_form_hessian_gradient_and_stderr():
     model = ReluSum()
     torch.manual_seed(0)
@@ -416,10 +423,8 @@ def test_samplers_are_unbiased_against_the_closed_form(sampler):
         runs.append(h)
         grads.append(g)
     runs, grads = torch.stack(runs), torch.stack(grads)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
-    se_g = grads.std(0) / math.sqrt(grads.shape[0])
-    assert ((grads.mean(0) - grad_true).abs() < 4.5 * se_g + 1e-12).all()
+    assert_unbiased(runs, hess_true)
+    assert_unbiased(grads, grad_true)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from captum_interactions import SmoothHess
+from tests.test_smooth_hess import assert_unbiased
 
 DTYPE = torch.float64
 SQRT2PI = math.sqrt(2 * math.pi)
@@ -107,10 +108,8 @@ def test_projection_and_control_variate_are_unbiased(sampler):
         grads.append(g)
     assert sh.last_call_subspace_rank == 5 and sh.last_call_control_variate
     runs, grads = torch.stack(runs), torch.stack(grads)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
-    se_g = grads.std(0) / math.sqrt(grads.shape[0])
-    assert ((grads.mean(0) - grad_true).abs() < 4.5 * se_g + 1e-12).all()
+    assert_unbiased(runs, hess_true)
+    assert_unbiased(grads, grad_true)
 
 
 @pytest.mark.parametrize("sampler", ["orthogonal", "gaussian"])
@@ -179,8 +178,7 @@ def test_explicit_subspace_unbiased_and_wrong_one_raises():
         runs.append(sh.attribute(x, n_samples=32, stdevs=0.5, input_subspace=model.w))
     assert sh.last_call_subspace_rank == 3
     runs = torch.stack(runs)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    assert_unbiased(runs, hess_true)
     # a subspace the model does not live in is caught before sampling
     wrong = torch.randn(3, 9, dtype=DTYPE)
     with pytest.raises(ValueError, match="outside `input_subspace`"):
@@ -308,8 +306,7 @@ def test_explicit_subspace_with_tuple_inputs_and_one_sigma_each():
         runs.append(h)
     assert sh.last_call_subspace_rank == 3
     runs = torch.stack(runs)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    assert_unbiased(runs, hess_true)
 
 
 def test_subspace_follows_in_place_changes_of_the_weight():
@@ -429,10 +426,8 @@ def test_importance_sampling_is_unbiased_on_black_box_closed_forms(case, sampler
     expected = math.sqrt(1 + 2.5 / 2) if importance == "auto" else importance
     assert sh.last_call_importance_scale == pytest.approx(expected)
     runs, grads = torch.stack(runs), torch.stack(grads)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
-    se_g = grads.std(0) / math.sqrt(grads.shape[0])
-    assert ((grads.mean(0) - grad_true).abs() < 4.5 * se_g + 1e-12).all()
+    assert_unbiased(runs, hess_true)
+    assert_unbiased(grads, grad_true)
 
 
 def test_importance_sampling_is_unbiased_in_more_dimensions():
@@ -450,8 +445,7 @@ def test_importance_sampling_is_unbiased_in_more_dimensions():
         runs.append(sh.attribute(x, n_samples=24, stdevs=0.5, sampler="orthogonal"))
     assert sh.last_call_importance_scale == pytest.approx(math.sqrt(1 + 2.5 / 6))
     runs = torch.stack(runs)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    assert_unbiased(runs, hess_true)
 
     net = squared_relu_net(d=12, k=5, seed=3)
     x = torch.randn(2, 12, dtype=DTYPE)
@@ -463,8 +457,7 @@ def test_importance_sampling_is_unbiased_in_more_dimensions():
         runs.append(sh.attribute(x, n_samples=24, stdevs=0.4, importance=1.5))
     assert sh.last_call_subspace_rank == 5
     runs = torch.stack(runs)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    assert_unbiased(runs, hess_true)
 
 
 @pytest.mark.parametrize("sampler", ["sobol", "gaussian"])
@@ -585,10 +578,8 @@ def test_fitted_surrogate_is_unbiased(quick_fit, case, sampler):
         grads.append(g)
     assert sh.last_call_fitted_surrogate and sh.last_call_control_variate
     runs, grads = torch.stack(runs), torch.stack(grads)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
-    se_g = grads.std(0) / math.sqrt(grads.shape[0])
-    assert ((grads.mean(0) - grad_true).abs() < 4.5 * se_g + 1e-12).all()
+    assert_unbiased(runs, hess_true)
+    assert_unbiased(grads, grad_true)
 
 
 def test_fitted_surrogate_with_subspace_groups_and_anisotropic_sigma(quick_fit):
@@ -604,8 +595,7 @@ def test_fitted_surrogate_with_subspace_groups_and_anisotropic_sigma(quick_fit):
         runs.append(sh.attribute(x, n_samples=48, stdevs=0.4, control_variate="fit"))
     assert sh.last_call_subspace_rank == 5 and sh.last_call_fitted_surrogate
     runs = torch.stack(runs)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - hess_true).abs() < 4.5 * se + 1e-12).all()
+    assert_unbiased(runs, hess_true)
 
     from tests.test_smooth_hess import ReluSum, closed_form
 
@@ -635,8 +625,7 @@ def test_fitted_surrogate_with_subspace_groups_and_anisotropic_sigma(quick_fit):
             )
         )
     runs = torch.stack(runs)
-    se = runs.std(0) / math.sqrt(runs.shape[0])
-    assert ((runs.mean(0) - group_true).abs() < 4.5 * se + 1e-12).all()
+    assert_unbiased(runs, group_true)
 
 
 @pytest.mark.parametrize("sampler", ["orthogonal"])
