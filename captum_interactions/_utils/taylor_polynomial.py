@@ -116,12 +116,14 @@ def block_inverse_table_values() -> np.ndarray:
     """Every B_{s,d}^{-1} of the shipped table, computed exactly now and
     concatenated row-major in the table's order (d ascending, then s):
     ``np.save(_TABLE_PATH, block_inverse_table_values())`` writes the file."""
-    parts = []
-    for s, d in _table_blocks():
-        full = _compositions(d, s)
-        block = [[_power(u, q) for q in full] for u in full]
-        parts.append(np.asarray(_exact_inverse(block), dtype=np.float64).reshape(-1))
-    return np.concatenate(parts)
+    return np.concatenate([_exact_block_inverse(s, d).reshape(-1) for s, d in _table_blocks()])
+
+
+def _exact_block_inverse(support_size: int, degree: int) -> np.ndarray:
+    """B_{s,d}^{-1} by exact elimination (integers), rounded once to float64."""
+    full = _compositions(degree, support_size)
+    block = [[_power(u, q) for q in full] for u in full]
+    return np.asarray(_exact_inverse(block), dtype=np.float64).reshape(len(full), len(full))
 
 
 @lru_cache(maxsize=None)
@@ -140,9 +142,7 @@ def _support_block(support_size: int, degree: int) -> Tuple[Tuple[Monomial, ...]
     if degree <= TABLE_MAX_DEGREE:
         inverse = _block_inverse_table()[(support_size, degree)]
     elif len(full) <= _MAX_EXACT_INVERSE:
-        inverse = np.asarray(
-            _exact_inverse([[_power(u, q) for q in full] for u in full]), dtype=np.float64
-        ).reshape(len(full), len(full))
+        inverse = _exact_block_inverse(support_size, degree)
     else:
         inverse = np.linalg.inv(_power_table(full, full, degree))
     return full, lower, inverse, _power_table(full, lower, degree)
