@@ -31,7 +31,6 @@ import time
 import torch
 from torch import nn
 
-import captum_interactions._core.smooth_hess as smooth_hess_module
 from captum_interactions import SmoothHess
 from captum_interactions._utils import stein
 from captum_interactions._utils.sobol import scrambled_sobol
@@ -49,20 +48,6 @@ def engines(num_points, num_sequences, dimension):
             num_points, dtype=torch.float64) for seed in seeds],
         dim=1,
     )
-
-
-def noise_from(generator):
-    """stein.draw_noise with its Sobol branch on ``generator``."""
-    plain = stein.draw_noise
-
-    def draw(sampler, num_units, num_examples, num_features, dtype, device):
-        if sampler != "sobol":
-            return plain(sampler, num_units, num_examples, num_features, dtype, device)
-        eps = torch.finfo(torch.float64).eps
-        uniform = generator(num_units, num_examples, num_features).clamp(eps, 1 - eps)
-        return (math.sqrt(2.0) * torch.erfinv(2.0 * uniform - 1.0)).to(device=device, dtype=dtype)
-
-    return draw
 
 
 def median_time(fn, repeats=5):
@@ -112,7 +97,7 @@ def main():
         for name, forward, x, sigma, truth in cases:
             row = dict(case=name, calls=args.calls, repeats=args.repeats)
             for label, fn in generators.items():
-                smooth_hess_module.draw_noise = noise_from(fn)
+                stein.scrambled_sobol = fn  # the generator draw_noise calls
                 sh = SmoothHess(forward)
                 errors, start = [], time.perf_counter()
                 for r in range(args.repeats):
@@ -135,13 +120,13 @@ def main():
         x = torch.randn(20, 10)
         default = dict(case="default call, 10-32-32-1 ReLU MLP (as a plain function), 20 examples")
         for label, fn in generators.items():
-            smooth_hess_module.draw_noise = noise_from(fn)
+            stein.scrambled_sobol = fn  # the generator draw_noise calls
             sh = SmoothHess(lambda v: mlp(v))
             sh.attribute(x)
             default[label] = median_time(lambda: sh.attribute(x))
         default["speed-up"] = default["SobolEngine per example"] / default["batched scramble"]
     finally:
-        smooth_hess_module.draw_noise = stein.draw_noise
+        stein.scrambled_sobol = scrambled_sobol
 
     print("generation (s): points x sequences x dimension | engines | batched | speed-up")
     for row in generation:
