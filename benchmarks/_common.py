@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts (and the tests that compare with peers):
 timing, peak memory, loading the peer packages, writing the results JSON."""
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -49,6 +50,39 @@ def timed_interleaved(fns, device, repeats):
         statistics.median(t / t0 for t, t0 in zip(times[k], times[0])) for k in range(len(fns))
     ]
     return [(statistics.median(t), r) for t, r in zip(times, results)], ratios
+
+
+# glibc malloc, fixed: large blocks come from the heap and freed memory is kept.
+# Its default thresholds move with the process's history: large tensors are
+# then either reused from the heap or mapped fresh (page faults on every call)
+# and trimmed back after it, so the same call can take almost twice as long in
+# one process as in the next (``bench_hope_malloc.py``). Ignored by other
+# allocators; jemalloc and tcmalloc, which PyTorch's CPU tuning guide
+# recommends, keep freed memory for reuse too.
+MALLOC_SETTINGS = {
+    "tuned": {"MALLOC_MMAP_THRESHOLD_": str(2**28), "MALLOC_TRIM_THRESHOLD_": str(2**29)},
+    "default": {},
+}
+
+
+@contextlib.contextmanager
+def malloc_environment(setting: str):
+    """Processes started inside the block (``spawn``) use the glibc malloc
+    ``setting`` ("tuned" or "default", see ``MALLOC_SETTINGS``); the variables
+    are read when a process starts, so this process is unaffected."""
+    names = [name for values in MALLOC_SETTINGS.values() for name in values]
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        for name in names:
+            os.environ.pop(name, None)
+        os.environ.update(MALLOC_SETTINGS[setting])
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class PeakRSS:

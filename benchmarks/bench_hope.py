@@ -24,7 +24,16 @@ speed-up that the timeout implies. Errors: max |D^k - D^k_exact| / max
 |D^k_exact| over k <= K against exact float64 derivatives from an independent
 truncated power-series evaluation of the same net (``_taylor_reference.py``).
 
+Every timed process runs with glibc malloc's thresholds fixed (``--malloc
+tuned``, the default; see ``_common.MALLOC_SETTINGS``): with the default
+thresholds, whether large tensors are reused from the heap or mapped fresh on
+every call depends on the process's history, which moves HOPE's time with 4
+groups by up to 2x between processes (``bench_hope_malloc.py`` measures it;
+nested autograd moves by 5% at most).
+``--malloc default`` leaves them as they are.
+
     python benchmarks/bench_hope.py [--device cuda] [--quick] [--timeout 120]
+                                    [--malloc tuned|default] [--out PATH]
 """
 import argparse
 import copy
@@ -43,7 +52,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from captum_interactions import HOPE  # noqa: E402
 from _taylor_reference import derivative_tensors  # noqa: E402
-from _common import PeakRSS, sync, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    MALLOC_SETTINGS, PeakRSS, malloc_environment, sync, write_results,
+)
 
 
 class Sin(nn.Module):
@@ -241,6 +252,10 @@ def main():
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before a baseline is skipped (default 120, quick 20)")
+    parser.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
+                        help="glibc malloc thresholds of the timed processes (default tuned)")
+    parser.add_argument("--out", default=None,
+                        help="results path (default results/hope[_<device>][_quick].json)")
     args = parser.parse_args()
     if args.timeout is None:
         args.timeout = 20.0 if args.quick else 120.0
@@ -250,7 +265,8 @@ def main():
     load_before = os.getloadavg()[0]
     for case, order in plan:
         reference = derivatives_reference(make_case(case, torch.float64, "cpu", args.quick), order)
-        res = {m: measure(case, m, order, args) for m in ("hope", "autograd", "jacfwd")}
+        with malloc_environment(args.malloc):
+            res = {m: measure(case, m, order, args) for m in ("hope", "autograd", "jacfwd")}
         hope_seconds = res["hope"][0] if res["hope"] is not None else None
         for method in ("hope", "autograd", "jacfwd"):
             r = res[method]
@@ -297,6 +313,8 @@ def main():
         # intra-op threads of the timed processes (OMP_NUM_THREADS): timings on a
         # shared machine are only comparable at the same setting
         "threads": torch.get_num_threads(),
+        # the timed processes' malloc environment (_common.MALLOC_SETTINGS)
+        "malloc": {"setting": args.malloc, "environment": MALLOC_SETTINGS[args.malloc]},
         # 1-minute load average before and after the run (a shared machine)
         "load_average": [load_before, os.getloadavg()[0]],
         "platform": platform.platform(),
@@ -304,7 +322,9 @@ def main():
     }
     name = "hope.json" if args.device == "cpu" and not args.quick else (
         f"hope_{args.device.split(':')[0]}{'_quick' if args.quick else ''}.json")
-    write_results(out, os.path.join(HERE, "results", name))
+    if args.malloc != "tuned":
+        name = name.replace(".json", f"_malloc_{args.malloc}.json")
+    write_results(out, args.out or os.path.join(HERE, "results", name))
 
 
 if __name__ == "__main__":
