@@ -31,3 +31,4 @@ from captum_interactions._core.llm_attr import LLMInteractionAttribution, LLMInt
 from captum_interactions.tables import InteractionTable, TopInteraction, top_interactions  # noqa: F401
 from captum_interactions.interop import from_shapiq, to_shapiq  # noqa: F401
 from captum_interactions._utils.nonsmooth import NonSmoothModelWarning  # noqa: F401
+from captum_interactions._utils.common import NonFiniteResultWarning  # noqa: F401

@@ -211,6 +211,38 @@ def test_tanh_sigmoid_softplus_series_match_nested_autograd_orders_1_to_7(name, 
                                        atol=1e-14 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus"])
+@pytest.mark.parametrize("path", ["line", "composition", "recurrence"])
+def test_overflow_at_the_top_order_leaves_the_lower_orders_exact(name, path, monkeypatch):
+    """a_1 = 1e80 at order 4: the order-4 coefficient overflows float64 (its
+    a_1^4 term is ~1e320), orders 1-3 do not and must keep their closed forms
+    (c1 = f' a1, c2 = f' a2 + f''/2 a1^2, c3 = f' a3 + f'' a1 a2 + f'''/6 a1^3).
+    A rule that mixes the orders (e.g. summing them with one dense product,
+    0 * inf = NaN) would lose the lower orders to the top one."""
+    import captum_interactions._utils.jets as jets
+
+    if path == "recurrence":
+        monkeypatch.setattr(jets, "_COMPOSE_NUMEL", 0)
+    f = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": F.softplus}[name]
+    x0 = torch.tensor([0.3, -1.2], dtype=DTYPE)
+    coeffs = torch.zeros(5, 2, dtype=DTYPE)
+    coeffs[0], coeffs[1] = x0, 1e80
+    if path != "line":
+        coeffs[2], coeffs[3], coeffs[4] = 1e40, 2.0, -1.0
+    got = f(Jet(coeffs, degree=1 if path == "line" else None)).coefficients
+    # derivatives of f at x0 by nested autograd (tiny numbers, no overflow)
+    d = [nested_taylor(f, float(x), 3) * torch.tensor([1.0, 1.0, 2.0, 6.0], dtype=DTYPE)
+         for x in x0]
+    for i in range(2):
+        f1, f2, f3 = d[i][1], d[i][2], d[i][3]
+        a1, a2, a3 = coeffs[1, i], coeffs[2, i], coeffs[3, i]
+        expected = torch.stack([f1 * a1, f1 * a2 + f2 / 2 * a1**2,
+                                f1 * a3 + f2 * a1 * a2 + f3 / 6 * a1**3])
+        assert torch.isfinite(expected).all()
+        torch.testing.assert_close(got[1:4, i], expected, rtol=1e-12, atol=0.0)
+        assert not torch.isfinite(got[4, i])  # the top order did overflow
+
+
 def test_monomial_tree_covers_every_composition_once():
     """The rows of the product tree are the partitions of k <= K; their
     multinomial counts add up to the C(k-1, m-1) compositions of k into m parts

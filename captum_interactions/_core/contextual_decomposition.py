@@ -21,6 +21,7 @@ from captum_interactions._utils.common import (
     preserved_module_state,
     validate_internal_batch_size,
     validate_target,
+    warn_if_nonfinite,
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, split_features
 from captum_interactions._utils.memory import (
@@ -178,7 +179,10 @@ class ContextualDecomposition(Attribution):
             rels.append(rel.reshape((stop - start, num_examples) + rel.shape[1:]))
             irrs.append(irr.reshape((stop - start, num_examples) + irr.shape[1:]))
             start = stop
-        return torch.cat(rels), torch.cat(irrs)
+        rel, irr = torch.cat(rels), torch.cat(irrs)
+        # (examples first for the warning)
+        warn_if_nonfinite(rel.transpose(0, 1), type(self).__name__, "in the forward pass")
+        return rel, irr
 
     @staticmethod
     def _select(output: Tensor, target: TargetType) -> Tensor:

@@ -62,6 +62,7 @@ from captum_interactions._utils.distributed import (
     distributed_context,
     rank_chunks,
 )
+from captum_interactions._utils.common import NonFiniteResultWarning
 from captum_interactions._utils.feature_groups import flatten_features
 
 # how many non-finite example indices the warning and summary.json list
@@ -964,7 +965,10 @@ def _explain_chunks(
                         per_batch = _to_device(per_batch, target_device)
                     inputs = per_batch["inputs"]
                     n = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
-                    output = explain(**per_batch, **attribute_kwargs)
+                    with warnings.catch_warnings():
+                        # the run names its non-finite examples once, by dataset index
+                        warnings.simplefilter("ignore", NonFiniteResultWarning)
+                        output = explain(**per_batch, **attribute_kwargs)
                     flat = _flat_matrix(output, n, method_name)
                     pieces.append(output if isinstance(output, Tensor) else flat)
                     if pairs:

@@ -18,6 +18,7 @@ from captum_interactions._utils.common import (
     validate_internal_batch_size,
     validate_positive_int,
     validate_target,
+    warn_if_nonfinite,
 )
 from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.feature_groups import FeatureGroups
@@ -209,6 +210,10 @@ class ExpectedHessians(GradientAttribution):
                 internal_batch_size=internal_batch_size,
                 counter=self.last_call_cost,
                 method_name=type(self).__name__,
+            )
+            warn_if_nonfinite(
+                interactions, type(self).__name__,
+                "on the paths from the reference samples to the input",
             )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout

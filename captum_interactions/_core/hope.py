@@ -21,6 +21,7 @@ from captum_interactions._utils.common import (
     validate_internal_batch_size,
     validate_positive_int,
     validate_target,
+    warn_if_nonfinite,
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
 from captum_interactions._utils.hessian import validate_output_layout
@@ -41,6 +42,11 @@ from captum_interactions._utils.taylor_polynomial import (
 )
 
 _MAX_MONOMIALS = 2_000_000
+_HOPE_OVERFLOW_HINT = (
+    " The order-k coefficients scale like the k-th power of the inputs' (or the"
+    " group shifts') scale, so the highest orders overflow first: lower `order` or"
+    " rescale the inputs."
+)
 
 
 @lru_cache(maxsize=32)
@@ -433,6 +439,14 @@ class HOPE(GradientAttribution):
             internal_batch_size, derived=derived,
         )
         coefficients = plan.recover_concatenated(univariate)
+        if not bool(torch.isfinite(coefficients).all()):
+            # the stacked product mixes the orders (0 * inf = NaN): order by
+            # order, the orders below an overflow keep their values
+            parts = plan.recover(univariate)
+            coefficients = torch.cat([parts[d] for d in plan.orders], dim=1)
+            warn_if_nonfinite(
+                coefficients, "HOPE", "at the expansion point", _HOPE_OVERFLOW_HINT
+            )
         p = groups.num_groups
         if groups.is_identity:
             center = flatten_features(inputs_t)
@@ -514,6 +528,7 @@ class HOPE(GradientAttribution):
             inputs_t[0].new_zeros((inputs_t[0].shape[0], p)),
         )
         flat = poly.derivative_tensor(order)  # (N, p, ..., p)
+        warn_if_nonfinite(flat, "HOPE", "at the point", _HOPE_OVERFLOW_HINT)
         if not groups.is_identity or output_layout == "flat":
             return flat
         if output_layout == "per_input":

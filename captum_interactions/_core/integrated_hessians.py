@@ -18,6 +18,7 @@ from captum_interactions._utils.common import (
     validate_internal_batch_size,
     validate_positive_int,
     validate_target,
+    warn_if_nonfinite,
 )
 from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.feature_groups import FeatureGroups
@@ -409,6 +410,9 @@ class IntegratedHessians(GradientAttribution):
                 ),
                 n_steps, completeness_tol, max_steps, method, type(self).__name__,
                 warn=self._multiply_by_inputs,
+            )
+            warn_if_nonfinite(
+                interactions, type(self).__name__, "on the path from the baseline to the input"
             )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from captum_interactions._core.layer.layer_integrated_hessians import (
     LayerIntegratedHessians,
 )
+from captum_interactions._utils.common import NonFiniteResultWarning
 
 #: Keyword arguments of LayerIntegratedHessians.attribute that this class sets itself.
 _RESERVED_KWARGS = (
@@ -780,7 +781,10 @@ class LLMInteractionAttribution(BaseLLMAttribution):
         else:
             rows, row_target = 1, 0
         try:
-            with _computed_in(self.model, dtype), _twice_differentiable_attention(self.model):
+            with _computed_in(self.model, dtype), _twice_differentiable_attention(self.model), \
+                    warnings.catch_warnings():
+                # non-finite results raise below, with the log-probabilities
+                warnings.simplefilter("ignore", NonFiniteResultWarning)
                 interactions = self.attr_method.attribute(
                     input_ids.expand(rows, -1),
                     baselines=baseline_ids.expand(rows, -1),

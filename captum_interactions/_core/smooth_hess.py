@@ -20,6 +20,7 @@ from captum_interactions._utils.common import (
     validate_internal_batch_size,
     validate_positive_int,
     validate_target,
+    warn_if_nonfinite,
 )
 from captum_interactions._utils.feature_groups import (
     FeatureGroups,
@@ -562,6 +563,9 @@ class SmoothHess(GradientAttribution):
             exact_hessian, exact_gradient = surrogate.smoothed(x_flat, sigma_flat, groups)
             mean_hessian = mean_hessian + exact_hessian
             mean_gradient = mean_gradient + exact_gradient
+        warn_if_nonfinite(
+            mean_hessian, type(self).__name__, "at the sampled points x + sigma * z"
+        )
         hessian = format_interaction_output(
             mean_hessian, groups, is_inputs_tuple, output_layout
         )

@@ -7,6 +7,7 @@ They wrap Captum's own formatting helpers (``captum._utils.common``,
 """
 import contextlib
 import functools
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -513,6 +514,35 @@ def nonfinite_examples(tensor: Tensor) -> List[int]:
         return [] if bool(torch.isfinite(tensor)) else [0]
     bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
     return bad.nonzero().flatten().tolist()
+
+
+class NonFiniteResultWarning(UserWarning):
+    """An attribution holds NaN or infinite entries: the model (or its
+    derivatives) was not finite where the method evaluated it, or overflowed."""
+
+
+def warn_if_nonfinite(result: Tensor, method: str, where: str, hint: str = "") -> None:
+    """A :class:`NonFiniteResultWarning` naming the examples (rows of dim 0) of
+    ``result`` that hold a NaN or an infinity; one reduction when all is finite.
+
+    ``where``: where the method evaluates the model ("on the path from the
+    baseline to the input", ...); ``hint``: a method-specific cause and fix."""
+    if not isinstance(result, Tensor) or not result.is_floating_point() or result.numel() == 0:
+        return
+    if bool(torch.isfinite(result).all()):
+        return
+    bad = nonfinite_examples(result)
+    rows = 1 if result.dim() == 0 else result.shape[0]
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    warnings.warn(
+        f"{method}: the result holds NaN or infinite entries for {len(bad)} of {rows} "
+        f"examples (index {shown}): the model's output or its derivatives are not finite "
+        f"{where} (a log or a division at 0, or an overflow in {result.dtype}).{hint} "
+        "Check the model there; where it overflows, compute in float64 "
+        "(`model.double()` and float64 inputs).",
+        NonFiniteResultWarning,
+        stacklevel=3,
+    )
 
 
 def check_finite(

@@ -560,28 +560,25 @@ def _composition_plan(kind: str, order: int, degree: int, dtype: torch.dtype,
     # (index tables in numpy, one host-to-device copy: many small tensors
     # would cost more than a small expansion)
     if degree == 1:  # rows: delta_1^m, m = 1..order (count 1)
-        parts, counts, stages, order_sums = list(range(1, order + 1)), [1] * order, [], None
+        parts, counts, stages, k_rows = list(range(1, order + 1)), [1] * order, [], None
     else:
         tree, ks, parts, counts = _monomial_tree(order, degree)
         sizes = [len(left) for left, _ in tree]
-        flat = np.asarray([i for left, right in tree for i in left + right], dtype=np.int64)
+        flat = np.asarray([i for left, right in tree for i in left + right] + [k - 1 for k in ks],
+                          dtype=np.int64)
         indices = torch.from_numpy(flat).to(device)
         stages, offset = [], 0
         for size in sizes:
             stages.append((indices[offset : offset + size],
                            indices[offset + size : offset + 2 * size]))
             offset += 2 * size
-        # out_k = sum of the rows of order k: one product with a 0/1 matrix
-        # (a third of the time of zeroing and scattering with index_add_)
-        sums_np = np.zeros((order, len(ks)))
-        sums_np[np.asarray(ks) - 1, np.arange(len(ks))] = 1.0
-        order_sums = torch.from_numpy(sums_np).to(dtype=dtype, device=device)
+        k_rows = indices[offset:]
     # each row: its m-th derivative (rounded once) times its integer count
     table = np.asarray(_derivative_table(kind, order), dtype=np.float64)
     weights_np = table[np.asarray(parts) - 1] * np.asarray(counts, dtype=np.float64)[:, None]
     weights = torch.from_numpy(weights_np).to(dtype=dtype, device=device)
     const = weights[:, :1] if weights_np[:, 0].any() else None
-    plan = _SERIES_PLANS[key] = (stages, order_sums, const, weights[:, 1:])
+    plan = _SERIES_PLANS[key] = (stages, k_rows, const, weights[:, 1:])
     return plan
 
 
@@ -607,7 +604,7 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
         # about three passes per monomial, the recurrence ~1.5 K^2)
         if not periodic or _partition_count(order, degree) > order * order:
             return None
-    stages, order_sums, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
+    stages, k_rows, const, weights = _composition_plan(kind, order, degree, a.dtype, a.device)
     flat = a.reshape(a.shape[0], -1)
     # basis (q^1..q^h, y, y q^1..y q^h), then every row's weighted derivative at once
     y, q = y.reshape(1, -1), q.reshape(1, -1)
@@ -640,7 +637,7 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
             rows.mul_(done.index_select(0, right))
             filled += left.shape[0]
         monomials.view(monomials.shape[0], copies, -1).mul_(per_period)
-        torch.mm(order_sums, monomials, out=out[1:].view(order, -1))
+        out[1:].zero_().index_add_(0, k_rows, monomials)
         return out.reshape((order + 1,) + a.shape[1:])
     monomials = flat[1 : degree + 1]
     for left, right in stages:
@@ -649,7 +646,7 @@ def _compose(a: Tensor, kind: str, y0: Tensor, y: Tensor, q: Tensor,
         )
     terms = (monomials.reshape(monomials.shape[0], copies, -1) * per_period).reshape(
         monomials.shape)
-    higher = order_sums @ terms
+    higher = terms.new_zeros((order,) + terms.shape[1:]).index_add_(0, k_rows, terms)
     return torch.cat([_tiled(y0, a[0]).reshape(1, -1), higher]).reshape(
         (order + 1,) + a.shape[1:])
 

@@ -22,6 +22,7 @@ from captum_interactions._utils.common import (
     validate_internal_batch_size,
     validate_positive_int,
     validate_target,
+    warn_if_nonfinite,
 )
 from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.feature_groups import FeatureGroups
@@ -509,6 +510,10 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
                 n_steps, completeness_tol, max_steps, method, type(self).__name__,
                 warn=self._multiply_by_inputs,
                 other_cause=" (or `layer` is not the only path from the inputs to the output)",
+            )
+            warn_if_nonfinite(
+                interactions, type(self).__name__,
+                "on the path from the baseline to the input (at the layer and after it)",
             )
             result = format_interaction_output(
                 interactions, groups, layer_is_tuple, output_layout
