@@ -1,5 +1,6 @@
 """Every method warns (NonFiniteResultWarning) when its result holds NaN or inf,
-naming the examples concerned, and stays silent on finite results."""
+naming the examples concerned, and stays silent on finite results; HOPE keeps
+the finite orders below an overflow."""
 import warnings
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from captum_interactions import (
+    AgglomerativeContextualDecomposition,
     ContextualDecomposition,
     ExpectedHessians,
     HOPE,
@@ -127,3 +129,20 @@ def test_explain_dataset_names_them_once_by_dataset_index(tmp_path):
     assert not [w for w in caught if issubclass(w.category, NonFiniteResultWarning)]
     assert [w for w in caught if "explain_dataset: 1 of 4 examples" in str(w.message)
             and "(examples 3)" in str(w.message)]
+
+
+def test_agglomerative_cd_names_the_example_once():
+    model = nn.Sequential(nn.Linear(4, 1, dtype=DTYPE))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1e308]], dtype=DTYPE))
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 10.0]], dtype=DTYPE)
+    _, caught = _nonfinite_warnings(
+        lambda: AgglomerativeContextualDecomposition(model).attribute(x, structure="sequence"))
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith("AgglomerativeContextualDecomposition: ")
+    assert "1 of 2 examples (index 1)" in message
+    _, none = _nonfinite_warnings(
+        lambda: AgglomerativeContextualDecomposition(model).attribute(x[:1], structure="sequence"))
+    assert none == []

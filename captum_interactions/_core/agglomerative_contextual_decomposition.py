@@ -15,6 +15,7 @@ from captum_interactions._utils.common import (
     format_inputs,
     validate_internal_batch_size,
     validate_target,
+    warn_nonfinite_examples,
 )
 
 
@@ -303,6 +304,7 @@ class AgglomerativeContextualDecomposition(Attribution):
             mask_shape = (1,) * (inputs.dim() - 2) + (height, width)
         adjacency = _adjacency(kind, grid, device)
         hierarchies = []
+        nonfinite: List[int] = []  # examples with a NaN/inf score, reported once
         for n in range(num_examples):
             example_target, example_args = _example_slice(
                 target, additional_forward_args, n, num_examples
@@ -312,14 +314,22 @@ class AgglomerativeContextualDecomposition(Attribution):
                 masks = members[:, unit_map].reshape((members.shape[0],) + mask_shape)
                 rel, _ = self.cd._decompose_masks(
                     (inputs[n : n + 1],), (masks,), example_target, example_args,
-                    internal_batch_size, select_target=True,
+                    internal_batch_size, select_target=True, warn=False,
                 )
+                if (not nonfinite or nonfinite[-1] != n) and not bool(
+                    torch.isfinite(rel).all()
+                ):
+                    nonfinite.append(n)
                 return rel[:, 0]
 
             hierarchies.append(
                 _agglomerate(score, kind, grid, unit_map, adjacency, percentile, absolute,
                              max_levels)
             )
+        warn_nonfinite_examples(
+            nonfinite, num_examples, type(self).__name__, "in the forward pass",
+            inputs.dtype if inputs.is_floating_point() else torch.get_default_dtype(),
+        )
         return hierarchies[0] if num_examples == 1 else hierarchies
 
     @staticmethod

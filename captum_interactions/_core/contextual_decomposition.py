@@ -129,8 +129,10 @@ class ContextualDecomposition(Attribution):
         additional_forward_args: Any,
         internal_batch_size: Optional[int],
         select_target: bool,
+        warn: bool = True,
     ) -> Tuple[Tensor, Tensor]:
-        """Masks (M, N or 1, *F_i) per input -> relevant/irrelevant outputs (M, N, ...)."""
+        """Masks (M, N or 1, *F_i) per input -> relevant/irrelevant outputs (M, N, ...);
+        ``warn``: a NonFiniteResultWarning for examples with NaN/inf scores."""
         num_examples = inputs[0].shape[0]
         num_masks = masks[0].shape[0]
         chunking = dict(
@@ -180,8 +182,8 @@ class ContextualDecomposition(Attribution):
             irrs.append(irr.reshape((stop - start, num_examples) + irr.shape[1:]))
             start = stop
         rel, irr = torch.cat(rels), torch.cat(irrs)
-        # (examples first for the warning)
-        warn_if_nonfinite(rel.transpose(0, 1), type(self).__name__, "in the forward pass")
+        if warn:  # (examples first for the warning)
+            warn_if_nonfinite(rel.transpose(0, 1), type(self).__name__, "in the forward pass")
         return rel, irr
 
     @staticmethod

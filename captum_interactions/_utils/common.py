@@ -531,17 +531,29 @@ def warn_if_nonfinite(result: Tensor, method: str, where: str, hint: str = "") -
         return
     if bool(torch.isfinite(result).all()):
         return
-    bad = nonfinite_examples(result)
-    rows = 1 if result.dim() == 0 else result.shape[0]
+    warn_nonfinite_examples(
+        nonfinite_examples(result), 1 if result.dim() == 0 else result.shape[0], method,
+        where, result.dtype, hint, stacklevel=4,
+    )
+
+
+def warn_nonfinite_examples(
+    bad: Sequence[int], rows: int, method: str, where: str, dtype: torch.dtype,
+    hint: str = "", stacklevel: int = 3,
+) -> None:
+    """The :class:`NonFiniteResultWarning` of :func:`warn_if_nonfinite` for
+    the examples ``bad`` (of ``rows``), where the caller found them."""
+    if not bad:
+        return
     shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
     warnings.warn(
         f"{method}: the result holds NaN or infinite entries for {len(bad)} of {rows} "
         f"examples (index {shown}): the model's output or its derivatives are not finite "
-        f"{where} (a log or a division at 0, or an overflow in {result.dtype}).{hint} "
+        f"{where} (a log or a division at 0, or an overflow in {dtype}).{hint} "
         "Check the model there; where it overflows, compute in float64 "
         "(`model.double()` and float64 inputs).",
         NonFiniteResultWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
