@@ -516,6 +516,11 @@ def nonfinite_examples(tensor: Tensor) -> List[int]:
     return bad.nonzero().flatten().tolist()
 
 
+def _shown_indices(indices: Sequence[int], limit: int = 10) -> str:
+    """The first ``limit`` indices, comma-separated, then "..." if there are more."""
+    return ", ".join(map(str, indices[:limit])) + (", ..." if len(indices) > limit else "")
+
+
 class NonFiniteResultWarning(UserWarning):
     """An attribution holds NaN or infinite entries: the model (or its
     derivatives) was not finite where the method evaluated it, or overflowed."""
@@ -545,10 +550,9 @@ def warn_nonfinite_examples(
     the examples ``bad`` (of ``rows``), where the caller found them."""
     if not bad:
         return
-    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
     warnings.warn(
         f"{method}: the result holds NaN or infinite entries for {len(bad)} of {rows} "
-        f"examples (index {shown}): the model's output or its derivatives are not finite "
+        f"examples (index {_shown_indices(bad)}): the model's output or its derivatives are not finite "
         f"{where} (a log or a division at 0, or an overflow in {dtype}).{hint} "
         "Check the model there; where it overflows, compute in float64 "
         "(`model.double()` and float64 inputs).",
@@ -569,10 +573,9 @@ def check_finite(
         bad = nonfinite_examples(t)
         if bad:
             label = name if len(tensors) == 1 else f"{name}[{i}]"
-            shown = bad[:10] + (["..."] if len(bad) > 10 else [])
             raise ValueError(
                 f"`{label}` holds NaN or infinite values in {what} "
-                f"{', '.join(map(str, shown))} ({len(bad)} of {t.shape[0]}); every "
+                f"{_shown_indices(bad)} ({len(bad)} of {t.shape[0]}); every "
                 "method would return NaN there (and, through shared batches, "
                 "possibly elsewhere). Remove or replace those values."
             )
