@@ -293,6 +293,28 @@ def test_shipped_block_inverses_are_the_exact_inverses():
         np.testing.assert_allclose(inverse @ block, np.eye(len(full)), rtol=0, atol=1e-9)
 
 
+def test_shipped_recovery_maps_equal_the_block_solves():
+    """The recovery maps read at run time (p <= 4, d <= 8) are those the block
+    solves make, each block read alone from the file is the matching slice of
+    it, and a plan of any orders places the rows at its own directions."""
+    import numpy as np
+    from captum_interactions._utils import taylor_polynomial as tp
+
+    shipped = np.load(tp._RECOVERY_TABLE_PATH)
+    assert shipped.dtype == np.float64 and shipped.ndim == 1
+    np.testing.assert_allclose(shipped, tp.recovery_table_values(), rtol=1e-13, atol=1e-13)
+    for (p, d), (offset, count) in tp._recovery_table_offsets().items():
+        block = shipped[offset : offset + count * count].reshape(count, count)
+        assert np.array_equal(tp._recovery_table_map(p, d), block)
+    assert tp._recovery_table_map(5, 2) is None and tp._recovery_table_map(2, 9) is None
+    for p in (2, 3, 4):
+        for orders in [(0, 1, 2, 3, 4, 5, 6, 7, 8), (2,), (0, 3), (1, 4, 8), (2, 5, 6), (3, 7)]:
+            plan = tp.RecoveryPlan(p, orders)
+            for d in plan.orders[plan.orders[0] == 0:]:
+                np.testing.assert_allclose(plan._shipped_or_dense_map(d), plan._dense_map(d),
+                                           rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("num_variables,order", [(3, 9), (4, 6), (40, 2)])
 def test_block_solves_equal_the_dense_maps(num_variables, order):
     """The two recoveries (block solves for large maps, dense maps otherwise)

@@ -309,6 +309,28 @@ def test_dense_conv_path_matches_the_direct_conv_and_follows_weight_updates():
     assert len(jets._DENSE_CONV) == 0
 
 
+def test_dense_conv_matrix_waits_for_a_second_call_below_in_numel_rows():
+    """Between in_numel / 2 and in_numel rows, building the matrix (a conv of
+    in_numel rows) costs more than the call: the first call is direct, the
+    next one builds and uses the matrix; both give the direct coefficients."""
+    import captum_interactions._utils.jets as jets
+
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1).to(DTYPE)
+    shape = (2, 4, 4)  # in_numel = 32
+    jet = Jet(torch.randn(3, 8, *shape, dtype=DTYPE))  # 3 x 8 = 24 rows
+    with torch.no_grad():
+        ref = torch.stack([conv._conv_forward(c, conv.weight, None) for c in jet.coefficients])
+    ref[0] += conv.bias.reshape(-1, 1, 1)
+    jets.clear_caches()
+    first = conv(jet).coefficients
+    assert [entry[2] is jets._PENDING for entry in jets._DENSE_CONV.values()] == [True]
+    second = conv(jet).coefficients
+    assert [isinstance(entry[2], torch.Tensor) for entry in jets._DENSE_CONV.values()] == [True]
+    for got in (first, second):
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+
+
 def test_line_stored_as_two_rows_gives_the_full_line_results():
     """A line may store only its rows x0 and v (order given): rules that know
     the degree never make the zero rows, the others make them on first use of

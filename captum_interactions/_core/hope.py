@@ -104,15 +104,17 @@ def _feature_groups(
 
 
 def _clear_caches() -> None:
-    """Forget every cached plan and table (recovery plans, block inverses and
-    the shipped table of them, derivative layouts, exponent tables, series
-    weights and plans, dense conv matrices): the next call builds or reads them
-    again, as a first call does. For benchmarks of that first call."""
+    """Forget every cached plan and table (recovery plans, block inverses,
+    the shipped tables of block inverses and recovery maps, derivative layouts,
+    exponent tables, series weights and plans, dense conv matrices): the next
+    call builds or reads them again, as a first call does. For benchmarks of
+    that first call."""
     from captum_interactions._utils import jets, taylor_polynomial
 
     for cached in (
         taylor_polynomial.recovery_plan, taylor_polynomial._support_block,
-        taylor_polynomial._block_inverse_table,
+        taylor_polynomial._block_inverse_table, taylor_polynomial._recovery_table_map,
+        taylor_polynomial._recovery_table_offsets,
         taylor_polynomial._derivative_layout, taylor_polynomial._canonical_lookup,
         taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
     ):

@@ -1153,7 +1153,8 @@ def _batch_norm_rule(func, args, kwargs):
 _DENSE_CONV_INPUTS = 1024  # most input elements per example
 _DENSE_CONV_ENTRIES = 2**20  # most matrix entries
 _DENSE_CONV_CACHED = 16
-_DENSE_CONV: "OrderedDict[Any, Tuple[Tensor, int, Optional[Tensor], torch.Size]]" = OrderedDict()
+_PENDING = object()  # a conv seen once, with too few rows to build its matrix then
+_DENSE_CONV: "OrderedDict[Any, Tuple[Tensor, int, Any, Optional[torch.Size]]]" = OrderedDict()
 
 
 def clear_caches() -> None:
@@ -1172,8 +1173,9 @@ def _dense_conv(func: Callable, weight: Tensor, flat: Tensor, rest: tuple,
                 rest_kw: dict) -> Optional[Tensor]:
     """The bias-free conv of the batch ``flat`` as one product with the conv's
     (in_numel, out_numel) matrix, or None where the direct call is cheaper (a
-    large matrix, or under in_numel / 2 rows: building the matrix is one conv of
-    in_numel rows, which the first call pays)."""
+    large matrix, or under in_numel / 2 rows). Building the matrix is one conv
+    of in_numel rows: a batch of fewer rows builds it only when the same conv
+    comes again (a single call does not pay for it)."""
     rows, value_shape = flat.shape[0], flat.shape[1:]
     in_numel = math.prod(value_shape)
     if 2 * rows < in_numel or in_numel > _DENSE_CONV_INPUTS:
@@ -1185,17 +1187,20 @@ def _dense_conv(func: Callable, weight: Tensor, flat: Tensor, rest: tuple,
     except TypeError:  # unhashable arguments: no cache, the direct call
         return None
     entry = _DENSE_CONV.get(key)
-    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+    current = entry is not None and entry[0] is weight and entry[1] == weight._version
+    if not current and rows < in_numel:
+        # seen once: the direct call now, the matrix if the conv comes again
+        entry = _DENSE_CONV[key] = (weight, weight._version, _PENDING, None)
+    elif not current or entry[2] is _PENDING:
         eye = torch.eye(in_numel, dtype=weight.dtype, device=weight.device)
         image = func(eye.reshape((in_numel,) + tuple(value_shape)), weight, None,
                      *rest, **rest_kw)
         matrix = image.reshape(in_numel, -1) if image.numel() <= _DENSE_CONV_ENTRIES else None
         entry = _DENSE_CONV[key] = (weight, weight._version, matrix, image.shape[1:])
-        while len(_DENSE_CONV) > _DENSE_CONV_CACHED:
-            _DENSE_CONV.popitem(last=False)
-    else:
-        _DENSE_CONV.move_to_end(key)
-    if entry[2] is None:
+    _DENSE_CONV.move_to_end(key)
+    while len(_DENSE_CONV) > _DENSE_CONV_CACHED:
+        _DENSE_CONV.popitem(last=False)
+    if entry[2] is None or entry[2] is _PENDING:
         return None
     return flat.reshape(rows, in_numel).mm(entry[2]).reshape((rows,) + entry[3])
 

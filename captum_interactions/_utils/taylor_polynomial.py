@@ -119,6 +119,68 @@ def block_inverse_table_values() -> np.ndarray:
     return np.concatenate([_exact_block_inverse(s, d).reshape(-1) for s, d in _table_blocks()])
 
 
+#: (p, d) whose recovery maps ship with the package (``recovery_maps.npy``):
+#: building a plan's maps from the block solves costs more than the expansion
+#: it serves at these sizes (up to 5 ms at p = 4, d = 8, on every first call).
+RECOVERY_TABLE_MAX_VARIABLES = 4
+_RECOVERY_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "recovery_maps.npy")
+
+
+def _recovery_table_blocks() -> List[Tuple[int, int]]:
+    return [(p, d) for p in range(2, RECOVERY_TABLE_MAX_VARIABLES + 1)
+            for d in range(1, TABLE_MAX_DEGREE + 1)]
+
+
+def recovery_table_values() -> np.ndarray:
+    """Every shipped recovery map, computed now from the block solves: for each
+    (p, d) the dense map of a plan of order d alone, (n_d, M_d) with n_d <= M_d
+    directions, zero-padded to M_d rows and concatenated row-major in the
+    table's order (p ascending, then d). ``np.save(_RECOVERY_TABLE_PATH,
+    recovery_table_values())`` writes the file."""
+    parts = []
+    for p, d in _recovery_table_blocks():
+        count = math.comb(p + d - 1, d)
+        padded = np.zeros((count, count))
+        dense = RecoveryPlan(p, (d,))._dense_map(d)
+        padded[: dense.shape[0]] = dense
+        parts.append(padded.reshape(-1))
+    return np.concatenate(parts)
+
+
+@lru_cache(maxsize=None)
+def _recovery_table_offsets() -> Dict[Tuple[int, int], Tuple[int, int]]:
+    """{(p, d): (offset, M_d)}: where each map starts in the table, in values."""
+    offsets, offset = {}, 0
+    for p, d in _recovery_table_blocks():
+        count = math.comb(p + d - 1, d)
+        offsets[(p, d)] = (offset, count)
+        offset += count * count
+    return offsets
+
+
+@lru_cache(maxsize=None)
+def _recovery_table_map(num_variables: int, degree: int) -> Optional[np.ndarray]:
+    """The shipped (M_d, M_d) map of (p, d) (see :func:`recovery_table_values`),
+    or None outside the table. Reads that block only: parsing the file's
+    header with ``np.load`` costs more than the maps of a small plan."""
+    where = _recovery_table_offsets().get((num_variables, degree))
+    if where is None:
+        return None
+    offset, count = where
+    with open(_RECOVERY_TABLE_PATH, "rb") as file:
+        # .npy version 1: magic (6 bytes), version (2), header length (uint16
+        # little-endian), header; the float64 values follow
+        prefix = file.read(10)
+        if prefix[:8] != b"\x93NUMPY\x01\x00":
+            raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is not a version 1.0 .npy file")
+        file.seek(10 + int.from_bytes(prefix[8:10], "little") + 8 * offset)
+        values = np.fromfile(file, dtype="<f8", count=count * count)
+    if values.size != count * count:
+        raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is shorter than its table of maps")
+    return values.reshape(count, count)
+
+
 def _exact_block_inverse(support_size: int, degree: int) -> np.ndarray:
     """B_{s,d}^{-1} by exact elimination (integers), rounded once to float64."""
     full = _compositions(degree, support_size)
@@ -200,9 +262,10 @@ class RecoveryPlan:
         self.directions: List[Monomial] = []
         # per order, as numpy arrays (index tables built vectorised: Python
         # loops and many small tensors cost more than the expansion at low
-        # orders): (gather index into directions, scale g^d, per-support-size
-        # solves, count)
-        self._plan_steps = {}
+        # orders): (gather index into directions, scale g^d, count); the
+        # per-support-size solves are made when first needed (the shipped
+        # maps of :func:`_recovery_table_map` need none)
+        self._gathers: Dict[int, Tuple[np.ndarray, np.ndarray, int]] = {}
         for d in self.orders:
             if d == 0:
                 continue
@@ -216,7 +279,20 @@ class RecoveryPlan:
                     index = direction_index[prim] = len(self.directions)
                     self.directions.append(prim)
                 gather[n] = index
-            locate = _monomial_locator(exps, mons, d)
+            self._gathers[d] = (gather, common.astype(np.float64) ** d, len(mons))
+        if not self.directions:  # order 0 only: one (zero) direction suffices
+            self.directions.append((0,) * p)
+
+    def _blocks(self, d: int) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """The solves of order ``d``, one per support size s: (positions of the
+        monomials of exact support S, of those of smaller support inside S,
+        B_{s,d}^{-1}, L_{s,d}) for every support S of size s at once."""
+        cache = self.__dict__.setdefault("_block_cache", {})
+        if d not in cache:
+            p = self.num_variables
+            mons = monomials(p, d)
+            locate = _monomial_locator(np.asarray(mons, dtype=np.int64).reshape(len(mons), p),
+                                       mons, d)
             blocks = []
             for s in range(1, min(d, p) + 1):
                 full, lower, inverse, lower_matrix = _support_block(s, d)
@@ -227,9 +303,8 @@ class RecoveryPlan:
                 blocks.append((locate(_embedded(full, supports, p)),
                                locate(_embedded(lower, supports, p)),
                                inverse, lower_matrix))
-            self._plan_steps[d] = (gather, common.astype(np.float64) ** d, blocks, len(mons))
-        if not self.directions:  # order 0 only: one (zero) direction suffices
-            self.directions.append((0,) * p)
+            cache[d] = blocks
+        return cache[d]
 
     @property
     def steps(self) -> Dict[int, Tuple[Tensor, Tensor, List[Tuple[Tensor, ...]], int]]:
@@ -239,8 +314,8 @@ class RecoveryPlan:
         if steps is None:
             steps = self._steps = {
                 d: (torch.from_numpy(gather), torch.from_numpy(scale),
-                    [tuple(map(torch.from_numpy, block)) for block in blocks], count)
-                for d, (gather, scale, blocks, count) in self._plan_steps.items()
+                    [tuple(map(torch.from_numpy, block)) for block in self._blocks(d)], count)
+                for d, (gather, scale, count) in self._gathers.items()
             }
         return steps
 
@@ -264,14 +339,14 @@ class RecoveryPlan:
         too large (the block solves are used); made once per plan."""
         if "_dense_np" not in self.__dict__:
             n = len(self.directions)
-            sizes = [self._plan_steps[d][3] for d in self.orders if d != 0]
+            sizes = [self._gathers[d][2] for d in self.orders if d != 0]
             if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
                 self._dense_np = None
             elif self.num_variables == 1:
                 # one variable, one direction (1,): the univariate coefficients are T_d
                 self._dense_np = {d: np.ones((1, 1)) for d in self.orders if d != 0}
             else:
-                self._dense_np = {d: self._dense_map(d) for d in self.orders if d != 0}
+                self._dense_np = {d: self._shipped_or_dense_map(d) for d in self.orders if d != 0}
         return self._dense_np
 
     def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
@@ -334,16 +409,29 @@ class RecoveryPlan:
             offset += maps[d].shape[1]
         return torch.from_numpy(stacked.reshape(num_coefficients * n, total)).to(device, dtype)
 
+    def _shipped_or_dense_map(self, d: int) -> np.ndarray:
+        """:meth:`_dense_map`, read from the shipped table where it holds (p, d)."""
+        shipped = _recovery_table_map(self.num_variables, d)
+        if shipped is None:
+            return self._dense_map(d)
+        gather, _, count = self._gathers[d]
+        # the table's rows are the directions of order d in the order they
+        # first occur among the monomials, as in a plan of that order alone
+        rows = list(dict.fromkeys(gather.tolist()))
+        out = np.zeros((len(self.directions), count))
+        out[rows] = shipped[: len(rows)]
+        return out
+
     def _dense_map(self, d: int) -> np.ndarray:
         """(n_directions, M_d) float64: the block solves of :meth:`_recover_blocks`
         applied to every unit vector at once (in numpy: small arrays, many steps)."""
-        gather, scale, blocks, count = self._plan_steps[d]
+        gather, scale, count = self._gathers[d]
         n = len(self.directions)
         # c_d at every multi-index direction, for the univariate input e_row
         c = np.zeros((n, count))
         c[gather, np.arange(count)] = scale
         coeffs = np.zeros((n, count))
-        for full_idx, lower_idx, inverse, lower_matrix in blocks:  # ascending support
+        for full_idx, lower_idx, inverse, lower_matrix in self._blocks(d):  # ascending support
             residual = c[:, full_idx]  # (n, n_supports, n_full)
             if lower_matrix.shape[1]:
                 residual = residual - coeffs[:, lower_idx] @ lower_matrix.T
