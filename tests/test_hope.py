@@ -295,8 +295,8 @@ def test_shipped_block_inverses_are_the_exact_inverses():
 
 def test_shipped_recovery_maps_equal_the_block_solves():
     """The recovery maps read at run time (p <= 4, d <= 8) are those the block
-    solves make, each block read alone from the file is the matching slice of
-    it, and a plan of any orders places the rows at its own directions."""
+    solves make, the maps read up to an order are the matching slices of the
+    file, and a plan of any orders places the rows at its own directions."""
     import numpy as np
     from captum_interactions._utils import taylor_polynomial as tp
 
@@ -305,8 +305,10 @@ def test_shipped_recovery_maps_equal_the_block_solves():
     np.testing.assert_allclose(shipped, tp.recovery_table_values(), rtol=1e-13, atol=1e-13)
     for (p, d), (offset, count) in tp._recovery_table_offsets().items():
         block = shipped[offset : offset + count * count].reshape(count, count)
-        assert np.array_equal(tp._recovery_table_map(p, d), block)
-    assert tp._recovery_table_map(5, 2) is None and tp._recovery_table_map(2, 9) is None
+        for top in (d, 8, 11):
+            assert np.array_equal(tp._recovery_table_maps(p, top)[d], block)
+        assert d + 1 not in tp._recovery_table_maps(p, d)
+    assert tp._recovery_table_maps(5, 2) == {} and 9 not in tp._recovery_table_maps(2, 9)
     for p in (2, 3, 4):
         for orders in [(0, 1, 2, 3, 4, 5, 6, 7, 8), (2,), (0, 3), (1, 4, 8), (2, 5, 6), (3, 7)]:
             plan = tp.RecoveryPlan(p, orders)

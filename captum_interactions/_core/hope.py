@@ -113,7 +113,7 @@ def _clear_caches() -> None:
 
     for cached in (
         taylor_polynomial.recovery_plan, taylor_polynomial._support_block,
-        taylor_polynomial._block_inverse_table, taylor_polynomial._recovery_table_map,
+        taylor_polynomial._block_inverse_table, taylor_polynomial._recovery_table_maps,
         taylor_polynomial._recovery_table_offsets,
         taylor_polynomial._derivative_layout, taylor_polynomial._canonical_lookup,
         taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
@@ -267,7 +267,7 @@ class HOPE(GradientAttribution):
                     for old in [k for k in derived if k != "names"]:
                         del derived[old]
                 per_input = derived[key] = self._direction_rows(
-                    inputs, groups, dirs[start:stop], num_examples, dtype
+                    inputs, groups, dirs[start:stop], num_examples
                 )
             jets = []
             for x, v in zip(inputs, per_input):
@@ -312,17 +312,14 @@ class HOPE(GradientAttribution):
     @staticmethod
     def _direction_rows(
         inputs: Tuple[Tensor, ...], groups: FeatureGroups, chunk: Tensor,
-        num_examples: int, dtype: torch.dtype,
+        num_examples: int,
     ) -> List[Tensor]:
         """Per input, the directions of ``chunk`` (Q, p) as input rows (Q * N, *F_i)."""
         if groups.is_identity:
             flat_dirs = chunk.unsqueeze(1).expand(-1, num_examples, -1)
         else:
-            indicators = groups.indicators(0, groups.num_groups, None, dtype=dtype)
-            # (Q, G) @ (G, rows|1, D) -> (Q, rows|1, D)
-            flat_dirs = (chunk @ indicators.flatten(1)).unflatten(
-                1, indicators.shape[1:]
-            ).expand(-1, num_examples, -1)
+            # the direction's value on each feature's group: (Q, rows|1, D)
+            flat_dirs = chunk[:, groups.row_index(None)].expand(-1, num_examples, -1)
         rows = []
         offset = 0
         for x in inputs:

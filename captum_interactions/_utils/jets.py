@@ -468,33 +468,43 @@ def _in_q_basis(poly: Sequence[int], half: int) -> List[int]:
 
 
 @lru_cache(maxsize=None)
+def _q_basis_rows(order: int) -> Tuple[Tuple[int, ...], ...]:
+    """_in_q_basis(P_m, h) for m = 0..order, h = (order + 1) // 2: shared by
+    the derivative tables of every kind at this order."""
+    half = (order + 1) // 2
+    return tuple(tuple(_in_q_basis(poly, half)) for poly in _tanh_polynomials(order))
+
+
+@lru_cache(maxsize=None)
 def _derivative_table(kind: str, order: int) -> Tuple[Tuple[float, ...], ...]:
     """Rows m = 1..order: f^(m)(u)/m! in the basis (1, q, .., q^h, y, y q, .., y q^h),
     h = (order + 1) // 2, with y = tanh(u) (tanh) or tanh(u / 2) (sigmoid,
     softplus: sigmoid(u) = (1 + tanh(u / 2)) / 2, softplus' = sigmoid). Exact
     integers divided once (Python's int / int rounds correctly)."""
     half = (order + 1) // 2
-    polys = _tanh_polynomials(order)
+    in_q = _q_basis_rows(order)
     rows = []
     for m in range(1, order + 1):
         if kind == "tanh":
-            vector, denominator = _in_q_basis(polys[m], half), math.factorial(m)
+            vector, denominator = in_q[m], math.factorial(m)
         elif kind == "sigmoid":
-            vector, denominator = _in_q_basis(polys[m], half), math.factorial(m) * 2 ** (m + 1)
+            vector, denominator = in_q[m], math.factorial(m) * 2 ** (m + 1)
         elif m == 1:  # softplus' = sigmoid, which the basis row of y holds for softplus
             vector, denominator = [int(i == half + 1) for i in range(2 * half + 2)], 1
         else:  # softplus^(m)/m! = sigmoid^(m-1)/(m-1)! / m
-            vector, denominator = _in_q_basis(polys[m - 1], half), math.factorial(m) * 2**m
+            vector, denominator = in_q[m - 1], math.factorial(m) * 2**m
         rows.append(tuple(c / denominator for c in vector))
     return tuple(rows)
 
 
-def _partitions(k: int, largest: int) -> List[Tuple[int, ...]]:
-    """Partitions of k into parts <= largest, parts in decreasing order."""
+@lru_cache(maxsize=None)
+def _partitions(k: int, largest: int) -> Tuple[Tuple[int, ...], ...]:
+    """Partitions of k into parts <= largest, parts in decreasing order
+    (cached: the recursion asks for the same (k, largest) many times)."""
     if k == 0:
-        return [()]
-    return [(j,) + rest for j in range(min(k, largest), 0, -1)
-            for rest in _partitions(k - j, j)]
+        return ((),)
+    return tuple((j,) + rest for j in range(min(k, largest), 0, -1)
+                 for rest in _partitions(k - j, j))
 
 
 @lru_cache(maxsize=None)
@@ -1164,6 +1174,8 @@ def clear_caches() -> None:
     _SERIES_PLANS.clear()
     _DENSE_CONV.clear()
     _tanh_polynomials.cache_clear()
+    _q_basis_rows.cache_clear()
+    _partitions.cache_clear()
     _derivative_table.cache_clear()
     _monomial_tree.cache_clear()
     _partition_count.cache_clear()

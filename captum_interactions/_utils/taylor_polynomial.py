@@ -160,25 +160,32 @@ def _recovery_table_offsets() -> Dict[Tuple[int, int], Tuple[int, int]]:
 
 
 @lru_cache(maxsize=None)
-def _recovery_table_map(num_variables: int, degree: int) -> Optional[np.ndarray]:
-    """The shipped (M_d, M_d) map of (p, d) (see :func:`recovery_table_values`),
-    or None outside the table. Reads that block only: parsing the file's
-    header with ``np.load`` costs more than the maps of a small plan."""
-    where = _recovery_table_offsets().get((num_variables, degree))
-    if where is None:
-        return None
-    offset, count = where
+def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
+    """{d: shipped (M_d, M_d) map of (p, d)} for d = 1..``top`` within the table
+    (see :func:`recovery_table_values`), read in one piece: they are stored
+    one after the other. Parsing the file's header with ``np.load``, or
+    reading the whole table, would cost more than the maps of a small plan."""
+    degrees = [d for d in range(1, top + 1) if (num_variables, d) in _recovery_table_offsets()]
+    if not degrees:
+        return {}
+    offsets = _recovery_table_offsets()
+    first, _ = offsets[(num_variables, 1)]
+    last, count = offsets[(num_variables, degrees[-1])]
     with open(_RECOVERY_TABLE_PATH, "rb") as file:
         # .npy version 1: magic (6 bytes), version (2), header length (uint16
         # little-endian), header; the float64 values follow
         prefix = file.read(10)
         if prefix[:8] != b"\x93NUMPY\x01\x00":
             raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is not a version 1.0 .npy file")
-        file.seek(10 + int.from_bytes(prefix[8:10], "little") + 8 * offset)
-        values = np.fromfile(file, dtype="<f8", count=count * count)
-    if values.size != count * count:
+        file.seek(10 + int.from_bytes(prefix[8:10], "little") + 8 * first)
+        values = np.fromfile(file, dtype="<f8", count=last + count * count - first)
+    if values.size != last + count * count - first:
         raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is shorter than its table of maps")
-    return values.reshape(count, count)
+    maps = {}
+    for d in degrees:
+        offset, count = offsets[(num_variables, d)]
+        maps[d] = values[offset - first : offset - first + count * count].reshape(count, count)
+    return maps
 
 
 def _exact_block_inverse(support_size: int, degree: int) -> np.ndarray:
@@ -264,7 +271,7 @@ class RecoveryPlan:
         # loops and many small tensors cost more than the expansion at low
         # orders): (gather index into directions, scale g^d, count); the
         # per-support-size solves are made when first needed (the shipped
-        # maps of :func:`_recovery_table_map` need none)
+        # maps of :func:`_recovery_table_maps` need none)
         self._gathers: Dict[int, Tuple[np.ndarray, np.ndarray, int]] = {}
         for d in self.orders:
             if d == 0:
@@ -411,7 +418,7 @@ class RecoveryPlan:
 
     def _shipped_or_dense_map(self, d: int) -> np.ndarray:
         """:meth:`_dense_map`, read from the shipped table where it holds (p, d)."""
-        shipped = _recovery_table_map(self.num_variables, d)
+        shipped = _recovery_table_maps(self.num_variables, max(self.orders)).get(d)
         if shipped is None:
             return self._dense_map(d)
         gather, _, count = self._gathers[d]
