@@ -58,7 +58,7 @@ def _exponent_table(num_variables: int, order: int, device: str = "cpu") -> Tupl
     table = torch.from_numpy(
         np.asarray(exponents, dtype=np.int64).reshape(len(exponents), num_variables)
     ).to(device)
-    return table, {"exponents": table}
+    return table, {"exponents": table, "graded_exponents": True}
 
 
 # pure arithmetic on the call's sizes, repeated on every call
@@ -114,7 +114,6 @@ def _clear_caches() -> None:
     for cached in (
         taylor_polynomial.recovery_plan, taylor_polynomial._support_block,
         taylor_polynomial._block_inverse_table, taylor_polynomial._recovery_table_maps,
-        taylor_polynomial._recovery_table_offsets,
         taylor_polynomial._derivative_layout, taylor_polynomial._canonical_lookup,
         taylor_polynomial.monomials, _exponent_table, _fixed_bytes,
     ):

@@ -25,7 +25,10 @@ holds u^q for the monomials of exact support S. B and L depend only on
 (s, d); B^{-1} is exact rational arithmetic rounded once to float64, shipped
 as a table up to d = 8 (``block_inverses.npy``) and computed beyond. The cost
 is linear in the number of monomials, and no matrix larger than C(d-1, s-1) is
-inverted.
+inverted. The solves are linear in the c_d, so for p <= 4 variables and
+d <= 8 the package also ships their result as one dense map per (p, d)
+(``recovery_maps.npy``, 470 KB): a first call reads the maps it needs
+instead of building them (up to 5 ms at p = 4, d = 8).
 """
 import itertools
 import math
@@ -148,7 +151,6 @@ def recovery_table_values() -> np.ndarray:
     return np.concatenate(parts)
 
 
-@lru_cache(maxsize=None)
 def _recovery_table_offsets() -> Dict[Tuple[int, int], Tuple[int, int]]:
     """{(p, d): (offset, M_d)}: where each map starts in the table, in values."""
     offsets, offset = {}, 0
@@ -159,18 +161,23 @@ def _recovery_table_offsets() -> Dict[Tuple[int, int], Tuple[int, int]]:
     return offsets
 
 
+#: the table's layout (a constant of the file format, not a cache)
+_RECOVERY_TABLE_OFFSETS = _recovery_table_offsets()
+
+
 @lru_cache(maxsize=None)
 def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
     """{d: shipped (M_d, M_d) map of (p, d)} for d = 1..``top`` within the table
     (see :func:`recovery_table_values`), read in one piece: they are stored
     one after the other. Parsing the file's header with ``np.load``, or
     reading the whole table, would cost more than the maps of a small plan."""
-    degrees = [d for d in range(1, top + 1) if (num_variables, d) in _recovery_table_offsets()]
+    offsets = _RECOVERY_TABLE_OFFSETS
+    degrees = [d for d in range(1, top + 1) if (num_variables, d) in offsets]
     if not degrees:
         return {}
-    offsets = _recovery_table_offsets()
     first, _ = offsets[(num_variables, 1)]
     last, count = offsets[(num_variables, degrees[-1])]
+    size = last + count * count - first
     with open(_RECOVERY_TABLE_PATH, "rb") as file:
         # .npy version 1: magic (6 bytes), version (2), header length (uint16
         # little-endian), header; the float64 values follow
@@ -178,9 +185,10 @@ def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
         if prefix[:8] != b"\x93NUMPY\x01\x00":
             raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is not a version 1.0 .npy file")
         file.seek(10 + int.from_bytes(prefix[8:10], "little") + 8 * first)
-        values = np.fromfile(file, dtype="<f8", count=last + count * count - first)
-    if values.size != last + count * count - first:
+        data = file.read(8 * size)
+    if len(data) != 8 * size:
         raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is shorter than its table of maps")
+    values = np.frombuffer(data, dtype="<f8")
     maps = {}
     for d in degrees:
         offset, count = offsets[(num_variables, d)]
@@ -739,7 +747,11 @@ class TaylorPolynomial:
         exps, coeffs = self.coefficients_of_order(k)
         key = ("layout", k, coeffs.device, coeffs.dtype)
         if key not in self._tables:
-            factorials, lookup = _derivative_layout(tuple(map(tuple, exps.tolist())), p, k)
+            # exponents known to be graded as monomials() lists them (HOPE's
+            # table says so): no need to read them back from the tensor
+            graded = self._tables.get("graded_exponents", False)
+            exps_key = monomials(p, k) if graded else tuple(map(tuple, exps.tolist()))
+            factorials, lookup = _derivative_layout(exps_key, p, k)
             self._tables[key] = (factorials.to(coeffs.device, coeffs.dtype),
                                  lookup.to(coeffs.device))
         factorials, lookup = self._tables[key]
