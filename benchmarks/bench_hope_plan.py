@@ -4,7 +4,7 @@
 A first call of ``HOPE.expand`` builds the recovery plan of its (p, orders): the
 directions to propagate and the map from their univariate Taylor coefficients
 to the monomial coefficients. For p <= 4 variables and orders <= 8 the maps
-ship with the package (``recovery_maps.npy``); beyond, they are built from the
+ship with the package (``recovery_maps.f8``); beyond, they are built from the
 per-support block solves. This times, for each (p, K), the plan of orders
 0..K built from nothing (every plan cache and table read cleared), with one
 recovery of univariate coefficients (its stacked map included), both ways in

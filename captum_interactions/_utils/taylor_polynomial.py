@@ -27,7 +27,7 @@ as a table up to d = 8 (``block_inverses.npy``) and computed beyond. The cost
 is linear in the number of monomials, and no matrix larger than C(d-1, s-1) is
 inverted. The solves are linear in the c_d, so for p <= 4 variables and
 d <= 8 the package also ships their result as one dense map per (p, d)
-(``recovery_maps.npy``, 470 KB): a first call reads the maps it needs
+(``recovery_maps.f8``, 470 KB): a first call reads the maps it needs
 instead of building them (up to 5 ms at p = 4, d = 8).
 """
 import itertools
@@ -122,12 +122,15 @@ def block_inverse_table_values() -> np.ndarray:
     return np.concatenate([_exact_block_inverse(s, d).reshape(-1) for s, d in _table_blocks()])
 
 
-#: (p, d) whose recovery maps ship with the package (``recovery_maps.npy``):
-#: building a plan's maps from the block solves costs more than the expansion
-#: it serves at these sizes (up to 5 ms at p = 4, d = 8, on every first call).
+#: (p, d) whose recovery maps ship with the package (``recovery_maps.f8``, raw
+#: little-endian float64 as ``ndarray.tofile`` writes it: a plan reads its
+#: maps at their offset with one ``np.fromfile``, where parsing an .npy
+#: header would cost more than the maps of a small plan): building a plan's
+#: maps from the block solves costs more than the expansion it serves at these
+#: sizes (up to 5 ms at p = 4, d = 8, on every first call).
 RECOVERY_TABLE_MAX_VARIABLES = 4
 _RECOVERY_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                    "recovery_maps.npy")
+                                    "recovery_maps.f8")
 
 
 def _recovery_table_blocks() -> List[Tuple[int, int]]:
@@ -139,8 +142,9 @@ def recovery_table_values() -> np.ndarray:
     """Every shipped recovery map, computed now from the block solves: for each
     (p, d) the dense map of a plan of order d alone, (n_d, M_d) with n_d <= M_d
     directions, zero-padded to M_d rows and concatenated row-major in the
-    table's order (p ascending, then d). ``np.save(_RECOVERY_TABLE_PATH,
-    recovery_table_values())`` writes the file."""
+    table's order (p ascending, then d).
+    ``recovery_table_values().astype("<f8").tofile(_RECOVERY_TABLE_PATH)``
+    writes the file."""
     parts = []
     for p, d in _recovery_table_blocks():
         count = math.comb(p + d - 1, d)
@@ -169,8 +173,7 @@ _RECOVERY_TABLE_OFFSETS = _recovery_table_offsets()
 def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
     """{d: shipped (M_d, M_d) map of (p, d)} for d = 1..``top`` within the table
     (see :func:`recovery_table_values`), read in one piece: they are stored
-    one after the other. Parsing the file's header with ``np.load``, or
-    reading the whole table, would cost more than the maps of a small plan."""
+    one after the other."""
     offsets = _RECOVERY_TABLE_OFFSETS
     degrees = [d for d in range(1, top + 1) if (num_variables, d) in offsets]
     if not degrees:
@@ -178,17 +181,9 @@ def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
     first, _ = offsets[(num_variables, 1)]
     last, count = offsets[(num_variables, degrees[-1])]
     size = last + count * count - first
-    with open(_RECOVERY_TABLE_PATH, "rb") as file:
-        # .npy version 1: magic (6 bytes), version (2), header length (uint16
-        # little-endian), header; the float64 values follow
-        prefix = file.read(10)
-        if prefix[:8] != b"\x93NUMPY\x01\x00":
-            raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is not a version 1.0 .npy file")
-        file.seek(10 + int.from_bytes(prefix[8:10], "little") + 8 * first)
-        data = file.read(8 * size)
-    if len(data) != 8 * size:
+    values = np.fromfile(_RECOVERY_TABLE_PATH, dtype="<f8", count=size, offset=8 * first)
+    if values.size != size:
         raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is shorter than its table of maps")
-    values = np.frombuffer(data, dtype="<f8")
     maps = {}
     for d in degrees:
         offset, count = offsets[(num_variables, d)]
