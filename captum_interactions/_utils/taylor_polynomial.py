@@ -122,12 +122,13 @@ def block_inverse_table_values() -> np.ndarray:
     return np.concatenate([_exact_block_inverse(s, d).reshape(-1) for s, d in _table_blocks()])
 
 
-#: (p, d) whose recovery maps ship with the package (``recovery_maps.f8``, raw
-#: little-endian float64 as ``ndarray.tofile`` writes it: a plan reads its
-#: maps at their offset with one ``np.fromfile``, where parsing an .npy
-#: header would cost more than the maps of a small plan): building a plan's
-#: maps from the block solves costs more than the expansion it serves at these
-#: sizes (up to 5 ms at p = 4, d = 8, on every first call).
+#: Up to this many variables (and order TABLE_MAX_DEGREE) the recovery maps
+#: ship with the package: building them from the block solves costs more than
+#: the expansion they serve (up to 5 ms at p = 4, d = 8, on every first call).
+#: The file, ``recovery_maps.f8``, is raw little-endian float64 (as
+#: ``ndarray.tofile`` writes it), so a plan reads its maps at their offset
+#: with one ``np.fromfile``; parsing an .npy header would cost more than the
+#: maps of a small plan.
 RECOVERY_TABLE_MAX_VARIABLES = 4
 _RECOVERY_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                     "recovery_maps.f8")
@@ -146,8 +147,7 @@ def recovery_table_values() -> np.ndarray:
     ``recovery_table_values().astype("<f8").tofile(_RECOVERY_TABLE_PATH)``
     writes the file."""
     parts = []
-    for p, d in _recovery_table_blocks():
-        count = math.comb(p + d - 1, d)
+    for (p, d), (_, count) in _RECOVERY_TABLE_OFFSETS.items():  # in file order
         padded = np.zeros((count, count))
         dense = RecoveryPlan(p, (d,))._dense_map(d)
         padded[: dense.shape[0]] = dense
