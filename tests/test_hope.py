@@ -313,9 +313,28 @@ def test_shipped_recovery_maps_equal_the_block_solves():
     for p in (2, 3, 4):
         for orders in [(0, 1, 2, 3, 4, 5, 6, 7, 8), (2,), (0, 3), (1, 4, 8), (2, 5, 6), (3, 7)]:
             plan = tp.RecoveryPlan(p, orders)
-            for d in plan.orders[plan.orders[0] == 0:]:
-                np.testing.assert_allclose(plan._shipped_or_dense_map(d), plan._dense_map(d),
-                                           rtol=1e-13, atol=1e-13)
+            solved = {d: plan._dense_map(d) for d in plan.orders if d != 0}
+            for d, dense in plan._dense_arrays().items():
+                np.testing.assert_allclose(dense, solved[d], rtol=1e-13, atol=1e-13)
+            # the stacked map: the same maps on its block diagonal, zero elsewhere
+            n, top = len(plan.directions), max(orders)
+            stacked = plan._stacked_map(top + 1, torch.device("cpu"), torch.float64)
+            total = sum(m.shape[1] for m in solved.values()) + (plan.orders[0] == 0)
+            if (top + 1) * n * total > plan._STACKED_MAX_ENTRIES:  # p = 4, orders to 8
+                assert stacked is None
+                continue
+            stacked = stacked.numpy()
+            expected, offset = np.zeros((top + 1, n, stacked.shape[1])), 0
+            for d in plan.orders:
+                if d == 0:
+                    expected[0, 0, 0], offset = 1, 1
+                else:
+                    count = solved[d].shape[1]
+                    expected[d, :, offset : offset + count] = solved[d]
+                    offset += count
+            assert offset == stacked.shape[1]
+            np.testing.assert_allclose(stacked, expected.reshape(stacked.shape),
+                                       rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("num_variables,order", [(3, 9), (4, 6), (40, 2)])

@@ -243,6 +243,30 @@ def test_overflow_at_the_top_order_leaves_the_lower_orders_exact(name, path, mon
         assert not torch.isfinite(got[4, i])  # the top order did overflow
 
 
+def test_q_basis_rows_are_the_derivatives_of_tanh():
+    """tanh^(m)(u) = A_m(q) + y B_m(q) (y = tanh u, q = 1 - y^2) equals the
+    polynomial P_m(y) of P_0 = y, P_{m+1} = (1 - y^2) P_m', in exact rational
+    arithmetic at several y, for every m up to 12."""
+    from fractions import Fraction
+
+    from captum_interactions._utils.jets import _q_basis_rows
+
+    order = 12
+    half = (order + 1) // 2
+    rows = _q_basis_rows(order)
+    assert len(rows) == order + 1 and all(len(r) == 2 * half + 2 for r in rows)
+    poly = [0, 1]  # P_0 = y, coefficients of y^0, y^1, ...
+    for m in range(order + 1):
+        for y in (Fraction(0), Fraction(1, 3), Fraction(-5, 7), Fraction(9, 10), Fraction(2)):
+            q = 1 - y * y
+            in_q = sum(c * q**i for i, c in enumerate(rows[m][: half + 1])) + y * sum(
+                c * q**i for i, c in enumerate(rows[m][half + 1 :]))
+            assert in_q == sum(c * y**j for j, c in enumerate(poly)), (m, y)
+        derivative = [j * c for j, c in enumerate(poly)][1:] + [0, 0]
+        poly = [derivative[j] - (derivative[j - 2] if j >= 2 else 0)
+                for j in range(len(derivative))]  # (1 - y^2) P'
+
+
 def test_monomial_tree_covers_every_composition_once():
     """The rows of the product tree are the partitions of k <= K; their
     multinomial counts add up to the C(k-1, m-1) compositions of k into m parts

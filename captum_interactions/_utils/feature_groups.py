@@ -64,7 +64,7 @@ class FeatureGroups:
                 f"`feature_mask` must have one tensor per input tensor: got "
                 f"{len(masks)} masks for {len(inputs)} inputs"
             )
-        flat_masks = []
+        expanded_masks = []
         per_example = False
         for i, (mask, inp) in enumerate(zip(masks, inputs)):
             if not isinstance(mask, Tensor) or mask.is_floating_point():
@@ -83,10 +83,11 @@ class FeatureGroups:
                 )
             if mask.dim() == inp.dim() and mask.shape[0] == inp.shape[0] > 1:
                 per_example = True
-            flat_masks.append(expanded.reshape(inp.shape[0], -1))
-        flat = torch.cat(flat_masks, dim=1).long()
-        if not per_example:
-            flat = flat[:1]
+            expanded_masks.append(expanded)
+        # shared masks: the first example's row only (no copy of N equal rows)
+        flat_masks = [m.reshape(m.shape[0], -1) if per_example else m[:1].reshape(1, -1)
+                      for m in expanded_masks]
+        flat = (flat_masks[0] if len(flat_masks) == 1 else torch.cat(flat_masks, dim=1)).long()
         self.group_ids, self.index = torch.unique(flat, sorted=True, return_inverse=True)
         self.num_groups = int(self.group_ids.numel())
 

@@ -440,39 +440,35 @@ def _series_riccati_alone(a: Tensor, y0: Tensor, quadratic: float, linear: float
 # first affine layer) only needs the powers of a_1.
 
 @lru_cache(maxsize=None)
-def _tanh_polynomials(order: int) -> Tuple[Tuple[int, ...], ...]:
-    """Integer coefficients (of y^0..) of P_0..P_order, tanh^(m)(u) = P_m(tanh u)."""
-    polys = [(0, 1)]
-    for m in range(1, order + 1):
-        prev = polys[-1]
-        out = [0] * (len(prev) + 1)
-        for i in range(1, len(prev)):  # d/du y^i = i y^(i-1) (1 - y^2)
-            out[i - 1] += i * prev[i]
-            out[i + 1] -= i * prev[i]
-        polys.append(tuple(out))
-    return tuple(polys)
-
-
-def _in_q_basis(poly: Sequence[int], half: int) -> List[int]:
-    """P(y) = A(q) + y B(q) with q = 1 - y^2: (A_0..A_half, B_0..B_half).
+def _q_basis_rows(order: int) -> Tuple[Tuple[int, ...], ...]:
+    """Rows m = 0..order: tanh^(m)(u) = A_m(q) + y B_m(q) with y = tanh u and
+    q = 1 - y^2 = sech^2 u, as the integer coefficients (A_0..A_h, B_0..B_h),
+    h = (order + 1) // 2; shared by the derivative tables of every kind.
 
     Near |y| = 1 the monomials y^j nearly cancel in a derivative polynomial
-    (tanh^(m) is exponentially small there); in q = sech^2 and y q^i each
-    derivative is a sum of terms of one sign there, hence accurate."""
-    out = [0] * (2 * half + 2)
-    for j, c in enumerate(poly):
-        i, odd = divmod(j, 2)  # y^j = y^odd (1 - q)^i
-        for r in range(i + 1):
-            out[odd * (half + 1) + r] += c * math.comb(i, r) * (-1) ** r
-    return out
-
-
-@lru_cache(maxsize=None)
-def _q_basis_rows(order: int) -> Tuple[Tuple[int, ...], ...]:
-    """_in_q_basis(P_m, h) for m = 0..order, h = (order + 1) // 2: shared by
-    the derivative tables of every kind at this order."""
+    (tanh^(m) is exponentially small there); in q and y q^i each derivative is
+    a sum of terms of one sign there, hence accurate. From dy/du = q and
+    dq/du = -2 y q: A_{m+1} = q B_m - 2 (1 - q) q B_m' and B_{m+1} = -2 q A_m'
+    (' = d/dq), starting from A_0 = 0, B_0 = 1."""
     half = (order + 1) // 2
-    return tuple(tuple(_in_q_basis(poly, half)) for poly in _tanh_polynomials(order))
+    a: List[int] = []
+    b = [1]
+    rows = []
+    for m in range(order + 1):
+        rows.append(tuple(a + [0] * (half + 1 - len(a)) + b + [0] * (half + 1 - len(b))))
+        if m == order:
+            break
+        next_a = [0] * (len(b) + 1)
+        for i, c in enumerate(b):
+            next_a[i + 1] += c + 2 * i * c
+            next_a[i] -= 2 * i * c
+        next_b = [-2 * i * c for i, c in enumerate(a)]
+        while next_a and next_a[-1] == 0:
+            next_a.pop()
+        while next_b and next_b[-1] == 0:
+            next_b.pop()
+        a, b = next_a, next_b
+    return tuple(rows)
 
 
 @lru_cache(maxsize=None)
@@ -1173,7 +1169,6 @@ def clear_caches() -> None:
     _WEIGHTS.clear()
     _SERIES_PLANS.clear()
     _DENSE_CONV.clear()
-    _tanh_polynomials.cache_clear()
     _q_basis_rows.cache_clear()
     _partitions.cache_clear()
     _derivative_table.cache_clear()

@@ -34,7 +34,7 @@ import itertools
 import math
 import os
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,14 +50,13 @@ Monomial = Tuple[int, ...]
 
 @lru_cache(maxsize=None)
 def monomials(num_variables: int, degree: int) -> Tuple[Monomial, ...]:
-    """All exponent tuples of total degree ``degree`` (graded, lexicographic)."""
-    out = []
-    for combo in itertools.combinations_with_replacement(range(num_variables), degree):
-        exps = [0] * num_variables
-        for v in combo:
-            exps[v] += 1
-        out.append(tuple(exps))
-    return tuple(out)
+    """All exponent tuples of total degree ``degree`` (graded, lexicographic:
+    the first exponent descending, then the rest in that order)."""
+    if num_variables <= 1:
+        return ((degree,),) if num_variables == 1 else (((),) if degree == 0 else ())
+    # built from the cached monomials of one variable fewer
+    return tuple((first,) + rest for first in range(degree, -1, -1)
+                 for rest in monomials(num_variables - 1, degree - first))
 
 
 def _compositions(total: int, parts: int) -> List[Monomial]:
@@ -270,26 +269,27 @@ class RecoveryPlan:
         self.orders = sorted(set(orders))
         direction_index: Dict[Monomial, int] = {}
         self.directions: List[Monomial] = []
-        # per order, as numpy arrays (index tables built vectorised: Python
-        # loops and many small tensors cost more than the expansion at low
-        # orders): (gather index into directions, scale g^d, count); the
-        # per-support-size solves are made when first needed (the shipped
-        # maps of :func:`_recovery_table_maps` need none)
+        # per order, as numpy arrays (many small tensors would cost more than
+        # the expansion at low orders): (gather index into directions, scale
+        # g^d, count); the per-support-size solves are made when first needed
+        # (the shipped maps of :func:`_recovery_table_maps` need none)
         self._gathers: Dict[int, Tuple[np.ndarray, np.ndarray, int]] = {}
         for d in self.orders:
             if d == 0:
                 continue
             mons = monomials(p, d)
-            exps = np.asarray(mons, dtype=np.int64).reshape(len(mons), p)
-            common = np.gcd.reduce(exps, axis=1)
-            gather = np.empty(len(mons), dtype=np.int64)
-            for n, prim in enumerate(map(tuple, (exps // common[:, None]).tolist())):
+            gather, common = [], []
+            for mon in mons:  # (plain Python: faster than numpy at these sizes)
+                g = math.gcd(*mon)
+                prim = mon if g == 1 else tuple(e // g for e in mon)
                 index = direction_index.get(prim)
                 if index is None:
                     index = direction_index[prim] = len(self.directions)
                     self.directions.append(prim)
-                gather[n] = index
-            self._gathers[d] = (gather, common.astype(np.float64) ** d, len(mons))
+                gather.append(index)
+                common.append(g)
+            self._gathers[d] = (np.asarray(gather, dtype=np.int64),
+                                np.asarray(common, dtype=np.float64) ** d, len(mons))
         if not self.directions:  # order 0 only: one (zero) direction suffices
             self.directions.append((0,) * p)
 
@@ -334,9 +334,9 @@ class RecoveryPlan:
         cache = self.__dict__.setdefault("_direction_cache", {})
         key = (str(device), dtype)
         if key not in cache:
-            cache[key] = torch.tensor(self.directions, dtype=dtype, device=device).reshape(
-                len(self.directions), self.num_variables
-            )
+            as_array = np.asarray(self.directions, dtype=np.float64).reshape(
+                len(self.directions), self.num_variables)
+            cache[key] = torch.from_numpy(as_array).to(device, dtype)
         return cache[key]
 
     # the recovery is linear: below this many entries it is one dense
@@ -348,16 +348,20 @@ class RecoveryPlan:
         """{d: (n_directions, M_d) float64 map}, or None where the maps would be
         too large (the block solves are used); made once per plan."""
         if "_dense_np" not in self.__dict__:
-            n = len(self.directions)
-            sizes = [self._gathers[d][2] for d in self.orders if d != 0]
-            if n * sum(sizes) > self._DENSE_MAX_ENTRIES:
-                self._dense_np = None
-            elif self.num_variables == 1:
-                # one variable, one direction (1,): the univariate coefficients are T_d
-                self._dense_np = {d: np.ones((1, 1)) for d in self.orders if d != 0}
-            else:
-                self._dense_np = {d: self._shipped_or_dense_map(d) for d in self.orders if d != 0}
+            self._dense_np = None
+            if self._dense_fits():
+                self._dense_np = {}
+                for d in self.orders:
+                    if d != 0:
+                        rows, values = self._map_rows(d)
+                        self._dense_np[d] = full = np.zeros((len(self.directions), values.shape[1]))
+                        full[rows] = values
         return self._dense_np
+
+    def _dense_fits(self) -> bool:
+        """Whether the dense maps of every order are small enough to build."""
+        sizes = [self._gathers[d][2] for d in self.orders if d != 0]
+        return len(self.directions) * sum(sizes) <= self._DENSE_MAX_ENTRIES
 
     def _dense_maps(self, device: torch.device, dtype: torch.dtype) -> Optional[Dict[int, Tensor]]:
         """{d: (n_directions, M_d)} with coefficients_d = univariate[d].T @ map_d, or
@@ -401,12 +405,11 @@ class RecoveryPlan:
     def _stacked_map(self, num_coefficients: int, device: torch.device,
                      dtype: torch.dtype) -> Optional[Tensor]:
         """((K + 1) * n_directions, sum_d M_d) block map, or None if too large."""
-        maps = self._dense_arrays()
         n = len(self.directions)
         total = sum(math.comb(self.num_variables + d - 1, d) for d in self.orders)
         # the stacked map is block diagonal ((K + 1) times the entries of the
         # maps): worth one product only while small, else one product per order
-        if maps is None or num_coefficients * n * total > self._STACKED_MAX_ENTRIES:
+        if not self._dense_fits() or num_coefficients * n * total > self._STACKED_MAX_ENTRIES:
             return None
         stacked = np.zeros((num_coefficients, n, total))
         offset = 0
@@ -415,22 +418,26 @@ class RecoveryPlan:
                 stacked[0, 0, offset] = 1  # the value, the same along every direction
                 offset += 1
                 continue
-            stacked[d, :, offset : offset + maps[d].shape[1]] = maps[d]
-            offset += maps[d].shape[1]
+            rows, values = self._map_rows(d)  # placed directly (no per-order copy)
+            count = values.shape[1]
+            stacked[d, :, offset : offset + count][rows] = values
+            offset += count
         return torch.from_numpy(stacked.reshape(num_coefficients * n, total)).to(device, dtype)
 
-    def _shipped_or_dense_map(self, d: int) -> np.ndarray:
-        """:meth:`_dense_map`, read from the shipped table where it holds (p, d)."""
+    def _map_rows(self, d: int) -> Tuple[Union[List[int], slice], np.ndarray]:
+        """(rows, values): the (n_directions, M_d) map of :meth:`_dense_map` is
+        ``values`` at the directions ``rows`` and zero elsewhere; read from the
+        shipped table where it holds (p, d)."""
+        if self.num_variables == 1:  # one direction (1,): the coefficients are T_d
+            return slice(None), np.ones((1, 1))
         shipped = _recovery_table_maps(self.num_variables, max(self.orders)).get(d)
         if shipped is None:
-            return self._dense_map(d)
-        gather, _, count = self._gathers[d]
+            return slice(None), self._dense_map(d)
+        gather = self._gathers[d][0]
         # the table's rows are the directions of order d in the order they
         # first occur among the monomials, as in a plan of that order alone
         rows = list(dict.fromkeys(gather.tolist()))
-        out = np.zeros((len(self.directions), count))
-        out[rows] = shipped[: len(rows)]
-        return out
+        return rows, shipped[: len(rows)]
 
     def _dense_map(self, d: int) -> np.ndarray:
         """(n_directions, M_d) float64: the block solves of :meth:`_recover_blocks`
