@@ -293,6 +293,29 @@ def test_shipped_block_inverses_are_the_exact_inverses():
         np.testing.assert_allclose(inverse @ block, np.eye(len(full)), rtol=0, atol=1e-9)
 
 
+def test_exponent_table_holds_the_tables_a_polynomial_derives():
+    """HOPE's graded exponent table carries the degrees, the order and each
+    order's positions (known from the counts); they equal what a polynomial
+    reads back from the exponents themselves, and so do the derivative tensors."""
+    from captum_interactions._core.hope import _exponent_table
+    from captum_interactions._utils.taylor_polynomial import TaylorPolynomial
+
+    gen = torch.Generator().manual_seed(0)
+    for p, order in ((1, 3), (2, 0), (2, 4), (3, 5), (4, 2)):
+        exponents, tables = _exponent_table(p, order)
+        coefficients = torch.randn(2, exponents.shape[0], generator=gen, dtype=DTYPE)
+        center = torch.zeros(2, p, dtype=DTYPE)
+        derived = TaylorPolynomial(exponents.clone(), coefficients, center)  # own tables
+        given = TaylorPolynomial(exponents, coefficients, center, _tables=tables)
+        assert torch.equal(tables["degrees"], exponents.sum(1))
+        assert tables["order"] == derived.order == order
+        for k in range(order + 1):
+            for got, expected in zip(given.coefficients_of_order(k),
+                                     derived.coefficients_of_order(k)):
+                assert torch.equal(got, expected)
+            assert torch.equal(given.derivative_tensor(k), derived.derivative_tensor(k))
+
+
 def test_shipped_recovery_maps_equal_the_block_solves():
     """The recovery maps read at run time (p <= 4, d <= 8) are those the block
     solves make, the maps read up to an order are the matching slices of the
@@ -335,6 +358,23 @@ def test_shipped_recovery_maps_equal_the_block_solves():
             assert offset == stacked.shape[1]
             np.testing.assert_allclose(stacked, expected.reshape(stacked.shape),
                                        rtol=1e-13, atol=1e-13)
+
+
+def test_recovery_table_reads_the_same_bytes_without_pread(monkeypatch):
+    """The shipped maps are read with os.pread where it exists and with a
+    plain seek and read elsewhere (Windows): the same bytes as numpy reads."""
+    import os
+
+    import numpy as np
+    from captum_interactions._utils import taylor_polynomial as tp
+
+    whole = np.fromfile(tp._RECOVERY_TABLE_PATH, dtype="<f8")
+    expected = whole[100:164].tobytes()
+    assert tp._read_bytes(tp._RECOVERY_TABLE_PATH, 800, 512) == expected
+    monkeypatch.delattr(os, "pread", raising=False)
+    assert tp._read_bytes(tp._RECOVERY_TABLE_PATH, 800, 512) == expected
+    # past the end: fewer bytes, which _recovery_table_maps reports as an error
+    assert len(tp._read_bytes(tp._RECOVERY_TABLE_PATH, 8 * whole.size - 8, 64)) == 8
 
 
 @pytest.mark.parametrize("num_variables,order", [(3, 9), (4, 6), (40, 2)])

@@ -58,7 +58,15 @@ def _exponent_table(num_variables: int, order: int, device: str = "cpu") -> Tupl
     table = torch.from_numpy(
         np.asarray(exponents, dtype=np.int64).reshape(len(exponents), num_variables)
     ).to(device)
-    return table, {"exponents": table, "graded_exponents": True}
+    # graded: the degrees, and each order's positions as one slice, are known
+    # from the counts (TaylorPolynomial would read them back from the tensor)
+    counts = [math.comb(num_variables + d - 1, d) for d in range(order + 1)]
+    starts = [sum(counts[:d]) for d in range(order + 2)]
+    degrees = torch.from_numpy(np.repeat(np.arange(order + 1, dtype=np.int64), counts))
+    return table, {
+        "exponents": table, "graded_exponents": True, "degrees": degrees.to(device),
+        "order": order, "positions": {d: slice(starts[d], starts[d + 1]) for d in range(order + 1)},
+    }
 
 
 # pure arithmetic on the call's sizes, repeated on every call

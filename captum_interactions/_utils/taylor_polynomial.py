@@ -126,8 +126,8 @@ def block_inverse_table_values() -> np.ndarray:
 #: the expansion they serve (up to 5 ms at p = 4, d = 8, on every first call).
 #: The file, ``recovery_maps.f8``, is raw little-endian float64 (as
 #: ``ndarray.tofile`` writes it), so a plan reads its maps at their offset
-#: with one ``np.fromfile``; parsing an .npy header would cost more than the
-#: maps of a small plan.
+#: with one read; parsing an .npy header would cost more than the maps of a
+#: small plan.
 RECOVERY_TABLE_MAX_VARIABLES = 4
 _RECOVERY_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                     "recovery_maps.f8")
@@ -168,6 +168,21 @@ def _recovery_table_offsets() -> Dict[Tuple[int, int], Tuple[int, int]]:
 _RECOVERY_TABLE_OFFSETS = _recovery_table_offsets()
 
 
+def _read_bytes(path: str, offset: int, count: int) -> bytes:
+    """Up to ``count`` bytes of the file at ``offset``: one ``pread`` where the
+    platform has it (a first call reads its maps this way; ``np.fromfile``
+    costs twice as much for a few kB)."""
+    if hasattr(os, "pread"):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(descriptor, count, offset)
+        finally:
+            os.close(descriptor)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(count)
+
+
 @lru_cache(maxsize=None)
 def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
     """{d: shipped (M_d, M_d) map of (p, d)} for d = 1..``top`` within the table
@@ -180,7 +195,7 @@ def _recovery_table_maps(num_variables: int, top: int) -> Dict[int, np.ndarray]:
     first, _ = offsets[(num_variables, 1)]
     last, count = offsets[(num_variables, degrees[-1])]
     size = last + count * count - first
-    values = np.fromfile(_RECOVERY_TABLE_PATH, dtype="<f8", count=size, offset=8 * first)
+    values = np.frombuffer(_read_bytes(_RECOVERY_TABLE_PATH, 8 * first, 8 * size), dtype="<f8")
     if values.size != size:
         raise RuntimeError(f"{_RECOVERY_TABLE_PATH} is shorter than its table of maps")
     maps = {}
@@ -501,11 +516,11 @@ def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tens
         return factorials, torch.zeros(1, dtype=torch.long)
     canonical = monomials(p, k)
     if exps == canonical:  # as HOPE builds it
-        return factorials, _canonical_lookup(p, k)
+        return factorials, torch.from_numpy(_canonical_lookup(p, k))
     if len(exps) == len(canonical) and set(exps) == set(canonical):  # complete, permuted
         position = {m: n for n, m in enumerate(exps)}
-        permutation = torch.tensor([position[m] for m in canonical], dtype=torch.long)
-        return factorials, permutation[_canonical_lookup(p, k)]
+        permutation = np.asarray([position[m] for m in canonical], dtype=np.int64)
+        return factorials, torch.from_numpy(permutation[_canonical_lookup(p, k)])
     # every index tuple (i_1..i_k) and every monomial as its sorted index
     # tuple, keyed in base p: keys stay below p^k, the size of the output,
     # so they cannot overflow (base k + 1 over the exponents would for p > 40)
@@ -523,18 +538,19 @@ def _derivative_layout(exps: Tuple[Monomial, ...], p: int, k: int) -> Tuple[Tens
 
 
 @lru_cache(maxsize=None)
-def _canonical_lookup(p: int, k: int) -> Tensor:
+def _canonical_lookup(p: int, k: int) -> np.ndarray:
     """(p^k,) position in ``monomials(p, k)`` of the monomial of every entry
     (i_1..i_k) of a (p,)*k tensor, row-major. Built order by order: the entry
     (i_1..i_k) is the entry (i_1..i_{k-1}) times x_{i_k}, so one table of
-    "monomial of order k - 1 times x_i" (M_{k-1} x p) and one gather per order."""
+    "monomial of order k - 1 times x_i" (M_{k-1} x p) and one gather per order
+    (in numpy: small arrays, built once)."""
     if k == 0:
-        return torch.zeros(1, dtype=torch.long)
+        return np.zeros(1, dtype=np.int64)
     lower = monomials(p, k - 1)
     index = {m: n for n, m in enumerate(monomials(p, k))}
-    times = torch.tensor(
-        [[index[m[:i] + (m[i] + 1,) + m[i + 1:]] for i in range(p)] for m in lower],
-        dtype=torch.long,
+    times = np.asarray(
+        [index[m[:i] + (m[i] + 1,) + m[i + 1:]] for m in lower for i in range(p)],
+        dtype=np.int64,
     ).reshape(len(lower), p)
     return times[_canonical_lookup(p, k - 1)].reshape(-1)
 
