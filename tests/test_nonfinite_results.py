@@ -146,3 +146,35 @@ def test_agglomerative_cd_names_the_example_once():
     _, none = _nonfinite_warnings(
         lambda: AgglomerativeContextualDecomposition(model).attribute(x[:1], structure="sequence"))
     assert none == []
+
+
+def test_row_sums_stand_for_the_result_only_where_they_are_finite():
+    """warn_if_nonfinite(row_sums=...) skips the full scan only when the sums
+    are finite, which a NaN or an infinity among their terms rules out (inf and
+    -inf in one row sum to NaN); non-finite sums of a finite result (an
+    overflow, or a non-finite f(x) - f(x') in the delta) fall back to the scan
+    and stay silent."""
+    from captum_interactions._utils.common import warn_if_nonfinite
+
+    def caught_for(result, row_sums):
+        return _nonfinite_warnings(lambda: warn_if_nonfinite(
+            result, "IntegratedHessians", "somewhere", row_sums=row_sums))[1]
+
+    finite = torch.ones(3, 2, 2, dtype=DTYPE)
+    assert caught_for(finite, finite.sum(dim=(1, 2))) == []
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        result = finite.clone()
+        result[1, 0, 1] = bad
+        caught = caught_for(result, result.sum(dim=(1, 2)) - 1.0)
+        assert len(caught) == 1 and "1 of 3 examples (index 1)" in str(caught[0].message)
+    both = finite.clone()
+    both[2, 0, 0], both[2, 1, 1] = float("inf"), -float("inf")
+    sums = both.sum(dim=(1, 2))
+    assert torch.isnan(sums[2])
+    caught = caught_for(both, sums)
+    assert len(caught) == 1 and "(index 2)" in str(caught[0].message)
+    huge = torch.full((2, 2, 2), 1e308, dtype=DTYPE)  # finite entries, sums overflow
+    assert not torch.isfinite(huge.sum(dim=(1, 2))).any()
+    assert caught_for(huge, huge.sum(dim=(1, 2))) == []
+    change = torch.tensor([1.0, float("nan"), 2.0], dtype=DTYPE)  # f(x) - f(x') not finite
+    assert caught_for(finite, finite.sum(dim=(1, 2)) - change) == []

@@ -412,7 +412,8 @@ class IntegratedHessians(GradientAttribution):
                 warn=self._multiply_by_inputs,
             )
             warn_if_nonfinite(
-                interactions, type(self).__name__, "on the path from the baseline to the input"
+                interactions, type(self).__name__, "on the path from the baseline to the input",
+                row_sums=delta,
             )
             result = format_interaction_output(
                 interactions, groups, is_inputs_tuple, output_layout

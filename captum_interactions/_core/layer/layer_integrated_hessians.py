@@ -514,6 +514,7 @@ class LayerIntegratedHessians(LayerAttribution, GradientAttribution):
             warn_if_nonfinite(
                 interactions, type(self).__name__,
                 "on the path from the baseline to the input (at the layer and after it)",
+                row_sums=delta,
             )
             result = format_interaction_output(
                 interactions, groups, layer_is_tuple, output_layout
