@@ -244,6 +244,30 @@ def ih_warnings(forward, x=None, method=IntegratedHessians, **kwargs):
 
 MLP = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 1)).to(DTYPE)
 
+
+def test_smoothness_check_passes_calls_without_autograd_through():
+    """A forward under no_grad (the completeness forward, now run first)
+    differentiates nothing: it is not inspected and does not use up the
+    inspection, so the first differentiated call still warns about the ReLU."""
+    from types import SimpleNamespace
+
+    from captum_interactions._utils.nonsmooth import checked_smoothness
+
+    holder = SimpleNamespace(forward_func=MLP)
+    x = randn(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with checked_smoothness(holder, "IntegratedHessians"):
+            check = holder.forward_func
+            with torch.no_grad():
+                check(x.clone().requires_grad_(True))
+            assert not check.done and not caught
+            check(x.clone().requires_grad_(True))
+            assert check.done
+    assert holder.forward_func is MLP
+    warned = [w for w in caught if issubclass(w.category, NonSmoothModelWarning)]
+    assert len(warned) == 1 and "relu" in str(warned[0].message).lower()
+
 NONSMOOTH_MODELS = {
     "relu": (MLP, ["relu", "smooth_model"]),
     "max pool": (lambda x: F.max_pool1d(x[:, None], 2)[:, 0].sum(1) ** 2, ["max_pool1d"]),
@@ -346,17 +370,20 @@ def test_the_check_leaves_the_attribution_and_model_as_they_were():
 
 
 def test_check_covers_only_the_first_differentiated_forward():
-    """The mode is active for one forward per call, not for all of them."""
+    """The mode is active for one forward per call, not for all of them: the
+    first one with autograd on (the completeness forward, without autograd,
+    runs before it and is not inspected)."""
     seen = []
 
     def forward(x):
-        seen.append(torch._C._len_torch_function_stack())
+        seen.append((torch._C._len_torch_function_stack(), torch.is_grad_enabled()))
         return torch.tanh(x).sum(1)
 
     IntegratedHessians(forward).attribute(randn(3, 4), n_steps=4, internal_batch_size=4,
                                           return_convergence_delta=True)
     assert len(seen) > 2
-    assert seen[0] == 1 and all(depth == 0 for depth in seen[1:])
+    first = next(n for n, (_, grad) in enumerate(seen) if grad)
+    assert [depth for depth, _ in seen] == [int(n == first) for n in range(len(seen))]
 
 
 def test_smoothed_operation_names_are_all_flagged_by_the_check():

@@ -261,7 +261,9 @@ class _FirstForwardCheck:
         self.done = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.done:
+        # a call without autograd (a completeness forward) differentiates
+        # nothing: it is passed through, and the next call is still inspected
+        if self.done or not torch.is_grad_enabled():
             return self.forward_func(*args, **kwargs)
         mode = _Dependence()
         with mode:

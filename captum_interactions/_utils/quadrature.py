@@ -559,12 +559,15 @@ def integrate_to_completeness(
         return refine_until_complete(
             integrate, output_change(), n_steps, completeness_tol, max_steps, method_name
         )
+    # f(x) - f(x') first: a small forward costs several times more right after
+    # the path's large HVPs than before them (measured on CPU)
+    change = output_change()
     interactions = integrate(n_steps, None)
     steps = torch.full(
         (interactions.shape[0],), n_steps, dtype=torch.long, device=interactions.device
     )
     total = interactions.sum(dim=(1, 2))
-    delta = total - output_change().to(interactions.dtype)
+    delta = total - change.to(interactions.dtype)
     if warn:
         warn_if_incomplete(delta, total - delta, n_steps, method, method_name, other_cause)
     return interactions, steps, delta
