@@ -466,7 +466,8 @@ class _ModuleSnapshot:
                 elif not torch.equal(buf, saved):
                     buf.copy_(saved)
         for module, flag in self.flags:
-            module.training = flag
+            if module.training != flag:  # (nn.Module.__setattr__ is not free)
+                module.training = flag
 
 
 @contextlib.contextmanager
@@ -490,13 +491,15 @@ def preserved_module_state(
             for module in root.modules():
                 if snapshot.add(module) and eval_mode:
                     _check_batch_independent(module)
-                    module.training = False
+                    if module.training:
+                        module.training = False
         if eval_mode:
 
             def switch_to_eval(module: torch.nn.Module, args: Any) -> None:
                 if snapshot.add(module):
                     _check_batch_independent(module)
-                    module.training = False
+                    if module.training:
+                        module.training = False
 
             handle = register_module_forward_pre_hook(switch_to_eval)
         yield
