@@ -369,6 +369,9 @@ class RecoveryPlan:
                 for d in self.orders:
                     if d != 0:
                         rows, values = self._map_rows(d)
+                        if isinstance(rows, slice):  # already every direction's row
+                            self._dense_np[d] = values
+                            continue
                         self._dense_np[d] = full = np.zeros((len(self.directions), values.shape[1]))
                         full[rows] = values
         return self._dense_np
@@ -442,17 +445,23 @@ class RecoveryPlan:
     def _map_rows(self, d: int) -> Tuple[Union[List[int], slice], np.ndarray]:
         """(rows, values): the (n_directions, M_d) map of :meth:`_dense_map` is
         ``values`` at the directions ``rows`` and zero elsewhere; read from the
-        shipped table where it holds (p, d)."""
-        if self.num_variables == 1:  # one direction (1,): the coefficients are T_d
-            return slice(None), np.ones((1, 1))
-        shipped = _recovery_table_maps(self.num_variables, max(self.orders)).get(d)
-        if shipped is None:
-            return slice(None), self._dense_map(d)
-        gather = self._gathers[d][0]
-        # the table's rows are the directions of order d in the order they
-        # first occur among the monomials, as in a plan of that order alone
-        rows = list(dict.fromkeys(gather.tolist()))
-        return rows, shipped[: len(rows)]
+        shipped table where it holds (p, d). Made once per order (the stacked
+        map and the per-order maps both use it)."""
+        cache = self.__dict__.setdefault("_map_rows_cache", {})
+        if d not in cache:
+            if self.num_variables == 1:  # one direction (1,): the coefficients are T_d
+                cache[d] = slice(None), np.ones((1, 1))
+            else:
+                shipped = _recovery_table_maps(self.num_variables, max(self.orders)).get(d)
+                if shipped is None:
+                    cache[d] = slice(None), self._dense_map(d)
+                else:
+                    # the table's rows are the directions of order d in the order
+                    # they first occur among the monomials, as in a plan of that
+                    # order alone
+                    rows = list(dict.fromkeys(self._gathers[d][0].tolist()))
+                    cache[d] = rows, shipped[: len(rows)]
+        return cache[d]
 
     def _dense_map(self, d: int) -> np.ndarray:
         """(n_directions, M_d) float64: the block solves of :meth:`_recover_blocks`
