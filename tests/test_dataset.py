@@ -304,6 +304,70 @@ def test_every_matrix_method_runs_over_a_dataset(tmp_path):
     assert smooth.interactions().isfinite().all()
 
 
+def _method_calls():
+    """(name, method, one call of it) for every public attribution class."""
+    from captum_interactions import (
+        HOPE, AgglomerativeContextualDecomposition, ContextualDecomposition,
+        LayerIntegratedHessians, SmoothHess,
+    )
+
+    model, x, labels, background = make_problem()
+    mask = torch.tensor([[0, 0, 1, 2]])
+    ih, eh = IntegratedHessians(model), ExpectedHessians(model)
+    smooth, hope = SmoothHess(model), HOPE(model)
+    layer_ih = LayerIntegratedHessians(model, model[0])
+    cd = ContextualDecomposition(model)
+    acd = AgglomerativeContextualDecomposition(model)
+    return [
+        ("IntegratedHessians", ih, lambda: ih.attribute(x[:3], target=0, n_steps=4)),
+        ("ExpectedHessians", eh,
+         lambda: eh.attribute(x[:3], background, target=0, n_samples=4)),
+        ("SmoothHess", smooth,
+         lambda: smooth.attribute(x[:3], target=0, n_samples=16, stdevs=0.1)),
+        ("HOPE", hope, lambda: hope.attribute(x[:3], order=3, target=0)),
+        ("LayerIntegratedHessians", layer_ih,
+         lambda: layer_ih.attribute(x[:3], target=0, n_steps=4)),
+        ("ContextualDecomposition", cd,
+         lambda: cd.interactions(x[:3], feature_mask=mask, target=0)),
+        ("AgglomerativeContextualDecomposition", acd, lambda: acd.attribute(x[:1], target=0, structure="sequence")),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_a_call_leaves_the_method_fingerprint_as_it_was(index):
+    """What a call stores on the method (per-call records, caches) is not a
+    setting: a run resumed or run on other ranks after the method was used
+    for a call must not be refused as "method settings differ"."""
+    from captum_interactions._utils.dataset_storage import method_fingerprint
+
+    name, method, call = _method_calls()[index]
+    before = method_fingerprint(method, "attribute")
+    call()
+    call()
+    assert method_fingerprint(method, "attribute") == before, name
+
+
+def test_a_run_resumes_after_the_method_was_used_for_a_call(tmp_path):
+    """SmoothHess keeps a cache of its subspace basis between calls: a run
+    interrupted, then resumed with the same object after a call of its own,
+    resumes (before, the cache made the fingerprint differ)."""
+    from captum_interactions import SmoothHess
+
+    model, x, labels, _ = make_problem()
+    kwargs = {"n_samples": 16, "stdevs": 0.1}
+    smooth = SmoothHess(model)
+    _interrupt_after(smooth, 2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        explain_dataset(smooth, loader_of(x, labels), out, kwargs, **FAULT_RUN)
+    del smooth.attribute  # the class's own method again
+    smooth.attribute(x[:2], target=0, **kwargs)
+    count = _counting(smooth)
+    resumed = explain_dataset(smooth, loader_of(x, labels), out, kwargs, **FAULT_RUN)
+    assert count[0] == N_EXAMPLES - 10
+    assert resumed.interactions().shape == (N_EXAMPLES, D_IN, D_IN)
+
+
 # ---------------------------------------------------------------- integrity
 # A 23-example run in chunks of 5 (chunks 0-3 full, chunk 4 of 3 examples);
 # every fault is detected naming the file or setting, and a rerun repairs it

@@ -128,6 +128,7 @@ class SmoothHess(GradientAttribution):
         self.last_call_control_variate = False
         self.last_call_fitted_surrogate = False
         self.last_call_importance_scale: Optional[float] = None
+        # (a "_cache" name: explain_dataset leaves it out of the method's fingerprint)
         self._basis_cache: Optional[Tuple[Tensor, Any, Optional[Tensor]]] = None
 
     def has_convergence_delta(self) -> bool:

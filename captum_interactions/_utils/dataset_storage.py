@@ -230,8 +230,11 @@ def module_fingerprint_digest(module: torch.nn.Module) -> str:
 def method_fingerprint(method: Any, method_function: str) -> Dict[str, Any]:
     """The method's class and its settings: the data attributes of the instance
     (plain values, tensors, modules and functions; ``forward_func`` is
-    fingerprinted by :func:`model_fingerprint`, per-call records such as
-    ``last_call_cost`` and instance-level replacements of methods are left out)."""
+    fingerprinted by :func:`model_fingerprint`). Left out: per-call records
+    (``last_*``, e.g. ``last_call_cost``), caches (``*_cache``, e.g. SmoothHess's
+    subspace basis) and instance-level replacements of methods: a call fills
+    them, so a run resumed after one, or on a rank that has made one, would
+    otherwise be refused as "method settings differ"."""
     cls = type(method)
     out: Dict[str, Any] = {
         "method": f"{cls.__module__}.{cls.__qualname__}",
@@ -246,7 +249,7 @@ def method_fingerprint(method: Any, method_function: str) -> Dict[str, Any]:
               torch.dtype, torch.device)
     for name in sorted(getattr(method, "__dict__", {})):
         value = method.__dict__[name]
-        if name == "forward_func" or name.startswith("last_"):
+        if name == "forward_func" or name.startswith("last_") or name.endswith("_cache"):
             continue
         if callable(value) and callable(getattr(cls, name, None)):
             continue  # an instance-level replacement of a method (a wrapper)
