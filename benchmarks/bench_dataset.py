@@ -24,6 +24,7 @@ Prints a table and writes ``benchmarks/results/dataset_<device>.json``.
 import argparse
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -144,7 +145,11 @@ def launch(nproc, method, n, d, device, threads, chunk_size=256, batch_size=64):
         )
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
+            # torchrun ends stderr with its own summary; the ranks' exceptions
+            # come before it, one "[rankN]: ...Error: ..." line each
+            errors = [line for line in proc.stderr.splitlines()
+                      if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception|Interrupt)\b", line)]
+            raise RuntimeError("\n".join(errors) or proc.stderr[-2000:])
         with open(report) as fh:
             return json.load(fh)
 
@@ -248,7 +253,7 @@ def main():
           f"{'ex/s':>8} {'vs 1 proc':>9}")
     for r in throughput:
         if "error" in r:
-            print(f"{r['method']:<20} {r['processes']:>5} failed: {r['error'][-80:]}")
+            print(f"{r['method']:<20} {r['processes']:>5} failed: " + " | ".join(r["error"].splitlines()))
             continue
         print(f"{r['method']:<20} {r['processes']:>5} {r['threads_per_process']:>7} "
               f"{r['examples']:>8} {r['seconds']:>8.2f} {r['examples_per_s']:>8.1f} "
