@@ -1,10 +1,13 @@
+import itertools
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from captum_interactions import HOPE, TaylorPolynomial
+from captum_interactions import HOPE, NonSmoothModelWarning, TaylorPolynomial
 from captum_interactions._utils.jets import UnsupportedJetOperation
 
 DTYPE = torch.float64
@@ -453,3 +456,137 @@ def test_cached_groups_follow_mask_changes_and_budgets():
     with memory_budget("20kB"):  # several chunks of directions
         chunked = HOPE(net).expand(x, order=3, feature_mask=mask).coefficients
     torch.testing.assert_close(chunked, fresh, rtol=1e-13, atol=1e-13)
+
+
+# ---------------------------------------------------------------- kinks at the point
+def _pool_windows_brute_force(a, out, kernel, stride, padding, dilation):
+    """Per output position of a 2-D max pooling: is the maximum of a[0] tied with
+    an element whose higher coefficients differ from the chosen one's (loops)."""
+    lead, (height, width) = a.shape[1:-2], a.shape[-2:]
+    result = torch.zeros(out.shape[1:], dtype=torch.bool)
+    for i, j in itertools.product(range(out.shape[-2]), range(out.shape[-1])):
+        cells = [(i * stride[0] - padding[0] + dilation[0] * u,
+                  j * stride[1] - padding[1] + dilation[1] * v)
+                 for u in range(kernel[0]) for v in range(kernel[1])]
+        cells = [(r, c) for r, c in cells if 0 <= r < height and 0 <= c < width]
+        for index in itertools.product(*(range(n) for n in lead)):
+            top = out[(0,) + index + (i, j)]
+            tied = [a[(slice(None),) + index + cell] for cell in cells
+                    if a[(0,) + index + cell] == top]
+            chosen = out[(slice(None),) + index + (i, j)]
+            result[index + (i, j)] = any(bool((t[1:] != chosen[1:]).any()) for t in tied)
+    return result
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, ceil_mode", [
+    ((2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((3, 2), (1, 2), (1, 0), (1, 1), False),
+    ((3, 3), (2, 2), (1, 1), (1, 1), True),
+    ((2, 3), (2, 1), (0, 1), (2, 1), False),
+    ((3, 2), (2, 3), (1, 1), (1, 2), True),
+])
+def test_tied_pooling_windows_match_a_loop_over_every_window(kernel, stride, padding, dilation,
+                                                             ceil_mode):
+    """Integer values make ties common; every window's verdict (tie with an element
+    whose higher coefficients differ) equals a loop over its cells."""
+    from captum_interactions._utils.jets import _switching_windows
+
+    gen = torch.Generator().manual_seed(sum(kernel) + sum(stride) + sum(padding))
+    a = torch.randint(0, 3, (3, 2, 2, 7, 8), generator=gen).double()
+    a[1:, 0] = 1.0  # the first example moves every element alike: ties never switch
+    out0, idx = F.max_pool2d(a[0], kernel, stride, padding, dilation, ceil_mode,
+                             return_indices=True)
+    index = idx.flatten(start_dim=2).unsqueeze(0).expand(3, -1, -1, -1)
+    out = a.flatten(start_dim=3).gather(-1, index).reshape((3,) + out0.shape)
+    found = _switching_windows(a, out, (kernel, stride, padding, dilation, ceil_mode), {}, 2)
+    expected = _pool_windows_brute_force(a, out, kernel, stride, padding, dilation)
+    assert expected.any() and not expected[0].any()
+    assert torch.equal(found, expected)
+
+
+def _blank_image_cnn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Softplus(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(2 * 4 * 4, 1)).double()
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)  # a blank image: every window ties
+    x[0, 0, 2:5, 2:5] = torch.randn(3, 3, dtype=torch.float64)
+    quadrants = (torch.arange(8)[None, :] // 4 + 2 * (torch.arange(8)[:, None] // 4))
+    return net, x, quadrants.reshape(1, 1, 8, 8)
+
+
+def test_expansion_on_a_pooling_tie_warns_and_off_it_is_silent():
+    """On a blank region the pooled maximum is tied and switches element as the
+    quadrants move: no side's derivative is HOPE's (one-sided differences show
+    it), so HOPE warns. A point off every tie expands silently, and exactly."""
+    net, x, mask = _blank_image_cnn()
+    with pytest.warns(NonSmoothModelWarning, match=r"kink of max_pool2d"):
+        gradient = HOPE(net).expand(x, order=2, feature_mask=mask).derivative_tensor(1)[0]
+    f0, h = net(x).item(), 1e-7
+    shifts = [(mask == g).double() for g in range(4)]
+    right = torch.tensor([(net(x + h * s).item() - f0) / h for s in shifts], dtype=torch.float64)
+    left = torch.tensor([(f0 - net(x - h * s).item()) / h for s in shifts], dtype=torch.float64)
+    assert (right - left).abs().max() > 1e-2  # not differentiable at x
+    assert min((gradient - right).abs().max(), (gradient - left).abs().max()) > 1e-3
+
+    moved = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1),
+                                   dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poly = HOPE(net).expand(moved, order=2, feature_mask=mask)
+    hessian = torch.autograd.functional.hessian(
+        lambda z: net(moved + sum(z[g] * shifts[g] for g in range(4))).sum(),
+        torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(poly.derivative_tensor(2)[0], hessian, rtol=1e-10, atol=1e-12)
+
+
+def test_ties_that_move_alike_and_constant_kinks_do_not_warn():
+    """A blank image shifted as a whole moves every tied element alike (no
+    padding: every conv output sees the same shift), and a ReLU whose input is
+    0 and independent of the variables stays on its kink: both are exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(2 * 3 * 3, 1)).double()
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    whole = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poly = HOPE(net).expand(x, order=3, feature_mask=whole)
+    line = [net(x + t).item() for t in (-2e-3, -1e-3, 0.0, 1e-3, 2e-3)]
+    second = (line[1] - 2 * line[2] + line[3]) / 1e-6  # f'' along the shift
+    torch.testing.assert_close(poly.derivative_tensor(2)[0, 0, 0],
+                               torch.tensor(second, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+
+    dead = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        dead[0].weight[0] = 0.0
+        dead[0].bias[0] = 0.0  # unit 0: input exactly 0 whatever the variables
+        dead[0].bias[1:] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HOPE(dead).expand(torch.zeros(1, 3, dtype=torch.float64), order=2)
+
+
+@pytest.mark.parametrize("name, layer, break_point", [
+    ("relu", nn.ReLU(), 0.0), ("leaky_relu", nn.LeakyReLU(0.1), 0.0), ("elu", nn.ELU(), 0.0),
+    ("hardtanh", nn.Hardtanh(-1.0, 1.0), 1.0),
+    ("hardtanh", nn.ReLU6(), 6.0),  # nn.ReLU6 calls F.hardtanh(x, 0, 6)
+    ("clamp", None, -0.5),
+])
+def test_expansion_on_a_kink_of_an_activation_warns_naming_it(name, layer, break_point):
+    """At x = 0 every hidden input equals the bias, set to a break point of the
+    activation, and moves with the variables."""
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 5).double()
+    with torch.no_grad():
+        linear.bias.fill_(break_point)
+    if layer is None:
+        def net(x):
+            return linear(x).clamp(min=break_point).sum(-1, keepdim=True)
+    else:
+        net = nn.Sequential(linear, layer, nn.Linear(5, 1).double())
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.warns(NonSmoothModelWarning, match=rf"kink of {name}\b"):
+        HOPE(net).attribute(x, order=2)
+    with warnings.catch_warnings():  # a point off the break points: silent
+        warnings.simplefilter("error")
+        HOPE(net).attribute(x + 0.01, order=2)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 import math
+import warnings
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -25,7 +26,8 @@ from captum_interactions._utils.common import (
 )
 from captum_interactions._utils.feature_groups import FeatureGroups, flatten_features
 from captum_interactions._utils.hessian import validate_output_layout
-from captum_interactions._utils.jets import Jet, UnsupportedJetOperation
+from captum_interactions._utils.jets import Jet, UnsupportedJetOperation, recording_kinks
+from captum_interactions._utils.nonsmooth import NonSmoothModelWarning
 from captum_interactions._utils.memory import (
     ACTIVATION_PRIOR,
     ActivationMeter,
@@ -42,6 +44,24 @@ from captum_interactions._utils.taylor_polynomial import (
 )
 
 _MAX_MONOMIALS = 2_000_000
+
+
+def _warn_on_kinks(operations: List[str]) -> None:
+    """The expansion point is on a kink of a piecewise operation (see
+    :class:`~captum_interactions._utils.jets.recording_kinks`)."""
+    if operations:
+        warnings.warn(
+            f"HOPE: the expansion point lies on a kink of {', '.join(operations)} that "
+            "the variables move (an input exactly at a break point, e.g. a ReLU input "
+            "of exactly 0, or a tie for the maximum of a pooling window, common on "
+            "blank image regions). The model is not differentiable there: the "
+            "polynomial takes one piece's derivatives (the first element of a tie; "
+            "the piece of inputs > 0) and is the expansion of neither side. Move the "
+            "expansion point off the kink (e.g. add small noise), or expand a smooth "
+            "surrogate: captum_interactions.smooth_model(model).",
+            NonSmoothModelWarning,
+            stacklevel=4,
+        )
 _HOPE_OVERFLOW_HINT = (
     " The order-k coefficients scale like the k-th power of the inputs' (or the"
     " group shifts') scale, so the highest orders overflow first: lower `order` or"
@@ -209,6 +229,14 @@ class HOPE(GradientAttribution):
     eval mode). Any other operation raises a ``ValueError`` naming it and the
     module it ran in.
 
+    **Kinks.** Piecewise operations (the ReLU family, clamps, ``abs``, max
+    pooling) are expanded on the piece that holds the expansion point, which is
+    exact wherever the point is off their kinks. On a kink that the variables
+    move (a ReLU input of exactly 0, a tie for the maximum of a pooling window,
+    as on blank image regions) the model is not differentiable and the
+    polynomial is the expansion of neither side: the call then warns with a
+    ``NonSmoothModelWarning`` naming the operations.
+
     Paper: Xiao, Zhang, Cheng, Suo, IEEE TPAMI 2024,
     https://doi.org/10.1109/TPAMI.2024.3399197 (arXiv:2307.08192)
     """
@@ -374,7 +402,8 @@ class HOPE(GradientAttribution):
                 "already chunked to one direction.",
             )
         plan = recovery_plan(p, tuple(sorted(set(orders))))
-        with torch.no_grad(), preserved_module_state(self.forward_func):
+        with torch.no_grad(), preserved_module_state(self.forward_func), \
+                recording_kinks() as kinks:
             try:
                 univariate = self._univariate(
                     inputs, groups, plan, top, target, additional_forward_args,
@@ -385,6 +414,7 @@ class HOPE(GradientAttribution):
                 module = _failing_module(self.forward_func, err.__traceback__)
                 where = f" (in module {module})" if module else ""
                 raise UnsupportedJetOperation(f"{err.args[0]}{where}") from None
+        _warn_on_kinks(kinks.names())
         return plan, univariate
 
     def expand(

@@ -776,6 +776,98 @@ def _piecewise(a: Tensor, slope: Tensor, value0: Tensor) -> Tensor:
     return out
 
 
+# Kinks met at the expansion point, per operation name, while a record is open
+# (see recording_kinks): the rules of piecewise operations choose their piece
+# from y_0 alone, which is exact off the kinks only.
+_KINK_RECORD: Optional[Dict[str, List[Tensor]]] = None
+
+
+class recording_kinks:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Collect the kinks that piecewise rules meet: ``names()`` on exit lists the
+    operations (``"relu"``, ``"max_pool2d"``, ...) whose input sat exactly on a
+    break point (a tie for the maximum of a pooling window) while the variables
+    move it, i.e. where the propagated series is not the function's."""
+
+    def __enter__(self) -> "recording_kinks":
+        global _KINK_RECORD
+        self._previous, self._flags = _KINK_RECORD, {}
+        _KINK_RECORD = self._flags
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _KINK_RECORD
+        _KINK_RECORD = self._previous
+
+    def names(self) -> List[str]:
+        """The operations that met a kink (one device sync per operation)."""
+        return [name for name, flags in self._flags.items()
+                if bool(torch.stack(flags).any())]
+
+
+def _note_kinks(name: str, on_break: Tensor, a: Tensor) -> None:
+    """Record ``name`` where an element of the value a_0 is on a break point
+    (``on_break``) and a higher coefficient of the same element is not zero
+    (a constant on a kink stays on it: no error)."""
+    if _KINK_RECORD is None or a.shape[0] < 2:
+        return
+    moving = (a[1:] != 0).any(0)
+    _KINK_RECORD.setdefault(name, []).append((on_break & moving).any())
+
+
+def _note_ties(name: str, a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, Any],
+               spatial_dims: int) -> None:
+    """Record ``name`` where a pooling window's maximum a_0 is attained by more
+    than one element whose higher coefficients differ from the chosen one's
+    (``out``): along the variables the maximum then switches element."""
+    if _KINK_RECORD is None or a.shape[0] < 2:
+        return
+    switching = _switching_windows(a, out, args, kwargs, spatial_dims)
+    if switching is not None:
+        _KINK_RECORD.setdefault(name, []).append(switching.any())
+
+
+def _switching_windows(a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, Any],
+                       spatial_dims: int) -> Optional[Tensor]:
+    """Per window of a max pooling of the coefficients ``a`` (K + 1, ...) with
+    result ``out``: whether the maximum of a_0 is tied with an element whose
+    higher coefficients differ from the chosen one's (shape ``out.shape[1:]``);
+    None when no window has a tie. ``args``: max_pool's arguments after the input."""
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    bound = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+
+    def per_dim(value: Any, default: Any) -> Tuple[int, ...]:
+        if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+            value = default
+        if isinstance(value, int):
+            return (value,) * spatial_dims
+        return tuple(int(v) for v in value)
+
+    kernel = per_dim(bound["kernel_size"], None)
+    stride = per_dim(bound.get("stride"), kernel)
+    padding = per_dim(bound.get("padding", 0), 0)
+    dilation = per_dim(bound.get("dilation", 1), 1)
+    first = a.dim() - spatial_dims
+    spans = [dilation[d] * (kernel[d] - 1) + 1 for d in range(spatial_dims)]
+    counts = [out.shape[out.dim() - spatial_dims + d] for d in range(spatial_dims)]
+    # windows as views of a copy padded with -inf, as max pooling pads; the
+    # output says how many windows there are (ceil_mode included)
+    pads: List[int] = []
+    for d in reversed(range(spatial_dims)):
+        needed = (counts[d] - 1) * stride[d] + spans[d]
+        pads += [padding[d], max(0, needed - a.shape[first + d] - padding[d])]
+    windows = F.pad(a, pads, value=-math.inf)
+    for d in range(spatial_dims):
+        windows = windows.unfold(first + d, spans[d], stride[d])[..., :: dilation[d]]
+        windows = windows.narrow(first + d, 0, counts[d])
+    windows = windows.flatten(start_dim=windows.dim() - spatial_dims)  # (K+1, ..., *out, k)
+    chosen = out.unsqueeze(-1)
+    tied = windows[0] == chosen[0]
+    # a cheap test on the values first: most windows have a single maximum
+    if not bool((tied.sum(-1) > 1).any()):
+        return None
+    return ((windows[1:] != chosen[1:]) & tied.unsqueeze(0)).any(0).any(-1)
+
+
 # --------------------------------------------------------------------------
 # rules: (func, args, kwargs) -> result
 # --------------------------------------------------------------------------
@@ -1008,6 +1100,7 @@ def _rpow_rule(func, args, kwargs):
 def _relu_rule(func, args, kwargs):
     a = args[0].coefficients
     positive = a[0] > 0
+    _note_kinks("relu", a[0] == 0, a)
     return Jet(_piecewise(a, positive.to(a.dtype), torch.relu(a[0])))
 
 
@@ -1015,6 +1108,8 @@ def _leaky_relu_rule(func, args, kwargs):
     slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
     a = args[0].coefficients
     s = torch.where(a[0] > 0, torch.ones_like(a[0]), torch.full_like(a[0], slope))
+    if slope != 1:
+        _note_kinks("leaky_relu", a[0] == 0, a)
     return Jet(_piecewise(a, s, F.leaky_relu(a[0], slope)))
 
 
@@ -1030,11 +1125,12 @@ def _clamp_tensor_bounds(x: Any, lo: Any, hi: Any) -> "Jet":
         cb = coefficients_of(_const(bound, like), order, like)
         result, cb = _align(result, cb)
         outside = result[0] < cb[0] if below else result[0] > cb[0]
+        _note_kinks("clamp", result[0] == cb[0], result - cb)
         result = torch.where(outside.unsqueeze(0), cb, result)
     return Jet(result)
 
 
-def _clamp_like(lo_default, hi_default, lo_name, hi_name, fn):
+def _clamp_like(lo_default, hi_default, lo_name, hi_name, fn, name="clamp"):
     def rule(func, args, kwargs):
         lo = args[1] if len(args) > 1 else kwargs.get(lo_name, lo_default)
         hi = args[2] if len(args) > 2 else kwargs.get(hi_name, hi_default)
@@ -1044,8 +1140,10 @@ def _clamp_like(lo_default, hi_default, lo_name, hi_name, fn):
         inside = torch.ones_like(a[0], dtype=torch.bool)
         if lo is not None:
             inside = inside & (a[0] > lo)
+            _note_kinks(name, a[0] == lo, a)
         if hi is not None:
             inside = inside & (a[0] < hi)
+            _note_kinks(name, a[0] == hi, a)
         return Jet(_piecewise(a, inside.to(a.dtype), fn(a[0], lo, hi)))
 
     return rule
@@ -1053,6 +1151,7 @@ def _clamp_like(lo_default, hi_default, lo_name, hi_name, fn):
 
 def _abs_rule(func, args, kwargs):
     a = args[0].coefficients
+    _note_kinks("abs", a[0] == 0, a)
     return Jet(_piecewise(a, torch.sign(a[0]), a[0].abs()))
 
 
@@ -1061,6 +1160,7 @@ def _elu_rule(func, args, kwargs):
     alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
     neg = alpha * series_exp(a)
     neg[0] = neg[0] - alpha
+    _note_kinks("elu", a[0] == 0, a)  # C^1 at most: the second derivative jumps
     return Jet(torch.where((a[0] > 0).unsqueeze(0), a, neg))
 
 
@@ -1262,6 +1362,7 @@ def _max_pool_rule(spatial_dims: int):
         index = idx.flatten(start_dim=idx.dim() - spatial_dims)
         index = index.unsqueeze(0).expand((a.shape[0],) + index.shape)
         out = src.gather(-1, index).reshape((a.shape[0],) + out0.shape)
+        _note_ties(f"max_pool{spatial_dims}d", a, out, args[1:], kwargs, spatial_dims)
         return (Jet(out), idx) if return_indices else Jet(out)
 
     return rule
@@ -1376,9 +1477,10 @@ _register(["F.leaky_relu"], _leaky_relu_rule)
 _register(["torch.clamp", "Tensor.clamp", "torch.clip", "Tensor.clip"],
           _clamp_like(None, None, "min", "max", lambda x, lo, hi: torch.clamp(x, lo, hi)))
 _register(["F.hardtanh"], _clamp_like(-1.0, 1.0, "min_val", "max_val",
-                                      lambda x, lo, hi: torch.clamp(x, lo, hi)))
+                                      lambda x, lo, hi: torch.clamp(x, lo, hi), "hardtanh"))
 _register(["F.relu6"], lambda func, args, kwargs: _clamp_like(
-    0.0, 6.0, "_lo", "_hi", lambda x, lo, hi: torch.clamp(x, lo, hi))(func, args[:1], {}))
+    0.0, 6.0, "_lo", "_hi", lambda x, lo, hi: torch.clamp(x, lo, hi), "relu6")(
+        func, args[:1], {}))
 _register(["torch.abs", "Tensor.abs", "Tensor.__abs__"], _abs_rule)
 _register(["F.elu"], _elu_rule)
 _register(["F.softplus"], _softplus_rule)
