@@ -590,3 +590,48 @@ def test_expansion_on_a_kink_of_an_activation_warns_naming_it(name, layer, break
     with warnings.catch_warnings():  # a point off the break points: silent
         warnings.simplefilter("error")
         HOPE(net).attribute(x + 0.01, order=2)
+
+
+def test_integer_casts_are_piecewise_constant_and_float_casts_linear():
+    """x.to(int64) has zero derivatives (it used to cast every Taylor coefficient,
+    so a slope of 3 came out as 3); it jumps at nonzero integers, where the call
+    warns. A float cast stays linear."""
+    def model(x):
+        return ((3 * x).to(torch.int64) + x.to(torch.float32).double() ** 2).sum(-1,
+                                                                                 keepdim=True)
+
+    x = torch.tensor([[0.1, 0.45]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poly = HOPE(model).expand(x, order=2)
+    torch.testing.assert_close(poly.derivative_tensor(1)[0], 2 * x.float().double()[0])
+    torch.testing.assert_close(poly.derivative_tensor(2)[0], 2 * torch.eye(2, dtype=torch.float64))
+    assert poly.evaluate(x).item() == pytest.approx(model(x).item(), rel=1e-7)
+    on_a_step = torch.tensor([[1.0, 0.45]], dtype=torch.float64)  # 3 x = 3: a jump
+    with pytest.warns(NonSmoothModelWarning, match=r"kink of a cast to int64"):
+        HOPE(model).expand(on_a_step, order=2)
+
+
+@pytest.mark.parametrize("point, kinks", [
+    ([0.3, 0.5], []), ([0.0, 0.5], ["a comparison (gt)", "sign"]),
+    ([0.3, 0.2], ["a comparison (le)"]),
+])
+def test_masks_from_comparisons_warn_only_on_their_threshold(point, kinks):
+    """Masks from comparisons (x > 0, x <= 0.2) and sign select pieces: exact off
+    their thresholds (the Hessian of the pieces, here of x^2 terms), a kink on them."""
+    def model(x):
+        return (torch.where(x > 0, x * x, 0.1 * x) + x * x * (x <= 0.2)
+                + torch.sign(x) * x).sum(-1, keepdim=True)
+
+    x = torch.tensor([point], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        poly = HOPE(model).expand(x, order=2)
+    messages = [str(w.message) for w in caught if w.category is NonSmoothModelWarning]
+    if not kinks:
+        assert not messages
+        expected = torch.diag(2.0 * (x[0] > 0) + 2.0 * (x[0] <= 0.2)).double()
+        torch.testing.assert_close(poly.derivative_tensor(2)[0], expected)
+    else:
+        assert len(messages) == 1
+        assert all("kink of" in messages[0] and name in messages[0] for name in kinks)

@@ -230,12 +230,14 @@ class HOPE(GradientAttribution):
     module it ran in.
 
     **Kinks.** Piecewise operations (the ReLU family, clamps, ``abs``, max
-    pooling) are expanded on the piece that holds the expansion point, which is
-    exact wherever the point is off their kinks. On a kink that the variables
-    move (a ReLU input of exactly 0, a tie for the maximum of a pooling window,
-    as on blank image regions) the model is not differentiable and the
-    polynomial is the expansion of neither side: the call then warns with a
-    ``NonSmoothModelWarning`` naming the operations.
+    pooling, masks from comparisons such as ``x > 0``, ``sign``, integer casts)
+    are expanded on the piece that holds the expansion point, which is exact
+    wherever the point is off their kinks. On a kink that the variables move (a
+    ReLU input of exactly 0, a tie for the maximum of a pooling window, as on
+    blank image regions) the model is not differentiable and the polynomial is
+    the expansion of neither side: the call then warns with a
+    ``NonSmoothModelWarning`` naming the operations. (Ties in ``argmax`` are
+    not detected.)
 
     Paper: Xiao, Zhang, Cheng, Suo, IEEE TPAMI 2024,
     https://doi.org/10.1109/TPAMI.2024.3399197 (arXiv:2307.08192)

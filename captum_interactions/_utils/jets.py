@@ -27,7 +27,9 @@ each operation of the model by its exact rule on the coefficients:
   division, log, sqrt and powers through the division recurrence;
 - piecewise-linear functions (ReLU, LeakyReLU, hardtanh, clamp, abs, max
   pooling): the piece is chosen from y_0 and applied to every coefficient
-  (exact wherever the function is smooth, i.e. off the kinks);
+  (exact wherever the function is smooth, i.e. off the kinks); comparisons,
+  ``sign`` and integer casts give constants (zero derivatives). Inside
+  :class:`recording_kinks`, the rules record the kinks they meet at y_0;
 - LayerNorm and softmax are composed from the rules above.
 
 Any other operation raises :class:`UnsupportedJetOperation` naming it.
@@ -979,6 +981,27 @@ def _linear_rule(func, args, kwargs):
     return _wrap(out)
 
 
+def _cast_rule(func, args, kwargs):
+    """``to``/``type_as`` and the integer and bool casts. A floating result is
+    linear (every coefficient cast). An integer or bool one is piecewise
+    constant in the input: its derivatives are zero, so the cast value is
+    returned as a constant; it jumps where the value is a nonzero integer
+    (truncation) or 0 (bool), recorded as a kink when the variables move it."""
+    with torch._C.DisableTorchFunctionSubclass():
+        value = func(*args, **kwargs)
+    if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex():
+        return _linear_rule(func, args, kwargs)
+    source = args[0]
+    if isinstance(source, Jet):
+        a = source.coefficients
+        if value.dtype == torch.bool:
+            on_jump = a[0] == 0
+        else:
+            on_jump = (a[0] == torch.trunc(a[0])) & (a[0] != 0)
+        _note_kinks(f"a cast to {str(value.dtype).replace('torch.', '')}", on_jump, a)
+    return value
+
+
 def _promote_list_rule(func, args, kwargs):
     """cat/stack: constants join as jets with zero higher coefficients."""
     tensors = args[0]
@@ -1409,8 +1432,8 @@ _LINEAR_NAMES = [
     "t", "movedim", "swapaxes", "swapdims", "narrow", "select", "expand", "expand_as",
     "repeat", "repeat_interleave", "tile", "contiguous", "clone", "__getitem__", "index_select",
     "gather", "sum", "mean", "neg", "__neg__", "negative", "split", "chunk", "unbind", "roll",
-    "flip", "diagonal", "tril", "triu", "view_as", "reshape_as", "to", "float", "double",
-    "half", "type_as", "cumsum", "trace", "unfold", "pad", "avg_pool1d", "avg_pool2d",
+    "flip", "diagonal", "tril", "triu", "view_as", "reshape_as", "float", "double",
+    "half", "cumsum", "trace", "unfold", "pad", "avg_pool1d", "avg_pool2d",
     "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "pixel_shuffle", "pixel_unshuffle", "diag_embed", "einsum", "broadcast_to",
     "masked_fill", "__pos__", "positive", "cpu", "cuda",
@@ -1423,6 +1446,8 @@ _register(
 _register(["F.avg_pool1d", "F.avg_pool2d", "F.avg_pool3d", "F.adaptive_avg_pool1d",
            "F.adaptive_avg_pool2d", "F.adaptive_avg_pool3d", "F.pixel_shuffle",
            "F.pixel_unshuffle"], _linear_rule)
+_register(["Tensor.to", "Tensor.type_as", "Tensor.long", "Tensor.int", "Tensor.short",
+           "Tensor.char", "Tensor.byte", "Tensor.bool"], _cast_rule)
 _FAST_LINEAR: Dict[Callable, str] = {}
 _POOL_DIMS: Dict[Callable, int] = {}
 for _fn, _dims in ((F.avg_pool1d, 1), (F.avg_pool2d, 2), (F.avg_pool3d, 3),
@@ -1544,11 +1569,34 @@ _register(
     _constant_like_rule,
 )
 
-# comparisons give constant masks computed from the value
+def _threshold_rule(func, args, kwargs):
+    """x > y, x <= y, sign(x), ...: a constant mask from the values; it flips
+    where the two sides are equal (sign: x = 0), a kink when the variables
+    move them apart (the mask usually selects a piece, as in x * (x > 0))."""
+    if _KINK_RECORD is not None:
+        like = _first_jet(args[:2])
+        order = like.order
+        other = args[1] if len(args) > 1 else kwargs.get("other", 0.0)
+        lhs, rhs = _align(coefficients_of(_const(args[0], like), order, like),
+                          coefficients_of(_const(other, like), order, like))
+        difference = lhs - rhs
+        name = _func_name(func).rsplit(".", 1)[-1].strip("_")
+        _note_kinks(name if name == "sign" else f"a comparison ({name})",
+                    difference[0] == 0, difference)
+    return _constant_like_rule(func, args, kwargs)
+
+
+# comparisons give constant masks computed from the value (exact off the
+# thresholds; a tie in argmax/argmin/argsort is not detected)
 _register(
     [f"{o}.{n}" for o in ("torch", "Tensor") for n in (
-        "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "isnan", "isinf",
-        "isfinite", "sign", "signbit", "argmax", "argmin", "argsort")]
-    + [f"Tensor.__{n}__" for n in ("gt", "lt", "ge", "le", "eq", "ne")],
+        "eq", "ne", "isnan", "isinf", "isfinite", "signbit", "argmax", "argmin", "argsort")]
+    + [f"Tensor.__{n}__" for n in ("eq", "ne")],
     _constant_like_rule,
+)
+_register(
+    [f"{o}.{n}" for o in ("torch", "Tensor") for n in (
+        "gt", "lt", "ge", "le", "greater", "less", "sign")]
+    + [f"Tensor.__{n}__" for n in ("gt", "lt", "ge", "le")],
+    _threshold_rule,
 )
