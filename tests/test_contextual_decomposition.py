@@ -593,12 +593,25 @@ def test_cpu_chunk_cap_splits_large_passes_without_changing_results(monkeypatch)
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_integer_cast_of_an_activation_is_named_as_unsupported(shared):
+@pytest.mark.parametrize("cast, name", [
+    (lambda x: x.long(), "long"),
+    # x.to(int64) used to cast the relevant and irrelevant parts one by one, which
+    # do not add up to the cast activation
+    (lambda x: x.to(torch.int64), "casts a decomposed activation to int64"),
+    (lambda x: x.to(torch.bool), "casts a decomposed activation to bool"),
+    (lambda x: x.type_as(torch.zeros(1, dtype=torch.int32)), "to int32"),
+])
+def test_integer_cast_of_an_activation_is_named_as_unsupported(shared, cast, name):
     class Cast(nn.Module):
         def forward(self, x):
-            return x.long().float()
+            return cast(3 * x).float()
 
     cd = ContextualDecomposition(Cast())
     cd._shared_total = shared
-    with pytest.raises(UnsupportedOperationError, match="long"):
+    with pytest.raises(UnsupportedOperationError, match=name):
         cd.decompose(torch.randn(2, 3), torch.ones(3))
+    float_cast = ContextualDecomposition(lambda x: (3 * x).to(torch.float64).sum(-1))
+    float_cast._shared_total = shared
+    rel, irr = float_cast.decompose(torch.ones(2, 3), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(rel, torch.full((2,), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(irr, torch.full((2,), 6.0, dtype=torch.float64))

@@ -334,11 +334,24 @@ def _rule_linear_op(func, args, kwargs):
     call_args, call_kwargs = _out_of_place(name, args, kwargs)
     call_kwargs = tree_map(_plain, call_kwargs)
     total = _true_result(func, args, kwargs)
+    _refuse_integer_cast(func, total)
     rel = func(*_with_first(call_args, x.rel), **call_kwargs)
     irr = func(*_with_first(call_args, x.irr), **call_kwargs)
     if isinstance(total, (tuple, list)):
         return type(total)(CDTensor.wrap(r, i, t) for r, i, t in zip(rel, irr, total))
     return _finish(name, args, kwargs, rel, irr, total)
+
+
+def _refuse_integer_cast(func: Callable, total: Any) -> None:
+    """A cast of a decomposed activation to an integer or bool dtype is not
+    linear: the cast parts would not add up to the cast total."""
+    if isinstance(total, Tensor) and not (total.is_floating_point() or total.is_complex()):
+        raise UnsupportedOperationError(
+            f"contextual decomposition: `{_qualname(func)}` casts a decomposed activation "
+            f"to {str(total.dtype).replace('torch.', '')}; rounding is not linear, so the "
+            "relevant and irrelevant parts cannot be cast one by one (their sum would not "
+            "be the cast of the activation). Explain an output computed before the cast."
+        )
 
 
 def _second_operand_linear(func, args, kwargs):
@@ -1306,6 +1319,8 @@ def _s_row_op(func, name, args, kwargs):
         or not _ROW_OPS[name](x.rel.dim(), args, kwargs)
     ):
         return _FALLBACK
+    if name == "to" and not func(x.rel.new_empty(0), *args[1:], **kwargs).is_floating_point():
+        return _FALLBACK  # an integer cast: the two-stream rule raises
     if name == "pad":
         mode = _arg(args, kwargs, 2, "mode", "constant")
         value = _arg(args, kwargs, 3, "value", None)
