@@ -544,3 +544,40 @@ def test_blocks_that_fit_one_pass_share_it_with_the_same_estimate():
     assert results["shared rows"] == results["per block rows"] == 192 * 3
     for shared, single in zip(results["shared"], results["per block"]):
         torch.testing.assert_close(shared, single, rtol=1e-12, atol=1e-15)
+
+
+def test_jumps_warn_and_kinks_do_not():
+    """Stein's identity on gradients needs a continuous model. A step
+    (x > 0) has a smoothed second derivative -(x/sigma^2) phi(x/sigma)/sigma,
+    but its gradient is zero wherever it exists: the estimate misses it (here
+    it is the x^2 term's 2 alone), and the call warns naming the step. ReLU and
+    max pooling are continuous: silent."""
+    import warnings
+
+    from captum_interactions import NonSmoothModelWarning
+
+    def step(x):
+        return ((x > 0).to(x.dtype) + x * x).sum(-1, keepdim=True)
+
+    x = torch.tensor([[0.1]], dtype=torch.float64)
+    sigma = 0.1
+    with pytest.warns(NonSmoothModelWarning, match=r"masks .* \(gt \(used by"):
+        estimate = SmoothHess(step).attribute(x, n_samples=256, stdevs=sigma)
+    u = x.item() / sigma
+    exact = 2 - u * math.exp(-u * u / 2) / math.sqrt(2 * math.pi) / sigma ** 2
+    assert exact < -10  # the smoothed step dominates
+    assert estimate.item() == pytest.approx(2.0, abs=0.2)  # the x^2 term only: the warning
+
+    with pytest.warns(NonSmoothModelWarning, match=r"discontinuous in its inputs: round"):
+        SmoothHess(lambda x: torch.round(3 * x).sum(-1, keepdim=True) + (x * x).sum(
+            -1, keepdim=True)).attribute(torch.randn(2, 3), n_samples=16)
+    with pytest.warns(NonSmoothModelWarning, match=r"gradient is cut .* by detach"):
+        SmoothHess(lambda x: (x.detach() * x).sum(-1, keepdim=True)).attribute(
+            torch.randn(2, 3), n_samples=16)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.MaxPool1d(2), nn.Linear(4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SmoothHess(lambda x: net(x.unsqueeze(1)).squeeze(1)).attribute(
+            torch.randn(2, 3), n_samples=16)

@@ -9,6 +9,7 @@ from captum.attr._utils.attribution import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_interactions._utils.nonsmooth import checked_smoothness
 from captum_interactions._utils.common import (
     RowExpansion,
     check_finite,
@@ -100,6 +101,15 @@ class SmoothHess(GradientAttribution):
 
     Cost: ``n_samples`` gradient evaluations per example, plus rank-one updates
     of a D x D (or G x G with ``feature_mask``) matrix per sample.
+
+    **Continuity.** Stein's identity on gradients needs a model that is
+    continuous in its inputs; kinks (ReLU, max pooling, ``abs``) are fine, a
+    jump is not: its delta never shows in a gradient, so the estimate misses
+    its share. The first gradient pass of each call is inspected, and a
+    ``NonSmoothModelWarning`` names rounding, ``sign``, masks and indices of
+    input-dependent values (``x > 0`` used in arithmetic, integer casts),
+    cut gradients (``detach``) and an output that does not depend
+    differentiably on the inputs.
 
     **Model state.** The model is evaluated in eval mode for the call, whatever
     its mode (dropout off, BatchNorm on its running statistics), so each
@@ -507,7 +517,9 @@ class SmoothHess(GradientAttribution):
                 last.append(block_units)
             else:
                 groups_of_blocks.append([block_units])
-        with preserved_module_state(self.forward_func, eval_mode=True):
+        # the first gradient pass is inspected: jumps (not kinks) break Stein's identity
+        with preserved_module_state(self.forward_func, eval_mode=True), \
+                checked_smoothness(self, jumps_only=True):
             for group in groups_of_blocks:
                 drawn = []
                 for block_units in group:

@@ -62,6 +62,11 @@ _IGNORED = frozenset({"__get__", "__set__", "dim", "size", "numel", "_set_grad_e
 _FLAGGED = _NONSMOOTH | _ZERO_GRADIENT
 # no kink, but no derivative passes: reported apart from the non-smooth ops
 _GRADIENT_CUTS = frozenset({"detach"})
+# discontinuous (jumps): what methods built on gradients alone, which stand
+# kinks (SmoothHess), cannot stand
+_JUMPS = (_ZERO_GRADIENT - _GRADIENT_CUTS) | frozenset(
+    {"remainder", "fmod", "frac", "hardshrink", "threshold"}
+)
 _DIFF = "diff"
 
 
@@ -205,6 +210,42 @@ def _format_counts(counts: "collections.Counter[str]") -> str:
     )
 
 
+def _jump_message(method: str, mode: _Dependence, disconnected: Optional[str]) -> Optional[str]:
+    """For methods that need a continuous model only (kinks are fine)."""
+    parts = []
+    if disconnected is not None:
+        parts.append(
+            f"{method}: the selected output does not depend differentiably on the "
+            f"inputs ({disconnected}): its gradients are zero, so the estimate is zero "
+            "whatever the model computes."
+        )
+    if mode.cuts:
+        parts.append(
+            f"{method}: the gradient is cut on input-dependent values by "
+            f"{_format_counts(mode.cuts)}: the derivatives through them are missing."
+        )
+    jumps = collections.Counter({n: c for n, c in mode.nonsmooth.items() if n in _JUMPS})
+    why = ("Stein's identity on gradients holds for continuous models: a jump adds a "
+           "delta to the gradient that no gradient call sees, so the estimate misses "
+           "the jumps' share of the smoothed Hessian.")
+    if jumps:
+        parts.append(
+            f"{method}: the model is discontinuous in its inputs: "
+            f"{_format_counts(jumps)} on input-dependent values. {why} Fix: make these "
+            "operations continuous (e.g. no rounding of input-dependent values)."
+        )
+    if mode.steps:
+        # a mask selects pieces, which may or may not meet at its threshold
+        parts.append(
+            f"{method}: piecewise-constant masks or indices of input-dependent values "
+            f"enter the computation ({_format_counts(mode.steps)}): the model jumps at "
+            "their thresholds unless the pieces they select meet there (x * (x > 0) is "
+            f"continuous, x + (x > 0) is not). {why} Fix: where the pieces do not meet, "
+            "use a continuous form (e.g. a sigmoid instead of a step)."
+        )
+    return " ".join(parts) if parts else None
+
+
 def _message(method: str, mode: _Dependence, disconnected: Optional[str]) -> Optional[str]:
     parts = []
     if disconnected is not None:
@@ -254,10 +295,11 @@ def _message(method: str, mode: _Dependence, disconnected: Optional[str]) -> Opt
 class _FirstForwardCheck:
     """Wraps a forward function: its first differentiated call is inspected."""
 
-    def __init__(self, forward_func: Callable, method: str) -> None:
+    def __init__(self, forward_func: Callable, method: str, jumps_only: bool = False) -> None:
         self.forward_func = forward_func
         self.__wrapped__ = forward_func  # the model stays findable behind the wrapper
         self.method = method
+        self.jumps_only = jumps_only
         self.done = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -275,6 +317,8 @@ class _FirstForwardCheck:
 
     def _report(self, mode: _Dependence, output: Any) -> None:
         outputs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
+        if outputs and not any(o.requires_grad for o in outputs):
+            return  # the method raises its own error: nothing to differentiate
         disconnected = None
         states = [mode.state(o) for o in outputs]
         if outputs and _DIFF not in states and any(o.requires_grad for o in outputs):
@@ -289,22 +333,27 @@ class _FirstForwardCheck:
                 ]
                 if not any(_reaches_a_source(o, sources) for o in outputs):
                     disconnected = "it does not reach them in the autograd graph"
-        message = _message(self.method, mode, disconnected)
+        message = (_jump_message if self.jumps_only else _message)(
+            self.method, mode, disconnected)
         if message is not None:
             warnings.warn(message, NonSmoothModelWarning, stacklevel=2)
 
 
 @contextlib.contextmanager
-def checked_smoothness(attribution: Any, method: Optional[str] = None) -> Iterator[None]:
+def checked_smoothness(
+    attribution: Any, method: Optional[str] = None, jumps_only: bool = False
+) -> Iterator[None]:
     """Inspect the first differentiated forward of ``attribution``'s call.
 
     ``attribution.forward_func`` is wrapped for the block (and restored after,
     also when the block raises); the first forward that differentiates its
     inputs runs under :class:`_Dependence`, and a :class:`NonSmoothModelWarning`
-    names what it found, once.
+    names what it found, once. ``jumps_only``: report what breaks a method that
+    needs a continuous model only (jumps, cut gradients, an output independent
+    of the inputs), not kinks.
     """
     original = attribution.forward_func
-    check = _FirstForwardCheck(original, method or type(attribution).__name__)
+    check = _FirstForwardCheck(original, method or type(attribution).__name__, jumps_only)
     attribution.forward_func = check
     try:
         yield
