@@ -857,17 +857,26 @@ def _switching_windows(a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, An
     for d in reversed(range(spatial_dims)):
         needed = (counts[d] - 1) * stride[d] + spans[d]
         pads += [padding[d], max(0, needed - a.shape[first + d] - padding[d])]
-    windows = F.pad(a, pads, value=-math.inf)
-    for d in range(spatial_dims):
-        windows = windows.unfold(first + d, spans[d], stride[d])[..., :: dilation[d]]
-        windows = windows.narrow(first + d, 0, counts[d])
-    windows = windows.flatten(start_dim=windows.dim() - spatial_dims)  # (K+1, ..., *out, k)
+
+    def windows_of(t: Tensor) -> Tensor:
+        """(..., *out, k) windows of t (..., *spatial), spatial dims last."""
+        windows = F.pad(t, pads, value=-math.inf)
+        lead = t.dim() - spatial_dims
+        for d in range(spatial_dims):
+            windows = windows.unfold(lead + d, spans[d], stride[d])[..., :: dilation[d]]
+            windows = windows.narrow(lead + d, 0, counts[d])
+        return windows.flatten(start_dim=windows.dim() - spatial_dims)
+
     chosen = out.unsqueeze(-1)
-    tied = windows[0] == chosen[0]
-    # a cheap test on the values first: most windows have a single maximum
+    tied = windows_of(a[0]) == chosen[0]
+    # the values alone first (1 / (K + 1) of the memory): most windows have a
+    # single maximum, and then the coefficients above are not looked at
     if not bool((tied.sum(-1) > 1).any()):
         return None
-    return ((windows[1:] != chosen[1:]) & tied.unsqueeze(0)).any(0).any(-1)
+    switching = torch.zeros_like(tied[..., 0])
+    for k in range(1, a.shape[0]):  # one coefficient at a time: no copy of all of a
+        switching |= ((windows_of(a[k]) != chosen[k]) & tied).any(-1)
+    return switching
 
 
 # --------------------------------------------------------------------------
