@@ -35,6 +35,7 @@ each operation of the model by its exact rule on the coefficients:
 Any other operation raises :class:`UnsupportedJetOperation` naming it.
 """
 import math
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -781,7 +782,11 @@ def _piecewise(a: Tensor, slope: Tensor, value0: Tensor) -> Tensor:
 # Kinks met at the expansion point, per operation name, while a record is open
 # (see recording_kinks): the rules of piecewise operations choose their piece
 # from y_0 alone, which is exact off the kinks only.
-_KINK_RECORD: Optional[Dict[str, List[Tensor]]] = None
+_KINKS = threading.local()  # .record: the open record of this thread (or None)
+
+
+def _kink_record() -> Optional[Dict[str, List[Tensor]]]:
+    return getattr(_KINKS, "record", None)
 
 
 class recording_kinks:  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -791,14 +796,12 @@ class recording_kinks:  # noqa: N801 - used as a context manager, like torch.no_
     move it, i.e. where the propagated series is not the function's."""
 
     def __enter__(self) -> "recording_kinks":
-        global _KINK_RECORD
-        self._previous, self._flags = _KINK_RECORD, {}
-        _KINK_RECORD = self._flags
+        self._previous, self._flags = _kink_record(), {}
+        _KINKS.record = self._flags
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        global _KINK_RECORD
-        _KINK_RECORD = self._previous
+        _KINKS.record = self._previous
 
     def names(self) -> List[str]:
         """The operations that met a kink (one device sync per operation)."""
@@ -810,10 +813,11 @@ def _note_kinks(name: str, on_break: Tensor, a: Tensor) -> None:
     """Record ``name`` where an element of the value a_0 is on a break point
     (``on_break``) and a higher coefficient of the same element is not zero
     (a constant on a kink stays on it: no error)."""
-    if _KINK_RECORD is None or a.shape[0] < 2:
+    record = _kink_record()
+    if record is None or a.shape[0] < 2:
         return
     moving = (a[1:] != 0).any(0)
-    _KINK_RECORD.setdefault(name, []).append((on_break & moving).any())
+    record.setdefault(name, []).append((on_break & moving).any())
 
 
 def _note_ties(name: str, a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, Any],
@@ -821,11 +825,12 @@ def _note_ties(name: str, a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str,
     """Record ``name`` where a pooling window's maximum a_0 is attained by more
     than one element whose higher coefficients differ from the chosen one's
     (``out``): along the variables the maximum then switches element."""
-    if _KINK_RECORD is None or a.shape[0] < 2:
+    record = _kink_record()
+    if record is None or a.shape[0] < 2:
         return
     switching = _switching_windows(a, out, args, kwargs, spatial_dims)
     if switching is not None:
-        _KINK_RECORD.setdefault(name, []).append(switching.any())
+        record.setdefault(name, []).append(switching.any())
 
 
 def _switching_windows(a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, Any],
@@ -1582,7 +1587,7 @@ def _threshold_rule(func, args, kwargs):
     """x > y, x <= y, sign(x), ...: a constant mask from the values; it flips
     where the two sides are equal (sign: x = 0), a kink when the variables
     move them apart (the mask usually selects a piece, as in x * (x > 0))."""
-    if _KINK_RECORD is not None:
+    if _kink_record() is not None:
         like = _first_jet(args[:2])
         order = like.order
         other = args[1] if len(args) > 1 else kwargs.get("other", 0.0)
