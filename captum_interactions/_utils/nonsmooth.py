@@ -32,8 +32,10 @@ from captum_interactions._utils.smoothing import SMOOTHED_OPERATIONS, op_name
 
 
 class NonSmoothModelWarning(UserWarning):
-    """The model is not twice differentiable along the path (or not
-    differentiable in its inputs at all): second-order results are wrong."""
+    """The model is not smooth enough for the method: not twice differentiable
+    along the path (Integrated and Expected Hessians), not differentiable at the
+    expansion point (HOPE, on a kink), not continuous (SmoothHess), or not
+    differentiable in its inputs at all. The message names the operations."""
 
 
 # kinks or jumps: zero Hessian almost everywhere plus deltas (or worse)
