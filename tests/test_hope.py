@@ -635,3 +635,20 @@ def test_masks_from_comparisons_warn_only_on_their_threshold(point, kinks):
     else:
         assert len(messages) == 1
         assert all("kink of" in messages[0] and name in messages[0] for name in kinks)
+
+
+def test_comparison_with_the_jet_as_a_keyword_argument():
+    """torch.gt(c, other=x): the jet in a keyword (it recursed without end)."""
+    def model(x):
+        inside = torch.gt(torch.zeros((), dtype=x.dtype), other=x.sum(-1, keepdim=True) - 1)
+        return (x * x * inside).sum(-1, keepdim=True)
+
+    x = torch.tensor([[0.6, 0.5]], dtype=torch.float64)  # 0 > 0.1 is False: the zero piece
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert HOPE(model).attribute(x, order=2).abs().max() == 0
+    x = torch.tensor([[-0.5, -0.5]], dtype=torch.float64)
+    torch.testing.assert_close(HOPE(model).attribute(x, order=2)[0],
+                               2 * torch.eye(2, dtype=torch.float64))
+    with pytest.warns(NonSmoothModelWarning, match=r"a comparison \(gt\)"):
+        HOPE(model).attribute(torch.tensor([[0.5, 0.5]], dtype=torch.float64), order=2)

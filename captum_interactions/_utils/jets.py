@@ -1573,7 +1573,8 @@ for _prop in ("T", "mT"):
 
 def _constant_like_rule(func, args, kwargs):
     """zeros_like, new_zeros, ...: a constant built from the value (coefficient 0)."""
-    args = tuple(a.coefficients[0] if isinstance(a, Jet) else a for a in args)
+    args, kwargs = tree_map(lambda a: a.coefficients[0] if isinstance(a, Jet) else a,
+                            (args, kwargs))
     return func(*args, **kwargs)
 
 
@@ -1588,7 +1589,7 @@ def _threshold_rule(func, args, kwargs):
     where the two sides are equal (sign: x = 0), a kink when the variables
     move them apart (the mask usually selects a piece, as in x * (x > 0))."""
     if _kink_record() is not None:
-        like = _first_jet(args[:2])
+        like = _first_jet((args, kwargs))
         order = like.order
         other = args[1] if len(args) > 1 else kwargs.get("other", 0.0)
         lhs, rhs = _align(coefficients_of(_const(args[0], like), order, like),
