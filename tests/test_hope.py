@@ -461,7 +461,7 @@ def test_cached_groups_follow_mask_changes_and_budgets():
 # ---------------------------------------------------------------- kinks at the point
 def _pool_windows_brute_force(a, out, kernel, stride, padding, dilation):
     """Per output position of a 2-D max pooling: is the maximum of a[0] tied with
-    an element whose higher coefficients differ from the chosen one's (loops)."""
+    an element whose first-order coefficient differs from the chosen one's (loops)."""
     lead, (height, width) = a.shape[1:-2], a.shape[-2:]
     result = torch.zeros(out.shape[1:], dtype=torch.bool)
     for i, j in itertools.product(range(out.shape[-2]), range(out.shape[-1])):
@@ -474,12 +474,16 @@ def _pool_windows_brute_force(a, out, kernel, stride, padding, dilation):
             tied = [a[(slice(None),) + index + cell] for cell in cells
                     if a[(0,) + index + cell] == top]
             chosen = out[(slice(None),) + index + (i, j)]
-            result[index + (i, j)] = any(bool((t[1:] != chosen[1:]).any()) for t in tied)
+            result[index + (i, j)] = any(bool(t[1] != chosen[1]) for t in tied)
     return result
 
 
 @pytest.mark.parametrize("kernel, stride, padding, dilation, ceil_mode", [
+    # windows that tile the input (a faster path): exact, partial (ceil), remainder
     ((2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((3, 2), (3, 2), (0, 0), (1, 1), True),
+    ((3, 3), (3, 3), (0, 0), (1, 1), False),
+    # overlapping, padded, dilated
     ((3, 2), (1, 2), (1, 0), (1, 1), False),
     ((3, 3), (2, 2), (1, 1), (1, 1), True),
     ((2, 3), (2, 1), (0, 1), (2, 1), False),

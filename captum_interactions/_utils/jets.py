@@ -816,6 +816,8 @@ def _note_kinks(name: str, on_break: Tensor, a: Tensor) -> None:
     record = _kink_record()
     if record is None or a.shape[0] < 2:
         return
+    if a.device.type == "cpu" and not bool(on_break.any()):
+        return  # the common case; (on CUDA no sync: the record is read once at the end)
     moving = (a[1:] != 0).any(0)
     record.setdefault(name, []).append((on_break & moving).any())
 
@@ -823,22 +825,26 @@ def _note_kinks(name: str, on_break: Tensor, a: Tensor) -> None:
 def _note_ties(name: str, a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, Any],
                spatial_dims: int) -> None:
     """Record ``name`` where a pooling window's maximum a_0 is attained by more
-    than one element whose higher coefficients differ from the chosen one's
-    (``out``): along the variables the maximum then switches element."""
+    than one element whose first-order coefficient a_1 differs from the chosen
+    one's (``out``): along the variables the maximum then
+    switches element, a kink. (Tied elements with equal a_1 and different
+    higher coefficients are not looked at: a corner of measure zero, and
+    checking every order costs K times as much.)"""
     record = _kink_record()
     if record is None or a.shape[0] < 2:
         return
-    switching = _switching_windows(a, out, args, kwargs, spatial_dims)
-    if switching is not None:
-        record.setdefault(name, []).append(switching.any())
+    switching = _switching_windows(a, out, args, kwargs, spatial_dims, per_window=False)
+    record.setdefault(name, []).append(switching.any())
 
 
 def _switching_windows(a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, Any],
-                       spatial_dims: int) -> Optional[Tensor]:
+                       spatial_dims: int, per_window: bool = True) -> Tensor:
     """Per window of a max pooling of the coefficients ``a`` (K + 1, ...) with
-    result ``out``: whether the maximum of a_0 is tied with an element whose
-    higher coefficients differ from the chosen one's (shape ``out.shape[1:]``);
-    None when no window has a tie. ``args``: max_pool's arguments after the input."""
+    result ``out`` (the coefficients of each window's chosen maximum): whether
+    that maximum of a_0 is tied with an element whose a_1 differs from the
+    chosen one's (shape ``out.shape[1:]``). ``args``: max_pool's arguments
+    after the input. Without ``per_window`` the result may be per element
+    instead (the same ``any``)."""
     names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
     bound = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
 
@@ -853,35 +859,63 @@ def _switching_windows(a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str, An
     stride = per_dim(bound.get("stride"), kernel)
     padding = per_dim(bound.get("padding", 0), 0)
     dilation = per_dim(bound.get("dilation", 1), 1)
+    if stride == kernel and set(dilation) == {1} and set(padding) == {0}:
+        return _switching_tiles(a, out, kernel, bool(bound.get("ceil_mode", False)),
+                                per_window)
     first = a.dim() - spatial_dims
     spans = [dilation[d] * (kernel[d] - 1) + 1 for d in range(spatial_dims)]
     counts = [out.shape[out.dim() - spatial_dims + d] for d in range(spatial_dims)]
-    # windows as views of a copy padded with -inf, as max pooling pads; the
+    # windows as views (of a copy padded with -inf where max pooling pads); the
     # output says how many windows there are (ceil_mode included)
     pads: List[int] = []
     for d in reversed(range(spatial_dims)):
         needed = (counts[d] - 1) * stride[d] + spans[d]
         pads += [padding[d], max(0, needed - a.shape[first + d] - padding[d])]
+    padded = any(pads)
 
     def windows_of(t: Tensor) -> Tensor:
-        """(..., *out, k) windows of t (..., *spatial), spatial dims last."""
-        windows = F.pad(t, pads, value=-math.inf)
+        """(..., *out, *kernel) windows of t (..., *spatial), spatial dims last."""
+        windows = F.pad(t, pads, value=-math.inf) if padded else t
         lead = t.dim() - spatial_dims
         for d in range(spatial_dims):
             windows = windows.unfold(lead + d, spans[d], stride[d])[..., :: dilation[d]]
             windows = windows.narrow(lead + d, 0, counts[d])
-        return windows.flatten(start_dim=windows.dim() - spatial_dims)
+        return windows
 
-    chosen = out.unsqueeze(-1)
-    tied = windows_of(a[0]) == chosen[0]
-    # the values alone first (1 / (K + 1) of the memory): most windows have a
-    # single maximum, and then the coefficients above are not looked at
-    if not bool((tied.sum(-1) > 1).any()):
-        return None
-    switching = torch.zeros_like(tied[..., 0])
-    for k in range(1, a.shape[0]):  # one coefficient at a time: no copy of all of a
-        switching |= ((windows_of(a[k]) != chosen[k]) & tied).any(-1)
-    return switching
+    chosen = out[:2].reshape((2,) + out.shape[1:] + (1,) * spatial_dims)
+    # tied with the window's maximum yet moving otherwise (so not the chosen one)
+    switching = (windows_of(a[0]) == chosen[0]) & (windows_of(a[1]) != chosen[1])
+    return switching.flatten(start_dim=-spatial_dims).any(-1)
+
+
+def _switching_tiles(a: Tensor, out: Tensor, kernel: Tuple[int, ...], ceil_mode: bool,
+                     per_window: bool) -> Tensor:
+    """:func:`_switching_windows` for windows that tile the input (stride =
+    kernel, no padding or dilation: each element in one window at most), the
+    usual ``MaxPool2d(k)``, by contiguous elementwise tests instead of the
+    windows' strided views. Without ``per_window``, per element (the same any)."""
+    spatial_dims = len(kernel)
+    spatial = a.shape[a.dim() - spatial_dims:]
+    # rows 0 and 1 of each window's chosen element, on every element of the
+    # window (NaN on the elements of no window: never equal)
+    spread = out[:2]
+    for d in range(spatial_dims):
+        dim = spread.dim() - spatial_dims + d
+        spread = spread.repeat_interleave(kernel[d], dim=dim)
+        if spread.shape[dim] > spatial[d]:  # ceil_mode: the last window is partial
+            spread = spread.narrow(dim, 0, spatial[d])
+        elif spread.shape[dim] < spatial[d]:  # the remainder is in no window
+            pad = [0, 0] * (spread.dim() - 1 - dim) + [0, spatial[d] - spread.shape[dim]]
+            spread = F.pad(spread, pad, value=math.nan)
+    # tied with its window's maximum yet moving otherwise (so not the chosen one)
+    switching = (a[0] == spread[0]) & (a[1] != spread[1])
+    if not per_window:
+        return switching
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial_dims - 1]
+    lead = switching.shape[: switching.dim() - spatial_dims]
+    windows = pool(switching.to(a.dtype).reshape((-1, 1) + tuple(spatial)), kernel, kernel,
+                   ceil_mode=ceil_mode)
+    return windows.reshape(lead + windows.shape[2:]) > 0
 
 
 # --------------------------------------------------------------------------
