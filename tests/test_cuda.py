@@ -1,4 +1,6 @@
 """Each method on CUDA gives the CPU numbers (skipped without a GPU)."""
+import copy
+
 import pytest
 import torch
 
@@ -149,3 +151,29 @@ def test_explain_dataset_on_cuda_matches_cpu(tmp_path):
     torch.testing.assert_close(out.interactions().cpu(), ref.interactions(),
                                rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.mean_abs_interactions.cpu(), ref.mean_abs_interactions)
+
+
+def test_kink_and_jump_checks_on_cuda():
+    """HOPE's kink record (read once, at the end) and SmoothHess's jump check
+    work on CUDA tensors as on the CPU; off the kinks the expansions agree."""
+    import warnings
+
+    from captum_interactions import HOPE, NonSmoothModelWarning, SmoothHess
+    from tests.test_hope import _blank_image_cnn
+
+    net, x, mask = _blank_image_cnn()
+    gpu = copy.deepcopy(net).cuda()
+    # (on a tie the element chosen may differ between devices: not compared)
+    with pytest.warns(NonSmoothModelWarning, match=r"kink of max_pool2d"):
+        HOPE(gpu).expand(x.cuda(), order=2, feature_mask=mask.cuda())
+    moved = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1),
+                                   dtype=x.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_gpu = HOPE(gpu).expand(moved.cuda(), order=2, feature_mask=mask.cuda())
+        on_cpu = HOPE(net).expand(moved, order=2, feature_mask=mask)
+    torch.testing.assert_close(on_gpu.coefficients.cpu(), on_cpu.coefficients,
+                               rtol=1e-10, atol=1e-12)
+    with pytest.warns(NonSmoothModelWarning, match=r"discontinuous in its inputs: round"):
+        SmoothHess(lambda v: (torch.round(3 * v) + v * v).sum(-1, keepdim=True)).attribute(
+            torch.randn(2, 3, device="cuda"), n_samples=16)
