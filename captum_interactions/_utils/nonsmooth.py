@@ -212,20 +212,28 @@ def _format_counts(counts: "collections.Counter[str]") -> str:
     )
 
 
-def _jump_message(method: str, mode: _Dependence, disconnected: Optional[str]) -> Optional[str]:
-    """For methods that need a continuous model only (kinks are fine)."""
+def _cut_parts(method: str, mode: _Dependence, disconnected: Optional[str],
+               consequence: str) -> List[str]:
+    """What every method reports: an output independent of the inputs (with the
+    ``consequence`` for the method) and gradients cut on input-dependent values."""
     parts = []
     if disconnected is not None:
         parts.append(
             f"{method}: the selected output does not depend differentiably on the "
-            f"inputs ({disconnected}): its gradients are zero, so the estimate is zero "
-            "whatever the model computes."
+            f"inputs ({disconnected}): {consequence}"
         )
     if mode.cuts:
         parts.append(
             f"{method}: the gradient is cut on input-dependent values by "
             f"{_format_counts(mode.cuts)}: the derivatives through them are missing."
         )
+    return parts
+
+
+def _jump_message(method: str, mode: _Dependence, disconnected: Optional[str]) -> Optional[str]:
+    """For methods that need a continuous model only (kinks are fine)."""
+    parts = _cut_parts(method, mode, disconnected, "its gradients are zero, so the "
+                       "estimate is zero whatever the model computes.")
     jumps = collections.Counter({n: c for n, c in mode.nonsmooth.items() if n in _JUMPS})
     why = ("Stein's identity on gradients holds for continuous models: a jump adds a "
            "delta to the gradient that no gradient call sees, so the estimate misses "
@@ -249,18 +257,8 @@ def _jump_message(method: str, mode: _Dependence, disconnected: Optional[str]) -
 
 
 def _message(method: str, mode: _Dependence, disconnected: Optional[str]) -> Optional[str]:
-    parts = []
-    if disconnected is not None:
-        parts.append(
-            f"{method}: the selected output does not depend differentiably on the "
-            f"inputs ({disconnected}): its gradient and Hessian are zero, so the "
-            "interactions are zero whatever the model computes."
-        )
-    if mode.cuts:
-        parts.append(
-            f"{method}: the gradient is cut on input-dependent values by "
-            f"{_format_counts(mode.cuts)}: the derivatives through them are missing."
-        )
+    parts = _cut_parts(method, mode, disconnected, "its gradient and Hessian are zero, so "
+                       "the interactions are zero whatever the model computes.")
     found = collections.Counter(mode.nonsmooth)
     found.update(mode.steps)
     if found:
