@@ -575,6 +575,7 @@ def test_ties_that_move_alike_and_constant_kinks_do_not_warn():
     ("hardtanh", nn.Hardtanh(-1.0, 1.0), 1.0),
     ("hardtanh", nn.ReLU6(), 6.0),  # nn.ReLU6 calls F.hardtanh(x, 0, 6)
     ("clamp", None, -0.5),
+    ("clamp", "tensor bound", -0.5),
 ])
 def test_expansion_on_a_kink_of_an_activation_warns_naming_it(name, layer, break_point):
     """At x = 0 every hidden input equals the bias, set to a break point of the
@@ -586,6 +587,11 @@ def test_expansion_on_a_kink_of_an_activation_warns_naming_it(name, layer, break
     if layer is None:
         def net(x):
             return linear(x).clamp(min=break_point).sum(-1, keepdim=True)
+    elif layer == "tensor bound":  # a bound that is a tensor: the general clamp rule
+        def net(x):
+            hidden = linear(x)
+            return torch.clamp(hidden, min=torch.full_like(hidden, break_point)).sum(
+                -1, keepdim=True)
     else:
         net = nn.Sequential(linear, layer, nn.Linear(5, 1).double())
     x = torch.zeros(2, 3, dtype=torch.float64)

@@ -809,16 +809,17 @@ class recording_kinks:  # noqa: N801 - used as a context manager, like torch.no_
                 if bool(torch.stack(flags).any())]
 
 
-def _note_kinks(name: str, on_break: Tensor, a: Tensor) -> None:
+def _note_kinks(name: str, on_break: Tensor, a: Tensor, b: Optional[Tensor] = None) -> None:
     """Record ``name`` where an element of the value a_0 is on a break point
     (``on_break``) and a higher coefficient of the same element is not zero
-    (a constant on a kink stays on it: no error)."""
+    (a constant on a kink stays on it: no error); with ``b``, where a higher
+    coefficient of a differs from b's (a break point b_0 that moves too)."""
     record = _kink_record()
     if record is None or a.shape[0] < 2:
         return
-    if a.device.type == "cpu" and not bool(on_break.any()):
+    if on_break.device.type == "cpu" and not bool(on_break.any()):
         return  # the common case; (on CUDA no sync: the record is read once at the end)
-    moving = (a[1:] != 0).any(0)
+    moving = (a[1:] != (0 if b is None else b[1:])).any(0)
     record.setdefault(name, []).append((on_break & moving).any())
 
 
@@ -1035,11 +1036,14 @@ def _cast_rule(func, args, kwargs):
     constant in the input: its derivatives are zero, so the cast value is
     returned as a constant; it jumps where the value is a nonzero integer
     (truncation) or 0 (bool), recorded as a kink when the variables move it."""
+    source = args[0]
+    with torch._C.DisableTorchFunctionSubclass():
+        # the dtype of the result, from an empty tensor: a float cast runs once
+        dtype = func(source.new_empty(0), *args[1:], **kwargs).dtype
+    if dtype.is_floating_point or dtype.is_complex:
+        return _linear_rule(func, args, kwargs)
     with torch._C.DisableTorchFunctionSubclass():
         value = func(*args, **kwargs)
-    if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex():
-        return _linear_rule(func, args, kwargs)
-    source = args[0]
     if isinstance(source, Jet):
         a = source.coefficients
         if value.dtype == torch.bool:
@@ -1196,7 +1200,7 @@ def _clamp_tensor_bounds(x: Any, lo: Any, hi: Any) -> "Jet":
         cb = coefficients_of(_const(bound, like), order, like)
         result, cb = _align(result, cb)
         outside = result[0] < cb[0] if below else result[0] > cb[0]
-        _note_kinks("clamp", result[0] == cb[0], result - cb)
+        _note_kinks("clamp", result[0] == cb[0], result, cb)
         result = torch.where(outside.unsqueeze(0), cb, result)
     return Jet(result)
 
@@ -1628,10 +1632,9 @@ def _threshold_rule(func, args, kwargs):
         other = args[1] if len(args) > 1 else kwargs.get("other", 0.0)
         lhs, rhs = _align(coefficients_of(_const(args[0], like), order, like),
                           coefficients_of(_const(other, like), order, like))
-        difference = lhs - rhs
         name = _func_name(func).rsplit(".", 1)[-1].strip("_")
         _note_kinks(name if name == "sign" else f"a comparison ({name})",
-                    difference[0] == 0, difference)
+                    lhs[0] == rhs[0], lhs, rhs)
     return _constant_like_rule(func, args, kwargs)
 
 
