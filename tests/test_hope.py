@@ -662,3 +662,66 @@ def test_comparison_with_the_jet_as_a_keyword_argument():
                                2 * torch.eye(2, dtype=torch.float64))
     with pytest.warns(NonSmoothModelWarning, match=r"a comparison \(gt\)"):
         HOPE(model).attribute(torch.tensor([[0.5, 0.5]], dtype=torch.float64), order=2)
+
+
+@pytest.mark.parametrize("name", ["GPT2", "Bert", "Llama"])
+def test_hugging_face_transformers_match_autograd_hessians(name):
+    """Real HF architectures from small configs (random weights, float64): the
+    grouped Hessian of one output equals nested autograd's. GPT-2 runs through
+    addmm (its Conv1D) and Tensor.type; Llama computes its RMSNorm in float32
+    even in a float64 model, so it agrees to float32 round-off only."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "GPT2":
+        model = transformers.GPT2Model(transformers.GPT2Config(
+            n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+            bos_token_id=0, eos_token_id=0))
+    elif name == "Bert":
+        model = transformers.BertModel(transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+            vocab_size=50, max_position_embeddings=16))
+    else:
+        model = transformers.LlamaModel(transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=32, vocab_size=50, max_position_embeddings=16))
+    model = model.double().eval()
+    model.set_attn_implementation("eager")
+    tokens, width = 4, 16
+    embeddings = 0.5 * torch.randn(1, tokens, width, dtype=torch.float64)
+
+    def readout(e):
+        return model(inputs_embeds=e).last_hidden_state[:, -1, :3].sum(-1, keepdim=True)
+
+    # two groups per token (a token's whole vector would be LayerNorm's null direction)
+    mask = (2 * torch.arange(tokens).view(1, tokens, 1)
+            + (torch.arange(width) < 5).long().view(1, 1, width)).expand(1, tokens, width)
+    hessian = HOPE(readout).expand(embeddings, order=2, feature_mask=mask).derivative_tensor(2)[0]
+    shifts = torch.stack([(mask[0] == g).double() for g in range(2 * tokens)])
+    reference = torch.autograd.functional.hessian(
+        lambda z: readout(embeddings + (z.view(-1, 1, 1) * shifts).sum(0, keepdim=True)).sum(),
+        torch.zeros(2 * tokens, dtype=torch.float64))
+    assert reference.abs().max() > 1
+    tolerance = 1e-5 if name == "Llama" else 1e-12
+    torch.testing.assert_close(hessian, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_addmm_and_baddbmm_follow_beta_and_alpha():
+    from captum_interactions._utils.jets import make_jet
+
+    torch.manual_seed(0)
+    bias, weight = torch.randn(3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    x0, v = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    jet = make_jet(x0, v, 3)
+    out = torch.addmm(bias, torch.tanh(jet), weight, beta=0.5, alpha=2.0)
+    line = lambda t: torch.addmm(bias, torch.tanh(x0 + t * v), weight, beta=0.5, alpha=2.0)  # noqa: E731
+    first = torch.autograd.functional.jvp(line, torch.zeros(()), torch.ones(()))[1]
+    torch.testing.assert_close(out.coefficients[0], line(torch.zeros(())))
+    torch.testing.assert_close(out.coefficients[1], first)
+    batch_bias = torch.randn(2, 1, 3, dtype=torch.float64)
+    out = torch.baddbmm(batch_bias, torch.tanh(jet).unsqueeze(1), weight.expand(2, 4, 3),
+                        alpha=3.0)
+    batched = lambda t: torch.baddbmm(  # noqa: E731
+        batch_bias, torch.tanh(x0 + t * v).unsqueeze(1), weight.expand(2, 4, 3), alpha=3.0)
+    first = torch.autograd.functional.jvp(batched, torch.zeros(()), torch.ones(()))[1]
+    torch.testing.assert_close(out.coefficients[0], batched(torch.zeros(())))
+    torch.testing.assert_close(out.coefficients[1], first)

@@ -225,7 +225,7 @@ class HOPE(GradientAttribution):
     Supported operations: see :func:`captum_interactions._utils.jets.supported_operations`
     (linear/conv/pooling/reshape/indexing, elementwise sin, cos, tanh, sigmoid,
     softplus, GELU, SiLU, exp, log, sqrt, pow, ReLU-family as piecewise
-    linear, add/mul/div/matmul, LayerNorm, softmax, BatchNorm and dropout in
+    linear, add/mul/div/matmul/addmm (GPT-2), LayerNorm, softmax, BatchNorm and dropout in
     eval mode). Any other operation raises a ``ValueError`` naming it and the
     module it ran in.
 

@@ -1039,8 +1039,10 @@ def _cast_rule(func, args, kwargs):
     source = args[0]
     with torch._C.DisableTorchFunctionSubclass():
         # the dtype of the result, from an empty tensor: a float cast runs once
-        dtype = func(source.new_empty(0), *args[1:], **kwargs).dtype
-    if dtype.is_floating_point or dtype.is_complex:
+        probe = func(source.new_empty(0), *args[1:], **kwargs)
+        if not isinstance(probe, Tensor):  # x.type() with no dtype: the type's name
+            return func(*args, **kwargs)
+    if probe.dtype.is_floating_point or probe.dtype.is_complex:
         return _linear_rule(func, args, kwargs)
     with torch._C.DisableTorchFunctionSubclass():
         value = func(*args, **kwargs)
@@ -1126,6 +1128,18 @@ def _matmul_rule(func, args, kwargs):
     if isinstance(a, Jet) and isinstance(b, Jet):
         return Jet(series_bilinear(torch.matmul, a.coefficients, b.coefficients))
     return _linear_rule(func, args, kwargs)
+
+
+def _addmm_rule(func, args, kwargs):
+    """addmm/baddbmm(input, m1, m2, beta, alpha) = beta input + alpha m1 @ m2
+    (GPT-2's Conv1D layers), composed from the add and matmul rules."""
+    names = ("input", "mat1", "mat2") if func in (torch.addmm, Tensor.addmm) else (
+        "input", "batch1", "batch2")
+    bound = dict(zip(names, args), **kwargs)
+    beta, alpha = bound.get("beta", 1), bound.get("alpha", 1)
+    product = torch.matmul(bound[names[1]], bound[names[2]])
+    base = bound["input"]
+    return (base if beta == 1 else beta * base) + (product if alpha == 1 else alpha * product)
 
 
 def _unary(series: Callable):
@@ -1498,8 +1512,8 @@ _register(
 _register(["F.avg_pool1d", "F.avg_pool2d", "F.avg_pool3d", "F.adaptive_avg_pool1d",
            "F.adaptive_avg_pool2d", "F.adaptive_avg_pool3d", "F.pixel_shuffle",
            "F.pixel_unshuffle"], _linear_rule)
-_register(["Tensor.to", "Tensor.type_as", "Tensor.long", "Tensor.int", "Tensor.short",
-           "Tensor.char", "Tensor.byte", "Tensor.bool"], _cast_rule)
+_register(["Tensor.to", "Tensor.type", "Tensor.type_as", "Tensor.long", "Tensor.int",
+           "Tensor.short", "Tensor.char", "Tensor.byte", "Tensor.bool"], _cast_rule)
 _FAST_LINEAR: Dict[Callable, str] = {}
 _POOL_DIMS: Dict[Callable, int] = {}
 for _fn, _dims in ((F.avg_pool1d, 1), (F.avg_pool2d, 2), (F.avg_pool3d, 3),
@@ -1530,6 +1544,7 @@ _register(["torch.div", "torch.divide", "torch.true_divide", "Tensor.div", "Tens
 _register(["Tensor.__rtruediv__", "Tensor.__rdiv__"], _rdiv_rule)
 _register(["torch.matmul", "Tensor.matmul", "Tensor.__matmul__", "torch.mm", "Tensor.mm",
            "torch.bmm", "Tensor.bmm", "Tensor.__rmatmul__"], _matmul_rule)
+_register(["torch.addmm", "Tensor.addmm", "torch.baddbmm", "Tensor.baddbmm"], _addmm_rule)
 _register(["torch.exp", "Tensor.exp"], _unary(series_exp))
 _register(["torch.log", "Tensor.log"], _unary(series_log))
 _register(["torch.sqrt", "Tensor.sqrt"], _unary(series_sqrt))
