@@ -827,10 +827,10 @@ def _note_ties(name: str, a: Tensor, out: Tensor, args: tuple, kwargs: Dict[str,
                spatial_dims: int) -> None:
     """Record ``name`` where a pooling window's maximum a_0 is attained by more
     than one element whose first-order coefficient a_1 differs from the chosen
-    one's (``out``): along the variables the maximum then
-    switches element, a kink. (Tied elements with equal a_1 and different
-    higher coefficients are not looked at: a corner of measure zero, and
-    checking every order costs K times as much.)"""
+    one's (``out``): along the variables the maximum then switches element, a
+    kink. (Tied elements with equal a_1 and different higher coefficients are
+    not looked at: a corner of measure zero, and checking every order costs K
+    times as much.)"""
     record = _kink_record()
     if record is None or a.shape[0] < 2:
         return
@@ -1642,14 +1642,18 @@ def _threshold_rule(func, args, kwargs):
     where the two sides are equal (sign: x = 0), a kink when the variables
     move them apart (the mask usually selects a piece, as in x * (x > 0))."""
     if _kink_record() is not None:
-        like = _first_jet((args, kwargs))
-        order = like.order
-        other = args[1] if len(args) > 1 else kwargs.get("other", 0.0)
-        lhs, rhs = _align(coefficients_of(_const(args[0], like), order, like),
-                          coefficients_of(_const(other, like), order, like))
+        x = args[0] if args else kwargs.get("input")
+        y = args[1] if len(args) > 1 else kwargs.get("other", 0.0)
+        if not isinstance(x, Jet):  # the jet first (a constant side moves nothing)
+            x, y = y, x
         name = _func_name(func).rsplit(".", 1)[-1].strip("_")
-        _note_kinks(name if name == "sign" else f"a comparison ({name})",
-                    lhs[0] == rhs[0], lhs, rhs)
+        label = name if name == "sign" else f"a comparison ({name})"
+        if isinstance(y, Jet):
+            a, b = _align(x.coefficients, y.coefficients)
+            _note_kinks(label, a[0] == b[0], a, b)
+        else:
+            a = x.coefficients
+            _note_kinks(label, a[0] == y, a)
     return _constant_like_rule(func, args, kwargs)
 
 
